@@ -1,0 +1,3 @@
+"""breastvision: train, evaluate, explain and serve breast-cancer image classifiers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from breastvision.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""The common record every reader produces, and the catalog that holds a dataset's records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image sample.
+
+    ``group`` is what must never straddle a split: a BreakHis slide or patient, an LC25000 tile
+    group, a BUSI near-duplicate group, or the image itself when nothing finer is known.
+    """
+
+    path: Path
+    label: int
+    group: str
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    masks: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file a reader did not take, and why; every run reports these."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class Catalog:
+    """A dataset read from disk: its records, class names, and what was skipped."""
+
+    name: str
+    root: Path
+    class_names: list[str]
+    records: list[Record]
+    skipped: list[Skipped] = field(default_factory=list)
+    #: How ``Record.group`` was formed, e.g. ``"slide"``, ``"patient"``, ``"tile_group"``.
+    grouping: str = "image"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> list[int]:
+        return [r.label for r in self.records]
+
+    @property
+    def groups(self) -> list[str]:
+        return [r.group for r in self.records]

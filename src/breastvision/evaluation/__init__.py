@@ -1,0 +1,1 @@
+"""Evaluation: image- and patient-level metrics, bootstrap intervals, plots and report folders."""

@@ -1,0 +1,1 @@
+"""Explanations: Grad-CAM heat-maps for CNNs, ViTs and the fusion model."""

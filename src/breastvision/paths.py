@@ -1,0 +1,50 @@
+"""Where data lives: ``--data DIR``, else ``$BREASTVISION_DATA``, else ``../shared/data``, else ``./data``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from breastvision.errors import DatasetNotFoundError
+
+ENV_VAR = "BREASTVISION_DATA"
+
+#: Official places to obtain each dataset, named in "not found" errors.
+DATASET_SOURCES: dict[str, str] = {
+    "busi": "https://scholar.cu.edu.eg/?q=afahmy/pages/dataset (Al-Dhabyani et al. 2020, CC BY 4.0)",
+    "breakhis": "https://web.inf.ufpr.br/vri/databases/breast-cancer-histopathological-database-breakhis/",
+    "lc25000": "https://github.com/tampapath/lung_colon_image_set (Borkowski et al. 2019)",
+}
+
+#: Where each dataset sits below the data root, in the layout of ``../shared/data``.
+DATASET_DIRS: dict[str, str] = {
+    "busi": "busi/Dataset_BUSI_with_GT",
+    "breakhis": "breakhis_200x_224",
+    "breakhis_samples": "breakhis_samples",
+    "lc25000": "lc25000/lung_image_sets",
+}
+
+
+def data_root(explicit: str | os.PathLike | None = None) -> Path:
+    """The data root, by the precedence in this module's docstring."""
+    if explicit:
+        return Path(explicit).expanduser()
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    shared = Path.cwd().parent / "shared" / "data"
+    if shared.is_dir():
+        return shared
+    return Path("data")
+
+
+def dataset_dir(name: str, root: str | os.PathLike | None = None) -> Path:
+    """The folder of a named dataset; a clear error naming where it looked and where to get it."""
+    base = data_root(root)
+    path = base / DATASET_DIRS[name]
+    if not path.exists():
+        source = DATASET_SOURCES.get(name.split("_")[0], "see the README")
+        raise DatasetNotFoundError(
+            f"dataset '{name}' not found at {path} (data root {base}, set by --data or ${ENV_VAR}); "
+            f"obtain it from {source}"
+        )
+    return path
