@@ -1,0 +1,348 @@
+"""One report folder per run, the predictions file, and comparison tables beside published numbers.
+
+:func:`evaluate_predictions` is the one entry point training and ``breastvision evaluate`` call to
+turn predictions into numbers; :func:`write_report` turns those numbers into a folder a reader can
+check on its own::
+
+    run_dir/
+      report.md         the plots embedded by relative links, tables, provenance
+      metrics.json      evaluate_predictions' dict, intervals included
+      provenance.json   weights' origin, lineage, split file hash, run facts
+      config.yaml       the configuration the run used
+      split.json        the split file the run used (copied; its SHA-256 is in report.md)
+      predictions.csv   per-image predictions, when written with write_predictions_csv
+      plots/*.png
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from breastvision.errors import BreastvisionError
+from breastvision.evaluation import plots
+from breastvision.evaluation.bootstrap import bootstrap, classification_statistic
+from breastvision.evaluation.metrics import check_inputs, compute_metrics
+
+#: The headline rows of a report's metrics table, as dotted paths into the metrics dict.
+HEADLINE = (
+    "accuracy",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "patient.P_arp",
+    "patient.P_img",
+)
+
+
+def evaluate_predictions(
+    y_true: Sequence[int] | np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    groups: Sequence[Any] | np.ndarray | None = None,
+    *,
+    positive_class: str | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """All metrics (:func:`metrics.compute_metrics`) plus bootstrap intervals of every scalar one.
+
+    ``groups`` are patient ids: they add the patient-level metrics and make the bootstrap resample
+    patients. ``intervals`` maps dotted metric paths (``accuracy``, ``patient.P_arp``,
+    ``per_class.benign.recall``) to ``{"value", "ci_low", "ci_high", ...}``; ``n_resamples=0``
+    leaves them out.
+    """
+    out = compute_metrics(y_true, probs, class_names, groups, positive_class=positive_class)
+    if n_resamples > 0:
+        statistic = classification_statistic(
+            y_true, probs, class_names, groups, positive_class=positive_class
+        )
+        out["intervals"] = bootstrap(
+            statistic, out["n_images"], groups=groups,
+            n_resamples=n_resamples, seed=seed, confidence=confidence,
+        )
+        out["bootstrap"] = {
+            "method": "percentile",
+            "n_resamples": n_resamples,
+            "seed": seed,
+            "confidence": confidence,
+            "resampled": "patients" if groups is not None else "images",
+        }
+    return out
+
+
+def lookup(metrics: Mapping[str, Any], dotted: str) -> Any:
+    """``metrics["patient"]["P_arp"]`` for ``"patient.P_arp"``; ``None`` when absent."""
+    node: Any = metrics
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def format_value(value: Any, digits: int = 3) -> str:
+    """A table cell: ``0.812 (0.771–0.850)`` for an interval, ``—`` for a missing value."""
+    if value is None:
+        return "—"
+    if isinstance(value, Mapping) and "value" in value:
+        text = format_value(value["value"], digits)
+        if value.get("ci_low") is not None and value.get("ci_high") is not None:
+            text += f" ({value['ci_low']:.{digits}f}–{value['ci_high']:.{digits}f})"
+        return text
+    if isinstance(value, bool | str):
+        return str(value).replace("|", "\\|")
+    if isinstance(value, int | np.integer):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+    if isinstance(value, float | np.floating):
+        # Counts and sizes stored as floats (7e6 parameters) read better without decimals.
+        return f"{value:,.0f}" if value.is_integer() and abs(value) >= 1000 else f"{value:.{digits}f}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
+    lines = ["| " + " | ".join(format_value(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(format_value(c, digits) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def comparison_table(
+    rows: Sequence[Mapping[str, Any]],
+    paper_rows: Sequence[Mapping[str, Any]] = (),
+    note: str = "",
+    *,
+    digits: int = 3,
+) -> str:
+    """Our runs beside published numbers, as one markdown table.
+
+    Each row maps column names to cells: text, a number, an interval dict (printed with its CI)
+    or ``None`` (not run: "—"). Columns appear in first-seen order; a ``source`` column says which
+    rows are this toolkit's runs and which are the paper's. ``note`` (setting, data, what was not
+    run and why) is printed under the table, where it cannot be separated from the numbers.
+    """
+    tagged = [{"source": "this run", **r} for r in rows] + [{"source": "paper", **r} for r in paper_rows]
+    if not tagged:
+        raise BreastvisionError("comparison_table needs at least one row")
+    columns = list(dict.fromkeys(k for r in tagged for k in r))
+    table = markdown_table(columns, [[r.get(c) for c in columns] for r in tagged], digits)
+    return table + (f"\n\n{note.strip()}\n" if note.strip() else "\n")
+
+
+def write_predictions_csv(
+    path: str | Path,
+    paths: Sequence[str | Path],
+    y_true: Sequence[int] | np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    groups: Sequence[Any] | None = None,
+) -> Path:
+    """One row per image: path, group, true and predicted class names, one probability per class."""
+    y, p, g = check_inputs(y_true, probs, class_names, groups)
+    if len(paths) != y.size:
+        raise BreastvisionError(f"{len(paths)} paths for {y.size} predictions")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [str(c) for c in class_names]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "group", "true_label", *(f"prob_{c}" for c in names), "predicted"])
+        for i, row_path in enumerate(paths):
+            writer.writerow([
+                str(row_path),
+                "" if g is None else g[i],
+                names[y[i]],
+                *(f"{v:.6f}" for v in p[i]),
+                names[int(p[i].argmax())],
+            ])
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    """Paths, tuples and numpy scalars as plain JSON types (for YAML and JSON dumps)."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _copy_split(run_dir: Path, split_info: str | Path | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Put the split file into the report; return what report.md says about it."""
+    if split_info is None:
+        return {}
+    target = run_dir / "split.json"
+    if isinstance(split_info, Mapping):
+        target.write_text(json.dumps(_jsonable(split_info), indent=1))
+        content = dict(split_info)
+        origin = "given in memory"
+    else:
+        source = Path(split_info)
+        if not source.is_file():
+            raise BreastvisionError(f"split file not found: {source}")
+        if source.resolve() != target.resolve():
+            shutil.copyfile(source, target)
+        try:
+            content = json.loads(target.read_text())
+        except json.JSONDecodeError as err:
+            raise BreastvisionError(f"split file {source} is not JSON: {err}") from err
+        origin = str(source)
+    summary = {"file": target.name, "origin": origin, "sha256": _sha256(target)}
+    # Only the descriptive top-level fields; the per-file assignment stays in the copied file.
+    summary.update({k: v for k, v in content.items() if not isinstance(v, Mapping | list)})
+    return summary
+
+
+def _write_config(run_dir: Path, config: str | Path | Mapping[str, Any] | None) -> str | None:
+    if config is None:
+        return None
+    target = run_dir / "config.yaml"
+    if isinstance(config, Mapping):
+        target.write_text(yaml.safe_dump(_jsonable(config), sort_keys=False))
+    else:
+        source = Path(config)
+        if not source.is_file():
+            raise BreastvisionError(f"config file not found: {source}")
+        if source.resolve() != target.resolve():
+            shutil.copyfile(source, target)
+    return target.name
+
+
+def write_report(
+    run_dir: str | Path,
+    *,
+    metrics: Mapping[str, Any],
+    config: str | Path | Mapping[str, Any] | None = None,
+    split_info: str | Path | Mapping[str, Any] | None = None,
+    weights_origin: Mapping[str, Any] | str | None = None,
+    lineage: Sequence[Mapping[str, Any]] = (),
+    history: str | Path | Sequence[Mapping[str, Any]] | None = None,
+    class_names: Sequence[str] | None = None,
+    y_true: Sequence[int] | np.ndarray | None = None,
+    probs: np.ndarray | None = None,
+    facts: Mapping[str, Any] | None = None,
+    title: str = "breastvision run",
+) -> Path:
+    """Write the report folder (layout in the module docstring) and return ``report.md``'s path.
+
+    ``metrics`` is :func:`evaluate_predictions`' dict. ``y_true`` / ``probs`` add the ROC plot;
+    ``history`` (per-epoch CSV or rows) adds the learning curves; ``facts`` are extra run facts
+    shown as a table (parameter count, model size, wall-clock time, device, ...).
+    """
+    run_dir = Path(run_dir)
+    plot_dir = run_dir / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    names = list(class_names or metrics["class_names"])
+    (run_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1))
+    config_name = _write_config(run_dir, config)
+    split = _copy_split(run_dir, split_info)
+    provenance = {
+        "weights_origin": weights_origin if weights_origin is not None else "not recorded",
+        "lineage": list(lineage),
+        "split": split or None,
+        "facts": dict(facts or {}),
+    }
+    (run_dir / "provenance.json").write_text(json.dumps(_jsonable(provenance), indent=1))
+
+    figures: list[tuple[str, Path]] = []
+    if history is not None:
+        figures += [(f"{k} per epoch", p) for k, p in plots.plot_learning_curves(history, plot_dir).items()]
+    if "confusion_matrix" in metrics:
+        figures.append(("confusion matrix", plots.plot_confusion_matrix(
+            metrics["confusion_matrix"], names, plot_dir / "confusion_matrix.png")))
+    if y_true is not None and probs is not None:
+        auc = {c: v.get("auc") for c, v in metrics.get("per_class", {}).items()}
+        figures.append(("ROC curves", plots.plot_roc(y_true, probs, names, plot_dir / "roc.png", auc)))
+    patient = metrics.get("patient")
+    if patient:
+        figures.append(("per-patient accuracy", plots.plot_patient_accuracy(
+            patient["per_patient"], plot_dir / "patient_accuracy.png", patient["P_arp"])))
+
+    sections = [f"# {title}", _data_section(metrics, split), _metrics_section(metrics, names)]
+    sections.append(_provenance_section(provenance, config_name))
+    sections.append("## Plots\n\n" + "\n\n".join(
+        f"### {caption}\n\n![{caption}]({p.relative_to(run_dir).as_posix()})" for caption, p in figures
+    ))
+    if (run_dir / "predictions.csv").is_file():
+        sections.append("Per-image predictions: [predictions.csv](predictions.csv).")
+    report = run_dir / "report.md"
+    report.write_text("\n\n".join(s for s in sections if s) + "\n")
+    return report
+
+
+def _data_section(metrics: Mapping[str, Any], split: Mapping[str, Any]) -> str:
+    lines = ["## Data", "", f"- images evaluated: {metrics.get('n_images')}",
+             f"- classes: {', '.join(metrics.get('class_names', []))}"]
+    if metrics.get("patient"):
+        lines.append(f"- patients: {metrics['patient']['n_patients']}")
+    if split:
+        details = ", ".join(f"{k}: {v}" for k, v in split.items() if k not in ("file", "sha256"))
+        lines.append(
+            f"- split file: [{split['file']}]({split['file']}) (SHA-256 `{split['sha256']}`; {details})"
+        )
+        if split.get("leaky"):
+            lines.append("- **this split is leaky** (images of one patient or near-duplicates on both "
+                         "sides): its numbers overstate how the model does on new patients")
+    else:
+        lines.append("- split file: none (evaluated on a whole dataset or external folder)")
+    boot = metrics.get("bootstrap")
+    if boot:
+        lines.append(f"- intervals: {boot['confidence']:.0%} percentile bootstrap, {boot['n_resamples']} "
+                     f"resamples of {boot['resampled']}, seed {boot['seed']}")
+    return "\n".join(lines)
+
+
+def _metrics_section(metrics: Mapping[str, Any], names: Sequence[str]) -> str:
+    intervals = metrics.get("intervals", {})
+    rows = [[key, intervals.get(key) or lookup(metrics, key)] for key in HEADLINE
+            if lookup(metrics, key) is not None or key in intervals]
+    boot = metrics.get("bootstrap")
+    column = f"value ({boot['confidence']:.0%} CI)" if boot else "value"
+    parts = ["## Metrics", "", markdown_table(["metric", column], rows)]
+    if metrics.get("auc_average"):
+        note = f" {metrics['auc_note']}." if metrics.get("auc_note") else ""
+        parts += ["", f"AUC: {metrics['auc_average']}.{note}"]
+    if metrics.get("positive_class"):
+        parts.append(f"Sensitivity and specificity take **{metrics['positive_class']}** as positive.")
+    per_class = metrics.get("per_class", {})
+    if per_class:
+        header = ["class", "support", "precision", "recall", "f1", "auc"]
+        table = [[c, per_class[c]["support"], *(intervals.get(f"per_class.{c}.{m}") or per_class[c].get(m)
+                                               for m in header[2:])] for c in names if c in per_class]
+        parts += ["", "### Per class", "", markdown_table(header, table)]
+    if "confusion_matrix" in metrics:
+        matrix = [[f"true {c}", *row] for c, row in zip(names, metrics["confusion_matrix"], strict=True)]
+        parts += ["", "### Confusion matrix (rows true, columns predicted)", "",
+                  markdown_table(["", *(f"pred {c}" for c in names)], matrix)]
+    return "\n".join(parts)
+
+
+def _provenance_section(provenance: Mapping[str, Any], config_name: str | None) -> str:
+    parts = ["## Provenance", ""]
+    origin = provenance["weights_origin"]
+    if isinstance(origin, Mapping):
+        parts += ["Weights' origin:", "", markdown_table(["part", "started from"], list(origin.items()))]
+    else:
+        parts.append(f"Weights' origin: {origin}")
+    lineage = provenance["lineage"]
+    if lineage:
+        columns = list(dict.fromkeys(k for step in lineage for k in step))
+        parts += ["", "Lineage (oldest first):", "",
+                  markdown_table(["#", *columns], [[i, *(s.get(c) for c in columns)]
+                                                   for i, s in enumerate(lineage, 1)])]
+    if provenance["facts"]:
+        parts += ["", "Run facts:", "", markdown_table(["fact", "value"], list(provenance["facts"].items()))]
+    if config_name:
+        parts += ["", f"Configuration: [{config_name}]({config_name})."]
+    return "\n".join(parts)
