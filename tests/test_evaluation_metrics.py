@@ -1,0 +1,125 @@
+"""Metrics equal scikit-learn's and the hand-computed values of paper 000's patient-level formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from breastvision.errors import BreastvisionError
+from breastvision.evaluation.metrics import compute_metrics, positive_index
+
+CLASSES3 = ["normal", "benign", "malignant"]
+
+
+@pytest.fixture()
+def three_class() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 120)
+    logits = rng.normal(size=(120, 3))
+    logits[np.arange(120), y] += 1.0
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y, probs
+
+
+def test_multiclass_metrics_equal_sklearn(three_class):
+    y, probs = three_class
+    pred = probs.argmax(axis=1)
+    m = compute_metrics(y, probs, CLASSES3)
+    assert m["task"] == "multiclass"
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["precision_macro"] == pytest.approx(precision_score(y, pred, average="macro"))
+    assert m["recall_macro"] == pytest.approx(recall_score(y, pred, average="macro"))
+    assert m["f1_macro"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    assert m["auc_average"] == "macro one-vs-rest over 3 of 3 classes"
+    assert m["confusion_matrix"] == confusion_matrix(y, pred).tolist()
+    per_class_recall = recall_score(y, pred, average=None)
+    for k, name in enumerate(CLASSES3):
+        assert m["per_class"][name]["recall"] == pytest.approx(per_class_recall[k])
+        assert m["per_class"][name]["support"] == int((y == k).sum())
+        assert m["per_class"][name]["auc"] == pytest.approx(roc_auc_score(y == k, probs[:, k]))
+    assert "sensitivity" not in m and "patient" not in m
+
+
+def test_binary_hand_computed():
+    # benign=0, malignant=1; 3 malignant (2 caught), 3 benign (1 false alarm).
+    y = np.array([1, 1, 1, 0, 0, 0])
+    p_mal = np.array([0.9, 0.8, 0.3, 0.6, 0.2, 0.1])
+    probs = np.c_[1 - p_mal, p_mal]
+    m = compute_metrics(y, probs, ["benign", "malignant"])
+    assert m["positive_class"] == "malignant"
+    assert m["sensitivity"] == pytest.approx(2 / 3)
+    assert m["specificity"] == pytest.approx(2 / 3)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # Pairs (malignant, benign) ranked correctly: 0.9 and 0.8 beat all 3, 0.3 beats 2 -> 8/9.
+    assert m["auc"] == pytest.approx(8 / 9)
+    assert m["auc_average"] == "binary (malignant vs benign)"
+    assert m["confusion_matrix"] == [[2, 1], [1, 2]]
+
+
+def test_positive_class_choice():
+    assert positive_index(["malignant", "benign"]) == 0
+    assert positive_index(["a", "b"]) == 1
+    assert positive_index(["a", "b"], "A") == 0
+    with pytest.raises(BreastvisionError, match="positive class"):
+        positive_index(["a", "b"], "c")
+
+
+def test_patient_level_hand_example():
+    # Patient A: 3 of 4 correct, patient B: 1 of 2 -> P_arp = (0.75 + 0.5) / 2, P_img = 4 / 6.
+    y = np.array([1, 1, 1, 1, 0, 0])
+    pred = np.array([1, 1, 1, 0, 0, 1])
+    probs = np.eye(2)[pred] * 0.8 + 0.1
+    groups = ["A", "A", "A", "A", "B", "B"]
+    patient = compute_metrics(y, probs, ["benign", "malignant"], groups)["patient"]
+    assert patient["P_arp"] == pytest.approx(0.625)
+    assert patient["P_img"] == pytest.approx(4 / 6)
+    assert patient["n_patients"] == 2
+    assert patient["per_patient"]["A"] == {"n_images": 4, "n_correct": 3, "P_rp": 0.75, "true_labels": [1]}
+    assert patient["per_patient"]["B"]["P_rp"] == pytest.approx(0.5)
+
+
+def test_absent_class_gives_none_auc_with_reason(three_class):
+    y, probs = three_class
+    keep = y != 0  # no "normal" image left
+    m = compute_metrics(y[keep], probs[keep], CLASSES3)
+    assert m["per_class"]["normal"]["auc"] is None
+    assert "absent" in m["per_class"]["normal"]["auc_note"]
+    assert m["per_class"]["normal"]["support"] == 0
+    assert m["auc_average"] == "macro one-vs-rest over 2 of 3 classes"
+    expected = np.mean([roc_auc_score(y[keep] == k, probs[keep][:, k]) for k in (1, 2)])
+    assert m["auc"] == pytest.approx(expected)
+    assert "normal" in m["auc_note"]
+
+
+def test_single_class_binary_auc_is_none():
+    # An external set of malignant slides only: accuracy and sensitivity exist, AUC does not.
+    probs = np.array([[0.2, 0.8], [0.7, 0.3], [0.1, 0.9]])
+    m = compute_metrics([1, 1, 1], probs, ["benign", "malignant"], ["p1", "p1", "p2"])
+    assert m["auc"] is None and "undefined" in m["auc_note"]
+    assert m["sensitivity"] == pytest.approx(2 / 3)
+    assert m["patient"]["P_arp"] == pytest.approx((0.5 + 1.0) / 2)
+
+
+@pytest.mark.parametrize(
+    ("y", "probs", "names", "message"),
+    [
+        ([0, 1], np.ones((3, 2)) / 2, ["a", "b"], "shape"),
+        ([0, 2], np.ones((2, 2)) / 2, ["a", "b"], "labels must lie"),
+        ([0.0, 1.0], np.ones((2, 2)) / 2, ["a", "b"], "integer"),
+        ([], np.ones((0, 2)), ["a", "b"], "0 images"),
+        ([0, 1], np.array([[np.nan, 1], [0, 1]]), ["a", "b"], "NaN"),
+        ([0, 0], np.ones((2, 1)), ["a"], "two classes"),
+    ],
+)
+def test_input_errors_are_user_errors(y, probs, names, message):
+    with pytest.raises(BreastvisionError, match=message):
+        compute_metrics(np.asarray(y), probs, names)

@@ -1,0 +1,150 @@
+"""The report folder: files exist, report.md's links resolve, plots are PNGs, tables render."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from breastvision.errors import BreastvisionError
+from breastvision.evaluation import plots
+from breastvision.evaluation.report import (
+    comparison_table,
+    evaluate_predictions,
+    format_value,
+    write_predictions_csv,
+    write_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CLASSES = ["benign", "malignant"]
+
+
+@pytest.fixture()
+def predictions() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)
+    p_mal = np.clip(0.4 * y + 0.6 * rng.random(60), 0, 1)
+    groups = np.array([f"patient{i % 6}" for i in range(60)])
+    return y, np.c_[1 - p_mal, p_mal], groups
+
+
+def _links(markdown: str) -> list[str]:
+    return re.findall(r"\]\(([^)]+)\)", markdown)
+
+
+def test_evaluate_predictions_adds_intervals(predictions):
+    y, probs, groups = predictions
+    m = evaluate_predictions(y, probs, CLASSES, groups, n_resamples=200, seed=1)
+    assert m["bootstrap"]["resampled"] == "patients"
+    for key in ("accuracy", "auc", "sensitivity", "specificity", "patient.P_arp", "patient.P_img"):
+        interval = m["intervals"][key]
+        assert interval["ci_low"] <= interval["value"] <= interval["ci_high"], key
+    assert m["intervals"]["patient.P_arp"]["value"] == pytest.approx(m["patient"]["P_arp"])
+    assert m["intervals"]["auc"]["value"] == pytest.approx(m["auc"])
+    assert "intervals" not in evaluate_predictions(y, probs, CLASSES, n_resamples=0)
+
+
+def test_write_report_folder(tmp_path: Path, predictions):
+    y, probs, groups = predictions
+    metrics = evaluate_predictions(y, probs, CLASSES, groups, n_resamples=100)
+    split_file = tmp_path / "given_split.json"
+    split_file.write_text(json.dumps({"protocol": "patient_kfold", "seed": 3, "leaky": True,
+                                      "assignment": {"a.png": "test"}}))
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,train_loss,val_loss,train_acc,val_acc,lr\n"
+                       "1,0.9,1.0,0.5,0.45,0.01\n2,0.6,0.8,0.7,0.6,0.01\n3,0.4,,0.8,,0.001\n")
+    run = tmp_path / "run"
+    paths = [f"img{i}.png" for i in range(60)]
+    write_predictions_csv(run / "predictions.csv", paths, y, probs, CLASSES, groups)
+    report = write_report(
+        run, metrics=metrics, config={"lr": 0.01, "input_size": (224, 224), "data": Path("/x")},
+        split_info=split_file, weights_origin={"backbone": "imagenet (keras port)", "head": "random init"},
+        lineage=[{"stage": "imagenet"}, {"stage": "lc25000", "checkpoint": "stage2.safetensors"}],
+        history=history, y_true=y, probs=probs, facts={"parameters": 7_000_000.0}, title="test run",
+    )
+    text = report.read_text()
+    for name in ("metrics.json", "provenance.json", "config.yaml", "split.json", "predictions.csv"):
+        assert (run / name).is_file(), name
+    links = _links(text)
+    for plot in ("accuracy.png", "loss.png", "confusion_matrix.png", "roc.png", "patient_accuracy.png"):
+        assert f"plots/{plot}" in links, plot
+    for link in links:
+        target = run / link
+        assert target.is_file(), link
+        if link.endswith(".png"):
+            assert target.read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((run / "metrics.json").read_text())["patient"]["P_arp"] == metrics["patient"]["P_arp"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["input_size"] == [224, 224]
+    sha = hashlib.sha256(split_file.read_bytes()).hexdigest()
+    assert sha in text and "leaky" in text
+    assert "imagenet (keras port)" in text and "stage2.safetensors" in text and "7,000,000" in text
+    assert json.loads((run / "provenance.json").read_text())["split"]["sha256"] == sha
+
+
+def test_report_without_optional_parts(tmp_path: Path, predictions):
+    y, probs, _ = predictions
+    report = write_report(tmp_path, metrics=evaluate_predictions(y, probs, CLASSES, n_resamples=0))
+    text = report.read_text()
+    assert "split file: none" in text and "not recorded" in text
+    assert _links(text) == ["plots/confusion_matrix.png"]
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "split.json").exists()
+
+
+def test_missing_split_file_is_a_user_error(tmp_path: Path, predictions):
+    y, probs, _ = predictions
+    with pytest.raises(BreastvisionError, match="split file not found"):
+        write_report(tmp_path, metrics=evaluate_predictions(y, probs, CLASSES, n_resamples=0),
+                     split_info=tmp_path / "nope.json")
+
+
+def test_predictions_csv(tmp_path: Path):
+    probs = np.array([[0.8, 0.2], [0.3, 0.7]])
+    path = write_predictions_csv(tmp_path / "p.csv", ["a.png", "b.png"], [0, 0], probs, CLASSES, ["x", "y"])
+    rows = list(csv.DictReader(path.open()))
+    assert rows[1] == {"path": "b.png", "group": "y", "true_label": "benign", "prob_benign": "0.300000",
+                       "prob_malignant": "0.700000", "predicted": "malignant"}
+    with pytest.raises(BreastvisionError, match="paths"):
+        write_predictions_csv(tmp_path / "q.csv", ["a.png"], [0, 0], probs, CLASSES)
+
+
+def test_learning_curves_from_rows(tmp_path: Path):
+    rows = [{"epoch": 1, "train_loss": 1.0, "val_accuracy": 0.5}, {"epoch": 2, "train_loss": 0.5}]
+    written = plots.plot_learning_curves(rows, tmp_path)
+    assert set(written) == {"accuracy", "loss"}
+    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in written.values())
+    assert plots.plot_learning_curves([{"epoch": 1, "lr": 0.1}], tmp_path / "none") == {}
+
+
+def test_roc_plot_with_absent_class(tmp_path: Path):
+    probs = np.array([[0.2, 0.5, 0.3], [0.1, 0.2, 0.7], [0.3, 0.6, 0.1]])
+    path = plots.plot_roc([1, 2, 1], probs, ["normal", "benign", "malignant"], tmp_path / "roc.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_comparison_table():
+    ours = [{"model": "fusion", "protocol": "leak-free", "accuracy": {"value": 0.81, "ci_low": 0.77,
+                                                                      "ci_high": 0.85}, "recall": None}]
+    paper = [{"model": "fusion", "protocol": "leaky 8:2", "accuracy": 0.932, "recall": 0.926}]
+    table = comparison_table(ours, paper, "CPU-sized setting: 3 epochs, frozen backbones.")
+    lines = table.splitlines()
+    assert lines[0] == "| source | model | protocol | accuracy | recall |"
+    assert lines[2] == "| this run | fusion | leak-free | 0.810 (0.770–0.850) | — |"
+    assert lines[3] == "| paper | fusion | leaky 8:2 | 0.932 | 0.926 |"
+    assert table.rstrip().endswith("frozen backbones.")
+    with pytest.raises(BreastvisionError):
+        comparison_table([])
+
+
+def test_format_value():
+    assert format_value(None) == "—"
+    assert format_value("a|b") == "a\\|b"
+    assert format_value(0.5, 1) == "0.5"
+    assert format_value(123456) == "123,456"
+    assert format_value({"value": 0.5, "ci_low": None, "ci_high": None}) == "0.500"
