@@ -48,3 +48,15 @@ def dataset_dir(name: str, root: str | os.PathLike | None = None) -> Path:
             f"obtain it from {source}"
         )
     return path
+
+
+CACHE_ENV_VAR = "BREASTVISION_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where derived, re-computable files (image hashes) are kept: ``$BREASTVISION_CACHE``, else
+    ``$XDG_CACHE_HOME/breastvision``, else ``~/.cache/breastvision``. Deleting it is always safe."""
+    if os.environ.get(CACHE_ENV_VAR):
+        return Path(os.environ[CACHE_ENV_VAR]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "breastvision"

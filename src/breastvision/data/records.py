@@ -53,3 +53,7 @@ class Catalog:
     @property
     def groups(self) -> list[str]:
         return [r.group for r in self.records]
+
+    def relpath(self, record: Record) -> str:
+        """The record's path relative to ``root`` with forward slashes: the key a split file uses."""
+        return record.path.relative_to(self.root).as_posix()

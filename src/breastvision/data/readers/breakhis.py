@@ -1,0 +1,271 @@
+"""BreakHis: official file names (a folder of them, or the official ``BreaKHis_v1`` tree) and
+BreakHis-style manifests (``path,label,subtype,patient_id,magnification``).
+
+An official name such as ``SOB_M_DC-14-16716-400-012.png`` reads: biopsy method ``SOB`` (surgical
+open biopsy), class ``M``, subtype ``DC``, year ``14`` (2014), slide ``16716``, magnification 400X,
+image 12 of that slide at that magnification.
+
+Grouping (what must not straddle a split):
+
+- ``slide`` (default, the BreakHis convention): the slide id as written, e.g. ``29960AB``. BreakHis
+  counts its 82 "patients" this way.
+- ``patient`` (strict): the numeric part only, so ``29960AB`` and ``29960CD`` are one patient. The
+  letters mark different slides of the same person (in the shared 200X copy 29960AB is a
+  fibroadenoma and 29960CD an adenosis), so slide grouping can leave one person on both sides.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from breastvision.data.readers._common import (
+    common_root,
+    finish_catalog,
+    header_meta,
+    partition_images,
+    read_manifest_rows,
+    unlisted_images,
+    walk_files,
+)
+from breastvision.data.records import Catalog, Record, Skipped
+from breastvision.errors import BreastvisionError
+
+CLASS_NAMES = ["benign", "malignant"]
+SUBTYPES = {
+    "A": "adenosis",
+    "F": "fibroadenoma",
+    "PT": "phyllodes_tumor",
+    "TA": "tubular_adenoma",
+    "DC": "ductal_carcinoma",
+    "LC": "lobular_carcinoma",
+    "MC": "mucinous_carcinoma",
+    "PC": "papillary_carcinoma",
+}
+BENIGN_SUBTYPES = frozenset({"A", "F", "PT", "TA"})
+MAGNIFICATIONS = (40, 100, 200, 400)
+GROUPINGS = ("slide", "patient")
+MANIFEST_COLUMNS = ("path", "label", "subtype", "patient_id", "magnification")
+
+NAME_PATTERN = re.compile(
+    r"^(?P<biopsy>[A-Z]+)_(?P<tumour_class>[BM])_(?P<subtype>[A-Z]+)-(?P<year>\d{2})-"
+    r"(?P<slide>\d+[A-Z]*)-(?P<magnification>\d+)-(?P<sequence>\d+)\.(?i:png)$"
+)
+_NAME_FORM = "SOB_<B|M>_<subtype>-<yy>-<slide>-<magnification>-<nnn>.png"
+
+
+class BreakHisNameError(BreastvisionError):
+    """A file name that is not an official BreakHis one; ``reason`` says what does not fit."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"'{name}': {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class BreakHisName:
+    """The fields of an official BreakHis file name."""
+
+    biopsy: str
+    tumour_class: str
+    subtype: str
+    year: int
+    slide: str
+    magnification: int
+    sequence: int
+
+    @property
+    def label(self) -> int:
+        return CLASS_NAMES.index("benign" if self.tumour_class == "B" else "malignant")
+
+    @property
+    def patient(self) -> str:
+        return patient_of(self.slide)
+
+    @property
+    def subtype_name(self) -> str:
+        return SUBTYPES[self.subtype]
+
+
+def patient_of(slide: str) -> str:
+    """The numeric patient number of a slide id (``29960CD`` → ``29960``)."""
+    match = re.match(r"\d+", slide)
+    if not match:
+        raise BreastvisionError(f"slide id '{slide}' has no numeric patient number")
+    return match.group()
+
+
+def parse_name(name: str) -> BreakHisName:
+    """Parse an official BreakHis file name; a ``BreakHisNameError`` says what does not fit."""
+    match = NAME_PATTERN.match(name)
+    if not match:
+        raise BreakHisNameError(name, f"not an official BreakHis file name ({_NAME_FORM})")
+    fields = match.groupdict()
+    subtype, tumour_class = fields["subtype"], fields["tumour_class"]
+    if subtype not in SUBTYPES:
+        raise BreakHisNameError(name, f"unknown subtype '{subtype}' (known: {', '.join(SUBTYPES)})")
+    if (subtype in BENIGN_SUBTYPES) != (tumour_class == "B"):
+        raise BreakHisNameError(name, f"subtype {subtype} contradicts class {tumour_class}")
+    magnification = int(fields["magnification"])
+    if magnification not in MAGNIFICATIONS:
+        raise BreakHisNameError(name, f"magnification {magnification}X is not a BreakHis one")
+    return BreakHisName(
+        biopsy=fields["biopsy"],
+        tumour_class=tumour_class,
+        subtype=subtype,
+        year=2000 + int(fields["year"]),  # BreakHis was collected in 2014
+        slide=fields["slide"],
+        magnification=magnification,
+        sequence=int(fields["sequence"]),
+    )
+
+
+def parse_magnification(value: int | str) -> int:
+    """``200``, ``"200"``, ``"200X"`` → 200; anything else is a user error."""
+    text = str(value).strip().upper().removesuffix("X")
+    if not text.isdigit() or int(text) not in MAGNIFICATIONS:
+        raise BreastvisionError(
+            f"magnification '{value}' is not one of {', '.join(f'{m}X' for m in MAGNIFICATIONS)}"
+        )
+    return int(text)
+
+
+def _wanted_magnifications(value: int | str | list | tuple | None) -> frozenset[int] | None:
+    if value is None:
+        return None
+    values = value if isinstance(value, list | tuple | set | frozenset) else [value]
+    return frozenset(parse_magnification(v) for v in values)
+
+
+def _check_grouping(group_by: str) -> None:
+    if group_by not in GROUPINGS:
+        raise BreastvisionError(f"BreakHis grouping '{group_by}' unknown; use one of {', '.join(GROUPINGS)}")
+
+
+def _record(path: Path, label: int, group_by: str, meta: dict[str, Any]) -> Record:
+    group = meta["slide"] if group_by == "slide" else meta["patient"]
+    return Record(path=path, label=label, group=group, meta=meta)
+
+
+def _catalog_meta(fmt: str, group_by: str, wanted: frozenset[int] | None, filtered: int) -> dict:
+    meta: dict[str, Any] = {
+        "format": fmt,
+        "read_options": {"group_by": group_by, "magnification": sorted(wanted) if wanted else None},
+    }
+    if wanted:
+        meta["filtered_out"] = {f"magnification not {'/'.join(f'{m}X' for m in sorted(wanted))}": filtered}
+    return meta
+
+
+def read_breakhis_names(
+    folder: Path,
+    *,
+    group_by: str = "slide",
+    magnification: int | str | list | None = None,
+    verify: bool = False,
+    name: str = "breakhis",
+) -> Catalog:
+    """Every image below ``folder`` with an official BreakHis name (the official tree included)."""
+    _check_grouping(group_by)
+    wanted = _wanted_magnifications(magnification)
+    images, skipped = partition_images(walk_files(folder))
+    records, filtered = [], 0
+    for path in images:
+        try:
+            parsed = parse_name(path.name)
+        except BreakHisNameError as err:
+            skipped.append(Skipped(path, err.reason))
+            continue
+        if wanted and parsed.magnification not in wanted:
+            filtered += 1
+            continue
+        header = header_meta(path, skipped)
+        if header is None:
+            continue
+        meta = {
+            "biopsy": parsed.biopsy,
+            "subtype": parsed.subtype,
+            "subtype_name": parsed.subtype_name,
+            "year": parsed.year,
+            "slide": parsed.slide,
+            "patient": parsed.patient,
+            "magnification": parsed.magnification,
+            "sequence": parsed.sequence,
+            **header,
+        }
+        records.append(_record(path, parsed.label, group_by, meta))
+    return finish_catalog(
+        name=name,
+        root=folder,
+        class_names=list(CLASS_NAMES),
+        records=records,
+        skipped=skipped,
+        grouping=group_by,
+        meta=_catalog_meta("breakhis-names", group_by, wanted, filtered),
+        verify=verify,
+    )
+
+
+def read_breakhis_manifest(
+    manifest: Path,
+    *,
+    group_by: str = "slide",
+    magnification: int | str | list | None = None,
+    verify: bool = False,
+    name: str = "breakhis",
+) -> Catalog:
+    """A BreakHis-style manifest; its ``patient_id`` column holds slide ids (``29960AB``)."""
+    _check_grouping(group_by)
+    wanted = _wanted_magnifications(magnification)
+    rows, _ = read_manifest_rows(manifest, MANIFEST_COLUMNS)
+    if not rows:
+        raise BreastvisionError(f"{manifest}: manifest lists no images")
+    root = common_root([row.path for row in rows])
+    skipped = unlisted_images(root, {row.path for row in rows}, manifest)
+    subtype_codes = {v: k for k, v in SUBTYPES.items()}
+    records, filtered = [], 0
+    for row in rows:
+        if row.label not in CLASS_NAMES:
+            skipped.append(Skipped(row.path, f"unknown label '{row.label}' (expected benign, malignant)"))
+            continue
+        try:
+            mag = parse_magnification(row.fields["magnification"])
+            patient = patient_of(row.fields["patient_id"])
+        except BreastvisionError as err:
+            skipped.append(Skipped(row.path, str(err)))
+            continue
+        if wanted and mag not in wanted:
+            filtered += 1
+            continue
+        if not row.path.is_file():
+            skipped.append(Skipped(row.path, f"listed in {manifest.name} but missing on disk"))
+            continue
+        header = header_meta(row.path, skipped)
+        if header is None:
+            continue
+        subtype_name = row.fields["subtype"]
+        meta = {
+            "subtype": subtype_codes.get(subtype_name, subtype_name),
+            "subtype_name": subtype_name,
+            "slide": row.fields["patient_id"],
+            "patient": patient,
+            "magnification": mag,
+            **header,
+        }
+        records.append(_record(row.path, CLASS_NAMES.index(row.label), group_by, meta))
+    return finish_catalog(
+        name=name,
+        root=root,
+        class_names=list(CLASS_NAMES),
+        records=records,
+        skipped=skipped,
+        grouping=group_by,
+        meta=_catalog_meta("breakhis-manifest", group_by, wanted, filtered),
+        verify=verify,
+    )
+
+
+def is_breakhis_manifest(columns: list[str]) -> bool:
+    return all(c in columns for c in MANIFEST_COLUMNS)
