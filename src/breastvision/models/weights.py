@@ -1,0 +1,247 @@
+"""Where a model's starting weights come from, loading them, and saying so.
+
+A weights spec is ``None`` (random init), ``"imagenet"`` (the library-standard ImageNet weights:
+torchvision's from the torch hub cache, timm's from the Hugging Face cache, downloaded the usual way
+where a network is reachable) or a local file (safetensors, or a ``.pth``/``.pt``/``.bin``/``.ckpt``
+read with ``weights_only=True``; a breastvision model file from an earlier training stage works too).
+
+Every built model carries ``weights_origin``: which weights each part started from, with the file
+and its SHA-256, so a report can state exactly what a run began with. With
+``$BREASTVISION_OFFLINE`` or ``$HF_HUB_OFFLINE`` set nothing is ever downloaded: missing ImageNet
+weights fail at once with a message naming the file to place and where.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from breastvision.errors import BreastvisionError
+
+RANDOM_INIT = "random init"
+OFFLINE_ENV = "BREASTVISION_OFFLINE"
+_TORCH_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt"}
+#: Checkpoint wrappers seen in the wild (Lightning, DeiT-style, plain training scripts).
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+
+WeightsSpec = str | os.PathLike | None
+StateDict = dict[str, torch.Tensor]
+#: ``() -> (state_dict, description)``: how one architecture gets its ImageNet weights.
+ImagenetLoader = Callable[[], tuple[StateDict, str]]
+
+
+def is_offline() -> bool:
+    """Whether downloads are forbidden (``$BREASTVISION_OFFLINE`` or ``$HF_HUB_OFFLINE`` truthy)."""
+    return any(
+        os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}
+        for var in (OFFLINE_ENV, "HF_HUB_OFFLINE")
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, memoised on (path, size, mtime) since weight files are hashed repeatedly."""
+    stat = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def describe_file(path: str | os.PathLike) -> str:
+    return f"{Path(path).resolve()} (sha256 {file_sha256(path)})"
+
+
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+    """A state dict from a local weights file, floating tensors as float32 (float16 files exist)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise BreastvisionError(f"weights file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw: object = load_file(str(path))
+        elif suffix in _TORCH_SUFFIXES:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise BreastvisionError(
+                f"{path}: unsupported weights file type '{suffix}' (use .safetensors, .pth, .pt, .bin, .ckpt)"
+            )
+    except BreastvisionError:
+        raise
+    except Exception as err:  # any reader failure (bad header, pickle, truncation) is a bad file
+        raise BreastvisionError(f"cannot read weights file {path}: {err}") from err
+    for key in _WRAPPER_KEYS:
+        if isinstance(raw, Mapping) and isinstance(raw.get(key), Mapping):
+            raw = raw[key]
+    if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise BreastvisionError(f"{path} does not hold a state dict of tensors")
+    # Distributed training saves keys as ``module.<name>``.
+    strip = all(k.startswith("module.") for k in raw)
+    return {
+        (k[len("module.") :] if strip else k): (v.float() if v.is_floating_point() else v)
+        for k, v in raw.items()
+    }
+
+
+def resolve(spec: WeightsSpec, imagenet: ImagenetLoader | None, what: str) -> tuple[StateDict | None, str]:
+    """The state dict a spec names and its description, or ``(None, "random init")``."""
+    if spec is None:
+        return None, RANDOM_INIT
+    if str(spec).strip().lower() == "imagenet":
+        if imagenet is None:
+            raise BreastvisionError(f"no ImageNet weights are known for {what}; pass a weights file instead")
+        return imagenet()
+    return read_state_dict(spec), f"file: {describe_file(Path(spec).expanduser())}"
+
+
+def _unavailable(what: str, filename: str, folder: Path | str, source: str, err: Exception | None) -> str:
+    why = f" ({type(err).__name__}: {err})" if err else " (offline)"
+    return (
+        f"ImageNet weights for {what} are not available here{why}: place {filename} from {source} "
+        f"in {folder}, or pass a local weights file as pretrained=PATH"
+    )
+
+
+def torchvision_imagenet(arch: str) -> ImagenetLoader:
+    """Loader of torchvision's default ImageNet weights for ``arch``, from the torch hub cache.
+
+    Going through ``torchvision.models.get_model(arch, weights=...)`` keeps torchvision's own
+    key fix-ups (old DenseNet checkpoints, GoogLeNet's auxiliary heads) in torchvision's hands.
+    """
+
+    def load() -> tuple[StateDict, str]:
+        import torchvision
+
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+        filename = Path(weights.url).name
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        if not cached.is_file() and is_offline():
+            raise BreastvisionError(_unavailable(arch, filename, cached.parent, weights.url, None))
+        try:
+            state = torchvision.models.get_model(arch, weights=weights).state_dict()
+        except OSError as err:  # URLError and friends: no network, no file
+            raise BreastvisionError(_unavailable(arch, filename, cached.parent, weights.url, err)) from err
+        return state, f"imagenet: torchvision {weights} ({describe_file(cached)})"
+
+    return load
+
+
+def timm_imagenet(timm_name: str) -> ImagenetLoader:
+    """Loader of timm's default pretrained weights for ``timm_name``, from the Hugging Face cache."""
+
+    def load() -> tuple[StateDict, str]:
+        from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(timm_name)
+        repo = cfg.hf_hub_id if cfg is not None else None
+        if not repo:
+            raise BreastvisionError(f"timm has no downloadable weights for {timm_name}; pass a weights file")
+        filenames = ("model.safetensors", "pytorch_model.bin")
+        cached = [try_to_load_from_cache(repo, name) for name in filenames]
+        path = next((p for p in cached if isinstance(p, str)), None)
+        if path is None:
+            source = f"the Hugging Face repo {repo}"
+            folder = f"the Hugging Face cache {constants.HF_HUB_CACHE} (e.g. `hf download {repo}`)"
+            if is_offline():
+                raise BreastvisionError(_unavailable(timm_name, filenames[0], folder, source, None))
+            try:
+                path = hf_hub_download(repo, filenames[0])
+            except OSError as err:  # every huggingface_hub network/cache error is an OSError
+                raise BreastvisionError(_unavailable(timm_name, filenames[0], folder, source, err)) from err
+        return read_state_dict(path), f"imagenet: timm {repo} ({describe_file(path)})"
+
+    return load
+
+
+def load_into(
+    model: nn.Module,
+    state: StateDict,
+    source: str,
+    *,
+    classifier: str | None,
+    new_parts: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Copy ``state`` into ``model`` and return the ``weights_origin`` entries it accounts for.
+
+    Strict except for three deliberate cases, each reported rather than silent:
+    the classifier (keys under the ``classifier`` prefix) is skipped when its shape differs or the
+    model has none (``num_classes=0``), so ImageNet or LC25000 weights seed a model with another
+    number of classes; keys matching a ``new_parts`` regex (modules the checkpoint's architecture
+    lacks, e.g. SE blocks added to a plain DenseNet) may be missing; BatchNorm's
+    ``num_batches_tracked`` may be missing (converted checkpoints omit it). Anything else that does
+    not fit is the user's wrong file and raises.
+    """
+    new_parts = dict(new_parts or {})
+    own = model.state_dict()
+
+    def in_classifier(key: str) -> bool:
+        return classifier is not None and (key == classifier or key.startswith(classifier + "."))
+
+    ckpt_classifier = {k: v for k, v in state.items() if in_classifier(k)}
+    classifier_fits = bool(ckpt_classifier) and all(
+        k in own and own[k].shape == v.shape for k, v in ckpt_classifier.items()
+    )
+    usable = {k: v for k, v in state.items() if classifier_fits or not in_classifier(k)}
+    unexpected = sorted(set(usable) - set(own))
+    wrong_shape = sorted(k for k in set(usable) & set(own) if usable[k].shape != own[k].shape)
+    missing = sorted(
+        k
+        for k in set(own) - set(usable)
+        if not k.endswith("num_batches_tracked")
+        and not in_classifier(k)
+        and not any(re.search(pattern, k) for pattern in new_parts.values())
+    )
+    if unexpected or wrong_shape or missing:
+        problems = [
+            f"{label} {len(keys)} key(s) ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+            for label, keys in (
+                ("unexpected", unexpected),
+                ("wrong shape", wrong_shape),
+                ("missing", missing),
+            )
+            if keys
+        ]
+        raise BreastvisionError(
+            f"weights do not fit {type(model).__name__} ({'; '.join(problems)}): {source}"
+        )
+    model.load_state_dict(usable, strict=False)
+
+    origin = {"backbone": source}
+    if classifier is not None and any(in_classifier(k) for k in own):
+        origin["classifier"] = source if classifier_fits else RANDOM_INIT
+    for part, pattern in new_parts.items():
+        if any(re.search(pattern, k) and k not in usable for k in own):
+            origin[part] = RANDOM_INIT
+    return origin
+
+
+def apply_pretrained(
+    model: nn.Module,
+    spec: WeightsSpec,
+    imagenet: ImagenetLoader | None,
+    *,
+    classifier: str | None,
+    new_parts: Mapping[str, str] | None = None,
+    adapt: Callable[[StateDict, nn.Module], StateDict] | None = None,
+    what: str | None = None,
+) -> dict[str, str]:
+    """Resolve ``spec``, adapt the checkpoint's keys to ``model`` if needed, load it; return the origin."""
+    state, source = resolve(spec, imagenet, what or type(model).__name__)
+    if state is None:
+        return {"backbone": RANDOM_INIT}
+    if adapt is not None:
+        state = adapt(state, model)
+    return load_into(model, state, source, classifier=classifier, new_parts=new_parts)
