@@ -148,3 +148,5 @@ def test_format_value():
     assert format_value(0.5, 1) == "0.5"
     assert format_value(123456) == "123,456"
     assert format_value({"value": 0.5, "ci_low": None, "ci_high": None}) == "0.500"
+    assert format_value(42.69, None) == "42.69"
+    assert format_value({"value": 0.5, "ci_low": 0.25, "ci_high": 0.75}, None) == "0.5 (0.25–0.75)"

@@ -93,14 +93,18 @@ def lookup(metrics: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def format_value(value: Any, digits: int = 3) -> str:
-    """A table cell: ``0.812 (0.771–0.850)`` for an interval, ``—`` for a missing value."""
+def format_value(value: Any, digits: int | None = 3) -> str:
+    """A table cell: ``0.812 (0.771–0.850)`` for an interval, ``—`` for a missing value.
+
+    ``digits`` fixes the decimals of floats (metrics); ``None`` prints up to 6 significant
+    digits without padding (run facts such as 42.69 MB).
+    """
     if value is None:
         return "—"
     if isinstance(value, Mapping) and "value" in value:
         text = format_value(value["value"], digits)
         if value.get("ci_low") is not None and value.get("ci_high") is not None:
-            text += f" ({value['ci_low']:.{digits}f}–{value['ci_high']:.{digits}f})"
+            text += f" ({format_value(value['ci_low'], digits)}–{format_value(value['ci_high'], digits)})"
         return text
     if isinstance(value, bool | str):
         return str(value).replace("|", "\\|")
@@ -108,11 +112,13 @@ def format_value(value: Any, digits: int = 3) -> str:
         return f"{value:,}" if abs(value) >= 10_000 else str(value)
     if isinstance(value, float | np.floating):
         # Counts and sizes stored as floats (7e6 parameters) read better without decimals.
-        return f"{value:,.0f}" if value.is_integer() and abs(value) >= 1000 else f"{value:.{digits}f}"
+        if value.is_integer() and abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.6g}" if digits is None else f"{value:.{digits}f}"
     return str(value).replace("|", "\\|")
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int | None = 3) -> str:
     lines = ["| " + " | ".join(format_value(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(format_value(c, digits) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -174,8 +180,13 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in blocks (model files can be hundreds of MB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _copy_split(run_dir: Path, split_info: str | Path | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -198,7 +209,7 @@ def _copy_split(run_dir: Path, split_info: str | Path | Mapping[str, Any] | None
         except json.JSONDecodeError as err:
             raise BreastvisionError(f"split file {source} is not JSON: {err}") from err
         origin = str(source)
-    summary = {"file": target.name, "origin": origin, "sha256": _sha256(target)}
+    summary = {"file": target.name, "origin": origin, "sha256": file_sha256(target)}
     # Only the descriptive top-level fields; the per-file assignment stays in the copied file.
     summary.update({k: v for k, v in content.items() if not isinstance(v, Mapping | list)})
     return summary
@@ -342,7 +353,8 @@ def _provenance_section(provenance: Mapping[str, Any], config_name: str | None) 
                   markdown_table(["#", *columns], [[i, *(s.get(c) for c in columns)]
                                                    for i, s in enumerate(lineage, 1)])]
     if provenance["facts"]:
-        parts += ["", "Run facts:", "", markdown_table(["fact", "value"], list(provenance["facts"].items()))]
+        facts = list(provenance["facts"].items())
+        parts += ["", "Run facts:", "", markdown_table(["fact", "value"], facts, digits=None)]
     if config_name:
         parts += ["", f"Configuration: [{config_name}]({config_name})."]
     return "\n".join(parts)

@@ -1,0 +1,133 @@
+"""``breastvision evaluate`` end to end: a tiny saved model on generated and real images."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from breastvision.data.readers import read_dataset
+from breastvision.data.splits import make_split
+from breastvision.errors import BreastvisionError
+from breastvision.evaluation import cli
+from breastvision.models.bundle import ModelBundle, Preprocessing
+from breastvision.models.registry import create_model
+
+
+def _evaluate(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["evaluate", *map(str, argv)])
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """A random-init ResNet-18 at 64 px whose classes are listed in the reverse of the data's order,
+    so that by-name class matching is exercised on every run."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=2)
+    bundle = ModelBundle(
+        architecture="resnet18",
+        class_names=["malignant", "benign"],
+        state_dict=model.state_dict(),
+        model_kwargs=model.model_kwargs,
+        preprocessing=Preprocessing(input_size=64),
+        lineage=[{"stage": "test", "weights": "random init"}],
+    )
+    return bundle.save(tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    """Twelve generated images of four patients, listed in a manifest with a ``patient`` column."""
+    folder = tmp_path_factory.mktemp("external")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        label = "malignant" if i % 4 < 2 else "benign"
+        name = f"img{i:02d}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(folder / name)
+        rows.append({"path": name, "label": label, "patient": f"P{i % 4}"})
+    path = folder / "manifest.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["path", "label", "patient"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _check_report(out: Path) -> dict:
+    text = (out / "report.md").read_text()
+    for link in re.findall(r"\]\(([^)]+)\)", text):
+        assert (out / link).is_file(), link
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_evaluate_external_manifest(tmp_path: Path, model_file: Path, manifest: Path, capsys):
+    out = tmp_path / "report"
+    assert _evaluate(model_file, manifest, "--out", out, "--n-resamples", 50, "--tta") == 0
+    metrics = _check_report(out)
+    assert metrics["n_images"] == 12 and metrics["class_names"] == ["malignant", "benign"]
+    assert metrics["patient"]["n_patients"] == 4
+    assert metrics["bootstrap"]["resampled"] == "patients"
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 12
+    # Labels were matched by name although the model lists its classes in the other order.
+    expected = {f"img{i:02d}.png": "malignant" if i % 4 < 2 else "benign" for i in range(12)}
+    assert {r["path"]: r["true_label"] for r in rows} == expected
+    assert all(abs(float(r["prob_malignant"]) + float(r["prob_benign"]) - 1) < 1e-5 for r in rows)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["tta"] is True and len(config["model_sha256"]) == 64
+    assert "random init" in (out / "report.md").read_text()  # the model file's lineage
+    assert "P_arp" in capsys.readouterr().out
+
+
+def test_evaluate_split_subset(tmp_path: Path, model_file: Path, manifest: Path):
+    catalog = read_dataset(manifest)
+    split = make_split(catalog, "group_kfold", seed=0, k=2)
+    split_file = split.save(tmp_path / "split.json")
+    out = tmp_path / "fold1"
+    _evaluate(model_file, manifest, "--split", split_file, "--fold", 1, "--out", out, "--n-resamples", 0)
+    metrics = _check_report(out)
+    assert metrics["n_images"] == len(split.subset(catalog, "test", 1))
+    assert (out / "split.json").read_bytes() == split_file.read_bytes()
+
+
+def test_unknown_class_is_refused(tmp_path: Path, model_file: Path):
+    for name in ("benign", "normal"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (40, 40), "gray").save(tmp_path / name / "a.png")
+    with pytest.raises(BreastvisionError, match=r"classes the model does not know: \['normal'\]"):
+        _evaluate(model_file, tmp_path, "--out", tmp_path / "out")
+
+
+def test_class_mapping():
+    mapping = cli.class_mapping(["Benign", "malignant", "normal"], ["malignant", "benign"], {0, 1})
+    assert mapping.tolist() == [1, 0, -1]  # "normal" has no images here, so it does not matter
+
+
+def test_patient_level_choice():
+    assert cli._use_patients("auto", "slide") and cli._use_patients("auto", "patient_id")
+    assert not cli._use_patients("auto", "near_duplicate") and cli._use_patients("on", "group")
+    assert not cli._use_patients("off", "slide")
+
+
+def test_evaluate_real_breakhis_samples(tmp_path: Path, model_file: Path, breakhis_samples_dir: Path):
+    out = tmp_path / "samples"
+    _evaluate(model_file, breakhis_samples_dir, "--out", out, "--n-resamples", 100, "--batch-size", 8)
+    metrics = _check_report(out)
+    assert metrics["n_images"] == 16
+    # BreakHis groups are slides, i.e. patients: patient-level metrics and patient resampling apply.
+    assert metrics["patient"]["n_patients"] == len({r["group"] for r in csv.DictReader(
+        (out / "predictions.csv").open())}) > 1
+    assert metrics["intervals"]["patient.P_arp"]["resampled"] == "patients"
+    assert (out / "plots" / "patient_accuracy.png").is_file()
