@@ -131,3 +131,16 @@ def test_evaluate_real_breakhis_samples(tmp_path: Path, model_file: Path, breakh
         (out / "predictions.csv").open())}) > 1
     assert metrics["intervals"]["patient.P_arp"]["resampled"] == "patients"
     assert (out / "plots" / "patient_accuracy.png").is_file()
+
+
+def test_evaluate_views_of_an_after_augmentation_split(tmp_path: Path, model_file: Path, manifest: Path):
+    # Paper 000 read literally: the test part holds (image, rotation/flip) pairs.
+    catalog = read_dataset(manifest)
+    split = make_split(catalog, "h_random_712_after_aug", seed=0)
+    out = tmp_path / "views"
+    _evaluate(model_file, manifest, "--split", split.save(tmp_path / "s.json"), "--out", out,
+              "--n-resamples", 0)
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    expected = {f"{catalog.relpath(r)}::{v}" for r, v in split.subset(catalog, "test")}
+    assert {r["path"] for r in rows} == expected and len(rows) == len(expected)
+    assert "leaky" in (out / "report.md").read_text()

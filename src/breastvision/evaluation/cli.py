@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate",
         help="evaluate a saved model file on a dataset, folder or manifest",
-        description=__doc__.split("\n\n")[0],
+        description="Evaluate a saved model file on a dataset, image folder or manifest (or one part of a "
+        "split): metrics with bootstrap intervals, plots, predictions and a report folder.",
     )
     parser.add_argument("model", type=Path, help="model file (.safetensors) written by training")
     parser.add_argument("source", help="dataset name (busi, breakhis, ...), image folder or manifest CSV")
@@ -152,10 +153,18 @@ def select_items(
     if split_file is None:
         return list(catalog.records), [None] * len(catalog)
     from breastvision.data.splits import Split
+    from breastvision.data.transforms import DIHEDRAL_8
 
-    items = Split.load(split_file).subset(catalog, subset, fold)
+    split = Split.load(split_file)
+    items = split.subset(catalog, subset, fold)
     records = [i[0] if isinstance(i, tuple) else i for i in items]
     views = [i[1] if isinstance(i, tuple) else None for i in items]
+    random_views = sorted({v for v in views if v is not None and v not in DIHEDRAL_8})
+    if random_views:
+        raise BreastvisionError(
+            f"split '{split.protocol}' assigns random augmented views ({', '.join(random_views)}), which "
+            "only its training run can regenerate; evaluate a split without views instead"
+        )
     return records, views
 
 
