@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,4 +57,8 @@ class Catalog:
 
     def relpath(self, record: Record) -> str:
         """The record's path relative to ``root`` with forward slashes: the key a split file uses."""
+        # String prefix first: Path.relative_to is slow enough to dominate split bookkeeping.
+        root, path = str(self.root).rstrip(os.sep) + os.sep, str(record.path)
+        if path.startswith(root):
+            return path[len(root) :].replace(os.sep, "/")
         return record.path.relative_to(self.root).as_posix()

@@ -94,7 +94,11 @@ def file_list_sha256(relpaths: Sequence[str]) -> str:
 
 
 def catalog_sha256(catalog: Catalog) -> str:
-    return file_list_sha256([catalog.relpath(r) for r in catalog.records])
+    return file_list_sha256(_relpaths(catalog))
+
+
+def _relpaths(catalog: Catalog) -> list[str]:
+    return [catalog.relpath(r) for r in catalog.records]
 
 
 @dataclass
@@ -157,9 +161,9 @@ class Split:
         self.check(catalog)
         return catalog
 
-    def check(self, catalog: Catalog) -> None:
+    def check(self, catalog: Catalog, relpaths: list[str] | None = None) -> None:
         """Raise unless ``catalog`` holds exactly the files this split was made for."""
-        digest = catalog_sha256(catalog)
+        digest = file_list_sha256(relpaths if relpaths is not None else _relpaths(catalog))
         if digest != self.files_sha256:
             raise BreastvisionError(
                 f"split '{self.protocol}' (seed {self.seed}) was made for {self.n_files} files of "
@@ -184,15 +188,17 @@ class Split:
             raise BreastvisionError(f"unknown split part '{part}'; use one of {', '.join(PARTS)}")
         if self._external_matches(catalog):
             return list(catalog.records) if part == "val" else []
-        self.check(catalog)
+        rels = _relpaths(catalog)
+        self.check(catalog, rels)
         wanted = self._wanted(part, fold)
+        records = catalog.records
         if not self.views:
-            return [r for r in catalog.records if self.assignment[catalog.relpath(r)] in wanted]
+            return [r for r, rel in zip(records, rels, strict=True) if self.assignment[rel] in wanted]
         return [
             (r, view)
-            for r in catalog.records
+            for r, rel in zip(records, rels, strict=True)
             for view in self.views
-            if self.assignment[f"{catalog.relpath(r)}{VIEW_SEPARATOR}{view}"] in wanted
+            if self.assignment[f"{rel}{VIEW_SEPARATOR}{view}"] in wanted
         ]
 
     def _wanted(self, part: str, fold: int | None) -> set[str | int]:
@@ -288,7 +294,7 @@ def make_split(
         raise BreastvisionError(f"an external validation set goes with u_random_82 protocols, not {protocol}")
     if fractions is not None and (spec.fractions is not None or protocol == "group_kfold"):
         raise BreastvisionError(f"{protocol} has fixed proportions; fractions apply to group_holdout only")
-    rels = [catalog.relpath(r) for r in catalog.records]
+    rels = _relpaths(catalog)
     params: dict[str, Any] = {
         "description": spec.description,
         "read_options": catalog.meta.get("read_options", {}),
@@ -350,7 +356,7 @@ def _leak_reason(catalog: Catalog, split: Split) -> str:
         f"groups have images on more than one side"
     )
     if split.views:
-        rels = {catalog.relpath(r) for r in catalog.records}
+        rels = set(_relpaths(catalog))
         spread = sum(
             len({split.assignment[f"{rel}{VIEW_SEPARATOR}{v}"] for v in split.views}) > 1 for rel in rels
         )

@@ -52,7 +52,7 @@ def summarize(catalog: Catalog) -> dict[str, Any]:
             name: {"images": images_per_class[name], "groups": len(groups_per_class[name])}
             for name in catalog.class_names
         },
-        "magnifications": {m: dict(c) for m, c in sorted(magnifications.items())},
+        "magnifications": {f"{m}X": dict(c) for m, c in sorted(magnifications.items())},
         "groups": {
             "count": len(group_sizes),
             "size_min": min(group_sizes.values()),
@@ -127,7 +127,7 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
         names = list(s["classes"])
         mags = _table("Magnifications", "magnification", *names, "total")
         for mag, counts in s["magnifications"].items():
-            mags.add_row(f"{mag}X", *(str(counts.get(n, 0)) for n in names), str(sum(counts.values())))
+            mags.add_row(mag, *(str(counts.get(n, 0)) for n in names), str(sum(counts.values())))
         console.print(mags)
 
     g, sz = s["groups"], s["sizes"]

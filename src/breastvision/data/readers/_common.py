@@ -91,8 +91,11 @@ class ManifestRow:
     fields: dict[str, str]
 
 
-def read_manifest_rows(manifest: Path, required: Sequence[str]) -> tuple[list[ManifestRow], list[str]]:
-    """Rows of a CSV manifest with paths resolved against its folder, and its column names."""
+def read_manifest_rows(
+    manifest: Path, required: Sequence[str]
+) -> tuple[list[ManifestRow], list[str], list[Skipped]]:
+    """Rows of a CSV manifest with paths resolved against its folder, its column names, and the
+    repeated listings of a path (only the first counts: one file is one sample)."""
     try:
         with manifest.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -103,14 +106,19 @@ def read_manifest_rows(manifest: Path, required: Sequence[str]) -> tuple[list[Ma
                     f"{manifest}: manifest lacks column(s) {', '.join(missing)} "
                     f"(has {', '.join(columns) or 'no header'}; needs {', '.join(required)})"
                 )
-            rows = []
-            for raw in reader:
+            rows: dict[Path, ManifestRow] = {}
+            repeats = []
+            for number, raw in enumerate(reader, start=2):
                 fields = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
                 path = Path(os.path.normpath(manifest.parent / fields["path"]))
-                rows.append(ManifestRow(path, fields["label"], fields))
+                if path in rows:
+                    reason = f"listed again in {manifest.name} (row {number}); the first listing is used"
+                    repeats.append(Skipped(path, reason))
+                    continue
+                rows[path] = ManifestRow(path, fields["label"], fields)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise BreastvisionError(f"{manifest}: cannot read manifest ({err})") from None
-    return rows, columns
+    return list(rows.values()), columns, repeats
 
 
 def common_root(paths: Sequence[Path]) -> Path:

@@ -219,11 +219,11 @@ def read_breakhis_manifest(
     """A BreakHis-style manifest; its ``patient_id`` column holds slide ids (``29960AB``)."""
     _check_grouping(group_by)
     wanted = _wanted_magnifications(magnification)
-    rows, _ = read_manifest_rows(manifest, MANIFEST_COLUMNS)
+    rows, _, repeats = read_manifest_rows(manifest, MANIFEST_COLUMNS)
     if not rows:
         raise BreastvisionError(f"{manifest}: manifest lists no images")
     root = common_root([row.path for row in rows])
-    skipped = unlisted_images(root, {row.path for row in rows}, manifest)
+    skipped = repeats + unlisted_images(root, {row.path for row in rows}, manifest)
     subtype_codes = {v: k for k, v in SUBTYPES.items()}
     records, filtered = [], 0
     for row in rows:

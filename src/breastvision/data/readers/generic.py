@@ -112,7 +112,7 @@ def read_manifest(
     """A CSV with ``path`` (relative to the CSV's folder, or absolute), ``label`` and optionally a
     group column (the first of :data:`GROUP_COLUMNS` present). Labels are class names; without
     ``class_names`` the classes are the labels found, sorted."""
-    rows, columns = read_manifest_rows(manifest, ("path", "label"))
+    rows, columns, repeats = read_manifest_rows(manifest, ("path", "label"))
     if not rows:
         raise BreastvisionError(f"{manifest}: manifest lists no images")
     group_column = manifest_group_column(columns)
@@ -123,7 +123,7 @@ def read_manifest(
         )
     names = list(class_names) if class_names is not None else sorted({r.label for r in rows if r.label})
     root = common_root([row.path for row in rows])
-    skipped = unlisted_images(root, {row.path for row in rows}, manifest)
+    skipped = repeats + unlisted_images(root, {row.path for row in rows}, manifest)
     records = []
     for row in rows:
         if row.label not in names:
