@@ -176,8 +176,8 @@ def write_predictions_csv(
 
 
 def _jsonable(value: Any) -> Any:
-    """Paths, tuples and numpy scalars as plain JSON types (for YAML and JSON dumps)."""
-    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+    """Paths, tuples, numpy scalars and arrays as plain JSON types (for YAML and JSON dumps)."""
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
 
 
 def file_sha256(path: Path) -> str:
