@@ -250,6 +250,12 @@ def test_cache_normalises_once_and_misses_on_change(tmp_path: Path, sources: lis
     assert again[1] != cached[1] and (cache.hits, cache.misses) == (6, 4)
 
 
+def test_missing_source_is_a_user_error(tmp_path: Path) -> None:
+    cache = NormalizedImageCache(ReinhardNormalizer().fit(he_tile(10)), tmp_path)
+    with pytest.raises(BreastvisionError, match="cannot be read"):
+        cache.ensure([tmp_path / "absent.png"])
+
+
 def test_concurrent_writers_leave_complete_files_only(tmp_path: Path, sources: list[Path]) -> None:
     norm = ReinhardNormalizer().fit(he_tile(10))
     with ThreadPoolExecutor(4) as pool:

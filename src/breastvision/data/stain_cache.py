@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from breastvision.data.io import load_image
+from breastvision.data.io import BadImageError, load_image
 from breastvision.data.stain import StainNormalizer
 
 ENV_VAR = "BREASTVISION_CACHE"
@@ -78,7 +78,10 @@ class NormalizedImageCache:
     def path_for(self, source: str | os.PathLike) -> Path:
         """Where the normalised copy of ``source`` is (or will be) stored."""
         path = Path(source).resolve()
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError as err:
+            raise BadImageError(f"cannot be read ({err.strerror})", path) from None
         key = hashlib.sha256(f"{path}\0{stat.st_mtime_ns}\0{stat.st_size}".encode()).hexdigest()[:32]
         return self.dir / key[:2] / f"{key}.png"
 
