@@ -250,6 +250,17 @@ def test_cache_normalises_once_and_misses_on_change(tmp_path: Path, sources: lis
     assert again[1] != cached[1] and (cache.hits, cache.misses) == (6, 4)
 
 
+def test_cache_remembers_tiles_left_unnormalised(tmp_path: Path, sources: list[Path]) -> None:
+    blank = tmp_path / "src" / "blank.png"
+    Image.new("RGB", (40, 40), (250, 250, 250)).save(blank)
+    norm = MacenkoNormalizer().fit(he_tile(10))
+    NormalizedImageCache(norm, tmp_path / "cache").ensure([*sources, blank])
+    assert norm.fallbacks == 1
+    later = NormalizedImageCache(MacenkoNormalizer().fit(he_tile(10)), tmp_path / "cache")
+    later.ensure([*sources, blank])
+    assert later.misses == 0 and later.left_unnormalized([*sources, blank]) == [blank]
+
+
 def test_missing_source_is_a_user_error(tmp_path: Path) -> None:
     cache = NormalizedImageCache(ReinhardNormalizer().fit(he_tile(10)), tmp_path)
     with pytest.raises(BreastvisionError, match="cannot be read"):

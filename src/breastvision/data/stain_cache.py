@@ -4,7 +4,8 @@ Each normalised image is a lossless PNG at ``<cache dir>/<normaliser hash>/<k[:2
 the key ``k`` hashes the source file's resolved path, modification time (ns) and size: an edited or
 replaced source misses, and a different normaliser (another method, reference or parameter) lives
 in another directory, so stale entries are never served and a whole normaliser's cache can be
-deleted at once. ``state.json`` in that directory records which normaliser wrote it.
+deleted at once. ``state.json`` in that directory records which normaliser wrote it, and an empty
+``<k>.fallback`` beside an entry marks a tile stored unnormalised (too little tissue).
 
 The cache directory is ``$BREASTVISION_CACHE/stain`` when that variable is set (the root all
 breastvision caches share), else ``~/.cache/breastvision/stain``. Writes go to a temporary file in
@@ -31,6 +32,8 @@ from breastvision.data.io import BadImageError, load_image
 from breastvision.data.stain import StainNormalizer
 
 ENV_VAR = "BREASTVISION_CACHE"
+#: An empty file beside an entry whose image was stored unnormalised (too little tissue).
+_FALLBACK_SUFFIX = ".fallback"
 
 
 def default_cache_dir() -> Path:
@@ -111,14 +114,27 @@ class NormalizedImageCache:
                 self._normalize_and_write(group, targets)
         return targets
 
+    def left_unnormalized(self, sources: Sequence[str | os.PathLike]) -> list[Path]:
+        """The sources (already cached) that were stored unnormalised for lack of tissue.
+
+        Read from the cache, so a report can count them even when an earlier run did the work and
+        this run's normaliser saw none of them.
+        """
+        return [Path(s) for s in sources if self.path_for(s).with_suffix(_FALLBACK_SUFFIX).is_file()]
+
     def get(self, source: str | os.PathLike) -> Image.Image:
         """The stain-normalised RGB image of one file."""
         return load_image(self.ensure([source])[0])
 
     def _normalize_and_write(self, group: list[tuple[int, Image.Image]], targets: list[Path]) -> None:
         batch = torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for _, image in group])
-        normalized = self.normalizer.transform(batch.to(self.device)).permute(0, 2, 3, 1).cpu().numpy()
-        for (i, _), pixels in zip(group, normalized, strict=True):
+        normalized, fallback = self.normalizer.transform(batch.to(self.device), return_fallback=True)
+        for (i, _), pixels, unchanged in zip(
+            group, normalized.permute(0, 2, 3, 1).cpu().numpy(), fallback.tolist(), strict=True
+        ):
+            if unchanged:  # marked before the image exists, so every complete entry is marked right
+                targets[i].parent.mkdir(parents=True, exist_ok=True)
+                targets[i].with_suffix(_FALLBACK_SUFFIX).touch()
             # Low compression: the cache trades disk for the speed of a first epoch.
             image = Image.fromarray(pixels)
             _atomic_write(targets[i], lambda fh, im=image: im.save(fh, "PNG", compress_level=1))
