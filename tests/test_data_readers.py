@@ -385,3 +385,14 @@ def test_unknown_source(tmp_path):
     (tmp_path / "x.txt").write_text("")
     with pytest.raises(BreastvisionError, match="expected a dataset folder or a CSV manifest"):
         read_dataset(tmp_path / "x.txt")
+
+
+def test_wrapper_folder_and_one_class_external_set(tmp_path):
+    _image(tmp_path / "download" / "set" / "a" / "1.png", 1)
+    _image(tmp_path / "download" / "set" / "b" / "2.png", 2)
+    wrapped = read_dataset(tmp_path / "download")
+    assert wrapped.root == tmp_path / "download" / "set" and wrapped.class_names == ["a", "b"]
+    _image(tmp_path / "hospital" / "malignant" / "3.png", 3)
+    external = read_dataset(tmp_path / "hospital")
+    assert external.class_names == ["malignant"] and len(external) == 1
+    assert external.meta["source"] == str(tmp_path / "hospital")

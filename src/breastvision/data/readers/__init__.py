@@ -2,7 +2,7 @@
 
 :func:`read_dataset` is the single entry point. ``source`` is either a known dataset name
 (:data:`KNOWN_DATASETS`, looked up below the data root by :func:`breastvision.paths.dataset_dir`) or
-a path, whose format is detected in this order:
+a path (an existing path wins over a known name), whose format is detected in this order:
 
 1. a ``.csv`` file, or a folder holding ``manifest.csv``: a BreakHis-style manifest when it has the
    columns ``path,label,subtype,patient_id,magnification``, otherwise a generic manifest
@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from breastvision.data.io import is_image_file
 from breastvision.data.readers import breakhis, busi, generic, lc25000
 from breastvision.data.readers._common import MANIFEST_NAME, walk_files
 from breastvision.data.records import Catalog
@@ -58,8 +59,9 @@ def detect_format(path: Path) -> tuple[str, Callable[..., Catalog], Path]:
             f"'{path}' is neither a known dataset ({', '.join(KNOWN_DATASETS)}) nor an existing path"
         )
     entries = list(path.iterdir())
-    if len(entries) == 1 and entries[0].is_dir():
-        # An archive's wrapper folder (e.g. busi/Dataset_BUSI_with_GT): the data is one level down.
+    if len(entries) == 1 and entries[0].is_dir() and not any(map(is_image_file, entries[0].iterdir())):
+        # An archive's wrapper folder (busi/Dataset_BUSI_with_GT): the data is one level down. A
+        # single folder of images is instead a one-class tree (an external set of one class).
         return detect_format(entries[0])
     if (path / MANIFEST_NAME).is_file():
         return (*_manifest_reader(path / MANIFEST_NAME), path / MANIFEST_NAME)
@@ -102,6 +104,8 @@ def read_dataset(source: str | os.PathLike, root: str | os.PathLike | None = Non
     """Read a dataset by known name or by path (see the module docstring); options set to None are
     left at the reader's default. ``catalog.meta`` records the format, the source and the options."""
     fmt, reader, target, fixed = _resolve(source, root)
+    # A name stays a name (found again under any data root); a path is kept absolute for split files.
+    origin = fixed.get("name") or str(Path(os.fspath(source)).expanduser().absolute())
     accepted = _accepted(reader)
     given = {k: v for k, v in options.items() if v is not None}
     unknown = sorted(set(given) - accepted)
@@ -111,7 +115,7 @@ def read_dataset(source: str | os.PathLike, root: str | os.PathLike | None = Non
             f"(it takes {', '.join(sorted(accepted - {'cache', 'name'}))})"
         )
     catalog = reader(target, **fixed, **given)
-    catalog.meta["source"] = os.fspath(source)
+    catalog.meta["source"] = origin
     return catalog
 
 
