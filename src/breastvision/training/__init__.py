@@ -1,1 +1,1 @@
-"""Training: one engine for CPU, GPU and several processes, frozen-feature caching, staged transfer learning."""
+"""Training: one engine for CPU, GPU and several processes, frozen-feature cache, staged transfer."""

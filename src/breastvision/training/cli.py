@@ -1,0 +1,62 @@
+"""``breastvision train`` and ``breastvision transfer``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser(
+        "train",
+        help="train one model from a YAML config (CPU, GPU or several processes)",
+        description="Train one model from a YAML config and write its run folder (model, history, report).",
+    )
+    train.add_argument("config", type=Path, metavar="CONFIG", help="experiment YAML (see configs/)")
+    _overrides(train)
+    train.add_argument("--resume", type=Path, metavar="CKPT", help="continue from a checkpoint (last.ckpt)")
+    train.add_argument(
+        "--out", type=Path, metavar="DIR", help="run folder (default: the config's output_dir)"
+    )
+    train.set_defaults(func=run_train)
+
+    transfer = subparsers.add_parser(
+        "transfer",
+        help="multi-level transfer learning: train a chain of stages, each from the previous model",
+        description="Train every stage of a chain config in order (finished stages are reused). "
+        "Overrides apply to every stage; prefix a key with a stage name to target one stage.",
+    )
+    transfer.add_argument(
+        "config", type=Path, metavar="CONFIG", help="chain YAML (e.g. configs/breakhis_multilevel_paper.yaml)"
+    )
+    _overrides(transfer)
+    transfer.add_argument("--out", type=Path, metavar="DIR", help="folder of the stages' run folders")
+    transfer.set_defaults(func=run_transfer)
+
+
+def _overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=2 (repeatable)",
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from breastvision.training.config import load_config
+    from breastvision.training.engine import train
+
+    config = load_config(args.config, args.overrides)
+    print(train(config, resume=args.resume, out=args.out))
+    return 0
+
+
+def run_transfer(args: argparse.Namespace) -> int:
+    from breastvision.training.transfer import run_chain
+
+    for run_dir in run_chain(args.config, args.overrides, args.out):
+        print(run_dir)
+    return 0

@@ -1,0 +1,144 @@
+"""Outputs of a frozen model prefix, computed once per image view and reused.
+
+When the first stages of a model are frozen (``freezing.freeze_before``), their output for a given
+image view never changes during training, so it is computed once and training runs only the
+trainable suffix on the cached tensors. On a 2-core CPU this is what turns hours into minutes.
+
+The cache is exact, not approximate: a view is a deterministic function of (image, view, seed)
+(``training.views``), the prefix is in eval mode (BatchNorm uses its fixed running statistics) and
+runs under the same autocast as the uncached path, so training on cached features gives the same
+result as running the prefix every step (``tests/test_training_cache.py``).
+
+On disk each entry is one safetensors file, named by the SHA-256 of everything its value depends
+on: the prefix's weights and buffers (``module_hash``), the run's pre-processing and view recipe
+(``context``: input size, normalisation, stain normaliser state, view kind and seed), the image
+file (path, size, modification time) and the view name. Change any of them and the entry is simply
+not found. One file per image view rather than one per run so that the folds of a cross-validation,
+or a second run with another split, reuse what the first computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from breastvision.training.progress import progress_bar
+
+
+def module_hash(module: nn.Module) -> str:
+    """SHA-256 of a module's class, parameter and buffer names, shapes, dtypes and values."""
+    digest = hashlib.sha256(type(module).__qualname__.encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _file_identity(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+class FeatureCache:
+    """Frozen-prefix outputs for a list of image views, in memory and (optionally) on disk.
+
+    ``context`` is every setting besides the weights and the image that changes a view's pixels
+    (pre-processing, view recipe and seed); it must be JSON-able.
+    """
+
+    def __init__(
+        self,
+        prefix: nn.Module,
+        directory: str | os.PathLike | None,
+        context: dict[str, Any],
+        progress: bool = False,
+    ):
+        self.prefix = prefix
+        self.progress = progress
+        self.namespace = hashlib.sha256(
+            (module_hash(prefix) + json.dumps(context, sort_keys=True, default=str)).encode()
+        ).hexdigest()
+        self.directory = Path(directory).expanduser() / self.namespace[:24] if directory else None
+        self.hits = 0
+        self.computed = 0
+
+    def _entry(self, image: Path, view: str) -> Path:
+        assert self.directory is not None
+        key = hashlib.sha256(f"{_file_identity(image)}|{view}".encode()).hexdigest()
+        return self.directory / key[:2] / f"{key}.safetensors"
+
+    def features(
+        self,
+        dataset: Dataset,
+        images: Sequence[Path],
+        views: Sequence[str],
+        fabric: Any,
+        batch_size: int,
+        num_workers: int = 0,
+        describe: str = "features",
+    ) -> torch.Tensor:
+        """The prefix's output for every item of ``dataset`` (item ``i`` is view ``views[i]`` of
+        ``images[i]``), stacked on the CPU in float32.
+
+        With a directory, each process of a distributed run computes its share of the missing
+        entries and writes them; all then read them back. Without one, each process computes all.
+        """
+        n = len(images)
+        entries = [self._entry(p, v) for p, v in zip(images, views, strict=True)] if self.directory else None
+        missing = [i for i in range(n) if entries is None or not entries[i].is_file()]
+        mine = missing[fabric.global_rank :: fabric.world_size] if entries else missing
+        self.hits = n - len(missing)
+        computed = self._compute(dataset, mine, fabric, batch_size, num_workers, describe)
+        self.computed = len(missing)
+        if entries is None:
+            return torch.stack([computed[i] for i in range(n)])
+        for i, value in computed.items():
+            _atomic_save(value, entries[i])
+        fabric.barrier()
+        return torch.stack(
+            [computed[i] if i in computed else load_file(str(entries[i]))["x"] for i in range(n)]
+        )
+
+    @torch.no_grad()
+    def _compute(
+        self,
+        dataset: Dataset,
+        indices: list[int],
+        fabric: Any,
+        batch_size: int,
+        num_workers: int,
+        describe: str,
+    ) -> dict[int, torch.Tensor]:
+        out: dict[int, torch.Tensor] = {}
+        if not indices:
+            return out
+        self.prefix.eval()
+        loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)
+        with progress_bar(fabric, len(loader), f"caching {describe}", self.progress) as bar:
+            for x, _y, idx in loader:
+                with fabric.autocast():
+                    feats = self.prefix(fabric.to_device(x))
+                for j, value in zip(idx.tolist(), feats.float().cpu(), strict=True):
+                    out[j] = value.clone()
+                bar.advance()
+        return out
+
+
+def _atomic_save(value: torch.Tensor, path: Path) -> None:
+    """Write then rename, so a concurrent reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file({"x": value.contiguous()}, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,143 @@
+"""Multi-level transfer learning (paper 000, System H): a chain of training stages, each starting
+from the previous stage's model file.
+
+Paper 000 (section 2.2) trains in three levels: (1) ImageNet weights; (2) a second pre-training of
+the **deep** layers on the LC25000 lung histopathology set while the **shallow** layers keep their
+ImageNet features ("浅层网络部分采用 ImageNet 数据集进行预训练，而深层网络 … 采用其他癌类数据集进行
+二次预训练"); (3) fine-tuning on the stain-normalised, augmented BreakHis set "mainly by freezing"
+("主要采用冻结方式对模型进行微调"). It names no layers. How this module reads it, for
+DenseNet-121(+SE), whose stages are ``stem, denseblock1, transition1, denseblock2, transition2,
+denseblock3, transition3, denseblock4, head`` (``breastvision.models.staging``):
+
+- *shallow* = the stem and the first two dense blocks with their transitions (56×56 and 28×28
+  feature maps: edges, colours, textures — generic features); *deep* = dense blocks 3 and 4 (14×14
+  and 7×7: abstract, task-specific features). Stage 2 therefore freezes everything before
+  ``denseblock3`` (``configs/lc25000_stage2.yaml``: ``model.first_trainable_stage: denseblock3``).
+- "Mainly by freezing" in stage 3 keeps all but the last dense block frozen: ``denseblock4`` (with
+  the final norm) and the classifier adapt to BreakHis (``configs/breakhis_multilevel_paper.yaml``).
+- SE blocks live inside their dense block or transition, so they freeze and train with it; the SE
+  blocks of the shallow stages stay at their near-identity initialisation, i.e. the shallow layers
+  compute exactly their ImageNet features, which is the paper's intent.
+
+Both choices are configuration (``model.first_trainable_stage`` per stage), not code.
+
+A chain file lists the stages, each a training config plus overrides; every stage after the first
+gets ``model.pretrained`` = the previous stage's ``model.safetensors`` (the classifier is
+re-initialised when the class count differs: LC25000 has 3 classes, BreakHis 2), and its model file
+records the whole lineage, which every report prints. A stage whose run folder already holds a
+``model.safetensors`` is reused, not retrained, so the shared LC25000 stage is trained once for all
+the BreakHis folds of a cross-validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
+
+from breastvision.errors import BreastvisionError
+from breastvision.training.config import (
+    ExperimentConfig,
+    apply_overrides,
+    config_from_dict,
+    format_validation_error,
+    read_yaml,
+)
+from breastvision.training.engine import train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
+class StageSpec:
+    #: Stage name: its run folder, its lineage entry, and the prefix of overrides meant for it only.
+    name: str
+    #: Training config of the stage, relative to the chain file.
+    config: str
+    #: Overrides applied to this stage (``key=value``), before the command line's.
+    set: list[str] = Field(default_factory=list)
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
+class ChainConfig:
+    name: str
+    stages: list[StageSpec]
+    output_dir: str = "runs/{name}"
+
+
+def load_chain(path: str | os.PathLike) -> ChainConfig:
+    path = Path(path)
+    try:
+        chain = ChainConfig(**read_yaml(path))
+    except ValidationError as err:
+        raise BreastvisionError(format_validation_error(err, str(path))) from None
+    except TypeError as err:
+        raise BreastvisionError(f"chain config {path}: {err}") from None
+    names = [s.name for s in chain.stages]
+    if not names:
+        raise BreastvisionError(f"chain config {path} lists no stages")
+    if len(set(names)) != len(names):
+        raise BreastvisionError(f"chain config {path}: stage names must be unique, got {names}")
+    clash = set(names) & {f.name for f in dataclasses.fields(ExperimentConfig)}
+    if clash:
+        raise BreastvisionError(
+            f"chain config {path}: stage names {sorted(clash)} clash with config sections"
+        )
+    return chain
+
+
+def _stage_overrides(stage: str, stage_names: list[str], overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """Command-line overrides for one stage: unprefixed ones go to every stage, ``<stage>.key=v`` to
+    that stage only."""
+    out = []
+    for item in overrides:
+        head, _, rest = item.partition(".")
+        if head in stage_names:
+            if head == stage:
+                out.append(rest)
+        else:
+            out.append(item)
+    return out
+
+
+def stage_configs(
+    path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), out: str | os.PathLike | None = None
+) -> list[ExperimentConfig]:
+    """The resolved config of every stage of a chain file, each writing to ``<out>/<stage name>``
+    and starting from the previous stage's model file."""
+    path = Path(path)
+    chain = load_chain(path)
+    root = Path(out).expanduser() if out else Path(chain.output_dir.format(name=chain.name)).expanduser()
+    names = [s.name for s in chain.stages]
+    configs: list[ExperimentConfig] = []
+    for index, spec in enumerate(chain.stages):
+        raw = apply_overrides(read_yaml(path.parent / spec.config), spec.set)
+        raw = apply_overrides(raw, _stage_overrides(spec.name, names, overrides))
+        raw["stage"] = spec.name
+        raw["name"] = f"{chain.name}/{spec.name}"
+        raw["output_dir"] = str(root / spec.name)
+        if index:
+            raw.setdefault("model", {})["pretrained"] = str(
+                Path(configs[-1].output_dir) / "model.safetensors"
+            )
+        configs.append(config_from_dict(raw, f"{path} stage '{spec.name}'"))
+    return configs
+
+
+def run_chain(
+    path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), out: str | os.PathLike | None = None
+) -> list[Path]:
+    """Train every stage of a chain in order (reusing finished ones); return their run folders."""
+    run_dirs = []
+    for config in stage_configs(path, overrides, out):
+        if (config.run_dir / "model.safetensors").is_file():
+            log.info(f"stage {config.stage}: reusing {config.run_dir / 'model.safetensors'}")
+            run_dirs.append(config.run_dir)
+            continue
+        log.info(f"stage {config.stage}: training into {config.run_dir}")
+        run_dirs.append(train(config))
+    return run_dirs

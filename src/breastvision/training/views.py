@@ -1,0 +1,123 @@
+"""Image views: what one (image, view name) pair becomes as a model input, deterministically.
+
+A *view* is a name: a dihedral view of ``breastvision.data.transforms`` (``identity``, ``rot90``,
+… — paper 000's offline augmentation and test-time augmentation) or ``aug<k>``, the k-th random
+draw of a training augmentation pipeline (paper 003's "expanded 5×"). Draw ``k`` of an image is
+seeded by (run seed, the image's path relative to its dataset root, ``k``), so it is the same in
+every epoch, every process and every run with that seed, which is what lets frozen-layer outputs be
+cached (``feature_cache``). With ``fresh_each_epoch`` the epoch joins the seed and the draws change.
+
+Stain normalisation comes first (a disk cache of normalised files, ``data.stain_cache``), then the
+view, then the model's pre-processing (``data.transforms.eval_transform``) — or, for ``aug<k>``
+views, the augmentation pipeline, which ends in the same normalisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from breastvision.data import transforms
+from breastvision.data.io import load_image
+from breastvision.data.records import Record
+from breastvision.errors import BreastvisionError
+from breastvision.models.bundle import Preprocessing
+from breastvision.training.config import ViewConfig
+
+AUG_PREFIX = "aug"
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts, stable across processes and Python runs (unlike ``hash``)."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def training_views(config: ViewConfig) -> list[str]:
+    """The view names each training image contributes under ``config``."""
+    if config.kind == "identity":
+        return ["identity"]
+    if config.kind == "dihedral":
+        unknown = [n for n in config.names if n not in transforms.DIHEDRAL_8]
+        if unknown:
+            raise BreastvisionError(
+                f"unknown dihedral view(s) {unknown}; choose from {', '.join(transforms.DIHEDRAL_8)}"
+            )
+        return list(config.names)
+    return [f"{AUG_PREFIX}{k}" for k in range(config.count)]
+
+
+@dataclass
+class Item:
+    """One model input: a view of a record; ``target`` is the prediction it contributes to (the
+    views of one test image under test-time augmentation share a target)."""
+
+    record: Record
+    relpath: str
+    view: str
+    target: int
+
+
+class ViewRenderer:
+    """Turns an :class:`Item` into a tensor (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: ViewConfig,
+        preprocessing: Preprocessing,
+        normalized_files: dict[Path, Path] | None = None,
+    ):
+        self.config = config
+        self.preprocessing = preprocessing
+        self.normalized_files = normalized_files or {}
+        # The stain normaliser is applied through the disk cache, not per call.
+        pixels_only = Preprocessing(**{**asdict(preprocessing), "stain": None})
+        self.eval = transforms.eval_transform(pixels_only)
+        self.augment = transforms.train_transform(config.augment, pixels_only)
+
+    @property
+    def fixed(self) -> bool:
+        """Whether every view is the same in every epoch (the condition for caching)."""
+        return not (self.config.kind == "random" and self.config.fresh_each_epoch)
+
+    def context(self) -> dict[str, Any]:
+        """Everything besides the image and view name that changes a view's pixels."""
+        return {
+            "preprocessing": asdict(self.preprocessing),
+            "augment": self.config.augment,
+            "seed": self.config.seed,
+        }
+
+    def __call__(self, item: Item, epoch: int = 0) -> torch.Tensor:
+        image = load_image(self.normalized_files.get(item.record.path, item.record.path))
+        if item.view.startswith(AUG_PREFIX) and item.view[len(AUG_PREFIX) :].isdigit():
+            parts: tuple[object, ...] = (self.config.seed, item.relpath, item.view)
+            if not self.fixed:
+                parts += (epoch,)
+            return transforms.augmented_view(self.augment, image, derive_seed(*parts))
+        return self.eval(transforms.apply_view(image, item.view))
+
+
+class ViewDataset(Dataset):
+    """``(tensor, label, index)`` per item; ``set_epoch`` re-draws ``fresh_each_epoch`` views."""
+
+    def __init__(self, items: Sequence[Item], renderer: ViewRenderer):
+        self.items = list(items)
+        self.renderer = renderer
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        item = self.items[index]
+        return self.renderer(item, self.epoch), item.record.label, index
