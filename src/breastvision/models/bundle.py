@@ -116,5 +116,11 @@ class ModelBundle:
         model = create_model(
             self.architecture, num_classes=len(self.class_names), pretrained=None, **self.model_kwargs
         )
-        model.load_state_dict(self.state_dict)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as err:  # missing/unexpected keys or shapes: weights of another model
+            detail = " ".join(str(err).split())[:300]
+            raise BreastvisionError(
+                f"model file weights do not match architecture '{self.architecture}': {detail}"
+            ) from err
         return model.eval()

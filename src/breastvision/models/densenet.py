@@ -9,7 +9,7 @@ sub-modules of the dense blocks and after the transition layers". How we read it
   weights come from, ``conv_block`` returns the concatenation), so the SE gate sees and rescales
   every channel the next layer reads. The paper's Table 4 agrees: SE adds about 1.1M parameters
   (7.138M → 8.256M), an order of magnitude more than SE on the 32 new channels could (about 10k
-  for all 58); SE on the concatenated outputs adds 2.9M at the standard reduction 16 (the paper's
+  for all 58); SE on the concatenated outputs adds 3.0M at the standard reduction 16 (the paper's
   count is consistent with a reduction of about 40, which it never states). So the dense blocks
   here concatenate sequentially, ``x = se_i(cat(x, layer_i(x)))``, which without SE is exactly
   torchvision's dense block.

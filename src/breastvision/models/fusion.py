@@ -30,6 +30,12 @@ from breastvision.models.vit import build_vit
 from breastvision.models.weights import RANDOM_INIT, WeightsSpec, describe_file, load_into, read_state_dict
 
 
+def _pooled_size(branch: nn.Module) -> int:
+    """Width of a feature extractor's output: timm's ``head_hidden_size`` where a model has a
+    pre-logits layer after pooling (MobileNetV3), else ``num_features``."""
+    return getattr(branch, "head_hidden_size", None) or branch.num_features
+
+
 class FusionNet(nn.Module):
     """``head(cat(cnn(x), vit(renormalise(x))))``; ``forward_features`` is the concatenation."""
 
@@ -47,7 +53,7 @@ class FusionNet(nn.Module):
         cnn_cfg, vit_cfg = cnn.pretrained_cfg, vit.pretrained_cfg
         self.vit_input = Renormalize((cnn_cfg["mean"], cnn_cfg["std"]), (vit_cfg["mean"], vit_cfg["std"]))
         self.num_classes = num_classes
-        self.num_features = cnn.num_features + vit.num_features
+        self.num_features = _pooled_size(cnn) + _pooled_size(vit)
         dims = [self.num_features, *head_hidden]
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         for i, (width_in, width_out) in enumerate(zip(dims[:-1], dims[1:], strict=True), start=1):
