@@ -1,0 +1,131 @@
+"""``breastvision predict | export | serve``: using a trained model file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+from breastvision.errors import BreastvisionError
+
+#: Skipped files listed one by one before the rest are only counted by reason.
+_SKIPPED_SHOWN = 20
+_MODEL_HELP = "a breastvision .safetensors model file or its .onnx export"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    predict = subparsers.add_parser(
+        "predict", help="class probabilities for image files and folders (model file or ONNX)",
+        description="Predict every image under the given files and folders with exactly the "
+        "pre-processing stored in the model file. BUSI lesion masks (*_mask*) are not samples.",
+    )
+    predict.add_argument("model", type=Path, help=_MODEL_HELP)
+    predict.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files and folders")
+    predict.add_argument("--out", type=Path, help="write the table to this .csv or .json (default: print it)")
+    predict.add_argument("--tta", action="store_true", help="average over the 8 rotations/flips")
+    predict.add_argument("--explain", type=Path, metavar="DIR", help="save Grad-CAM overlay PNGs here")
+    predict.add_argument("--method", default="gradcam", help="CAM method for --explain (default gradcam)")
+    predict.add_argument("--target-layer", action="append", metavar="MODULE",
+                         help="dotted module path to explain instead of the default (repeatable)")
+    predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    predict.set_defaults(func=_predict)
+
+    export = subparsers.add_parser(
+        "export", help="export a model file to ONNX with its metadata",
+        description="Export to ONNX (dynamic batch, softmax output, the model file's metadata in "
+        "metadata_props), then check it with onnx.checker and against PyTorch with onnxruntime.",
+    )
+    export.add_argument("model", type=Path, help="a breastvision .safetensors model file")
+    export.add_argument("--onnx", type=Path, required=True, metavar="OUT", help="the .onnx file to write")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset, 17 or newer (default 18)")
+    export.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    export.set_defaults(func=_export)
+
+    serve = subparsers.add_parser(
+        "serve", help="a local web page and REST API for one model",
+        description="Serve an upload page (probabilities, heat-map, model card) and a JSON API "
+        "(POST /api/predict, GET /api/model, GET /healthz). Loads nothing from the internet.",
+    )
+    serve.add_argument("model", type=Path, help=_MODEL_HELP)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB (default 20)")
+    serve.add_argument("--max-megapixels", type=float, default=40.0, help="largest image (default 40 MP)")
+    serve.add_argument("--tta", action="store_true", help="average predictions over the 8 rotations/flips")
+    serve.set_defaults(func=_serve)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from breastvision.serving.predict import load_predictor, predict_paths, write_results
+
+    if args.batch_size < 1:
+        raise BreastvisionError("--batch-size must be at least 1")
+    predictor = load_predictor(args.model)
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
+        task = progress.add_task("predicting", total=None)
+        run = predict_paths(
+            predictor, args.paths, tta=args.tta, batch_size=args.batch_size, explain_dir=args.explain,
+            explain_method=args.method, target_layers=args.target_layer,
+            on_batch=lambda n: progress.advance(task, n),
+        )
+    if args.out:
+        write_results(run, args.out)
+        print(f"wrote {len(run.predictions)} predictions to {args.out}")
+    else:
+        _print_table(run)
+    _report_skipped(run)
+    if args.explain and run.predictions:
+        print(f"heat-map overlays in {args.explain}")
+    if not run.predictions:
+        raise BreastvisionError("no image could be predicted")
+    return 0
+
+
+def _print_table(run) -> None:  # noqa: ANN001 - a PredictionRun
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{run.model['architecture']} ({run.model['backend']}{', TTA' if run.tta else ''})")
+    table.add_column("image")
+    table.add_column("predicted")
+    for name in run.class_names:
+        table.add_column(f"p({name})", justify="right")
+    for p in run.predictions:
+        table.add_row(p.name, p.predicted, *(f"{p.probabilities[c]:.4f}" for c in run.class_names))
+    Console().print(table)
+
+
+def _report_skipped(run) -> None:  # noqa: ANN001 - a PredictionRun
+    if run.masks_ignored:
+        print(f"ignored {run.masks_ignored} lesion mask(s) (*_mask*): not samples", file=sys.stderr)
+    for s in run.skipped[:_SKIPPED_SHOWN]:
+        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+    rest = run.skipped[_SKIPPED_SHOWN:]
+    if rest:
+        counts = Counter(s.reason.split(" (")[0] for s in rest)
+        summary = "; ".join(f"{n}× {reason}" for reason, n in counts.most_common())
+        print(f"skipped {len(rest)} more: {summary}", file=sys.stderr)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from breastvision.serving.export import DEFAULT_OPSET, export_onnx
+
+    result = export_onnx(args.model, args.onnx, opset=args.opset or DEFAULT_OPSET, verify=not args.no_verify)
+    diff = result.max_abs_diff
+    check = "" if diff is None else f"; onnxruntime vs PyTorch max |Δp| = {diff:.1e}"
+    print(f"wrote {result.path} (opset {result.opset}, passes onnx.checker{check})")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from breastvision.serving.web import serve
+
+    print(f"breastvision: serving {args.model} on http://{args.host}:{args.port}/  (Ctrl-C stops)")
+    serve(
+        args.model, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=int(args.max_megapixels * 1_000_000), tta=args.tta,
+    )
+    return 0

@@ -1,0 +1,129 @@
+"""ONNX export of a model file, with the model file's metadata inside the ONNX file.
+
+The exported graph takes a B×3×S×S float batch named ``image`` (already pre-processed: the stain
+normaliser and resize stay in Python, shared with ``predict``) and returns softmax ``probabilities``
+of shape B×K; the batch axis is dynamic. ``metadata_props`` holds the same JSON document as the
+model file (key ``breastvision``) plus how it was exported (key ``breastvision_onnx``), so an ONNX
+file alone is enough for ``breastvision predict``.
+
+Exporter choice: torch's dynamo exporter (``torch.export`` → onnxscript) is the maintained path but
+emits opset 18 or newer; opset 17 is still asked for by older runtimes, so ``opset=17`` uses the
+TorchScript exporter, which torch keeps as deprecated. Both are checked the same way:
+``onnx.checker`` and, unless ``verify=False``, onnxruntime against PyTorch on a random batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from contextlib import redirect_stdout
+from dataclasses import dataclass
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from breastvision.errors import BreastvisionError
+from breastvision.models.bundle import ModelBundle
+from breastvision.serving.predict import ONNX_METADATA_KEY, file_sha256
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 17
+DEFAULT_OPSET = 18
+#: Largest PyTorch–onnxruntime probability difference accepted by the post-export check.
+TOLERANCE = 1e-4
+INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+
+
+class _WithSoftmax(torch.nn.Module):
+    """The model followed by a softmax, so every ONNX consumer gets probabilities."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(image), dim=1)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    opset: int
+    max_abs_diff: float | None
+
+
+def _torch_export(module: torch.nn.Module, example: torch.Tensor, out: Path, opset: int) -> None:
+    # The exporters narrate every pass on stdout and warn about deprecations; keep the CLI quiet.
+    with warnings.catch_warnings(), redirect_stdout(StringIO()):
+        warnings.simplefilter("ignore")
+        if opset >= 18:
+            torch.onnx.export(
+                module, (example,), str(out), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                opset_version=opset, dynamo=True, external_data=False,
+                dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=4096)}},
+            )
+        else:
+            torch.onnx.export(
+                module, (example,), str(out), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                opset_version=opset, dynamo=False,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+
+
+def export_onnx(
+    model_file: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET, verify: bool = True
+) -> ExportResult:
+    """Export a model file to ONNX at ``out``; raises ``BreastvisionError`` if any check fails."""
+    import onnx
+
+    if opset < MIN_OPSET:
+        raise BreastvisionError(f"--opset must be {MIN_OPSET} or newer, not {opset}")
+    model_file, out = Path(model_file), Path(out)
+    if out.suffix.lower() != ".onnx":
+        raise BreastvisionError(f"the ONNX file name must end in .onnx: {out}")
+    bundle = ModelBundle.load(model_file)
+    module = _WithSoftmax(bundle.build_model()).eval()
+    size = bundle.preprocessing.input_size
+    # Batch 2 when tracing, so no exporter can mistake the batch axis for a constant 1.
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _torch_export(module, example, out, opset)
+
+    proto = onnx.load(str(out))
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        raise BreastvisionError(f"the exporter wrote opset {written}, not the requested {opset}")
+    export_info = {
+        "opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, "torch": torch.__version__,
+        "source_file": model_file.name, "source_sha256": file_sha256(model_file),
+    }
+    for key, value in ((ONNX_METADATA_KEY, bundle.metadata()), (f"{ONNX_METADATA_KEY}_onnx", export_info)):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.save(proto, str(out))
+    try:
+        onnx.checker.check_model(str(out), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise BreastvisionError(f"the exported ONNX model fails onnx.checker: {err}") from None
+
+    diff = _verify(module, out, example) if verify else None
+    if diff is not None and diff > TOLERANCE:
+        raise BreastvisionError(
+            f"onnxruntime and PyTorch disagree by {diff:.2e} (> {TOLERANCE:g}) on a random batch"
+        )
+    return ExportResult(out, opset, diff)
+
+
+def _verify(module: torch.nn.Module, out: Path, example: torch.Tensor) -> float:
+    """Largest absolute probability difference between onnxruntime and PyTorch on ``example``."""
+    from breastvision.serving.predict import OnnxPredictor
+
+    with torch.inference_mode():
+        expected = module(example).numpy()
+    actual = OnnxPredictor(out).probabilities(example)
+    return float(np.abs(actual - expected).max())

@@ -1,0 +1,345 @@
+"""Class probabilities for image files and folders, from a model file or its ONNX export.
+
+Both back-ends read everything but the weights from the model's own metadata (class names, input
+size, resize, mean/std, the fitted stain normaliser) and prepare every image with
+``data.transforms.preprocess_image`` — the one function training used for evaluation — so a
+prediction never depends on flags the user has to remember.
+
+Choices recorded here:
+
+- **Discovery.** Folders are searched recursively for image extensions (``data.io.IMAGE_EXTENSIONS``)
+  in sorted order; BUSI lesion masks (``*_mask*``) are not samples and are counted, not predicted.
+  Other files in a folder (manifests, READMEs) are not inputs and are passed over. A file named
+  explicitly is always tried, whatever its extension, and reported if it is not an image.
+- **Bad files** (unreadable, not an image, truncated, too small, a decompression bomb, a stain
+  normaliser failure) become ``Skipped(path, reason)`` entries, listed with the results.
+- **Test-time augmentation** averages the softmax probabilities over the 8 dihedral views
+  (``data.transforms.dihedral_tta``), the group of 90° rotations and flips under which a
+  histopathology or ultrasound field keeps its class; averaging probabilities rather than logits
+  keeps every view's vote bounded.
+- **ONNX** exports (``serving.export``) end in a softmax, so onnxruntime returns probabilities.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from breastvision.data.io import is_image_file, load_image
+from breastvision.data.records import Skipped
+from breastvision.data.transforms import dihedral_tta, preprocess_image
+from breastvision.errors import BreastvisionError
+from breastvision.models.bundle import ModelBundle, Preprocessing
+
+log = logging.getLogger(__name__)
+
+#: Lesion masks in the BUSI layout (``benign (3)_mask.png``, ``benign (3)_mask_1.png``).
+MASK_PATTERN = "*_mask*"
+#: Key of the model metadata in an ONNX file's ``metadata_props``, as in the model file.
+ONNX_METADATA_KEY = "breastvision"
+
+
+def is_mask(path: Path) -> bool:
+    return fnmatch.fnmatch(path.stem.lower(), MASK_PATTERN)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The file's SHA-256, which identifies exactly which weights a prediction used."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Discovery:
+    """The images found under the inputs (each with the name it is reported under) and the rest."""
+
+    images: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    masks: int = 0
+
+
+def discover_images(inputs: Iterable[str | os.PathLike]) -> Discovery:
+    """Image files under files and folders, by the rules in the module docstring.
+
+    The reported name of a file found in a folder is its path relative to that folder's parent
+    (``benign/benign (1).png``), unique across inputs; an explicit file keeps its own name.
+    """
+    found = Discovery()
+    seen: set[Path] = set()
+    for raw in inputs:
+        root = Path(raw)
+        if root.is_dir():
+            candidates = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p))
+            base = root.resolve().parent
+        elif root.exists():
+            candidates, base = [root], None
+        else:
+            found.skipped.append(Skipped(root, "no such file or folder"))
+            continue
+        for path in candidates:
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
+            if is_mask(path):
+                if base is None:
+                    found.skipped.append(Skipped(path, "a lesion mask (*_mask*), not a sample"))
+                else:
+                    found.masks += 1
+                continue
+            name = str(path.resolve().relative_to(base)) if base else str(path)
+            found.images.append((path, name))
+    return found
+
+
+class Predictor:
+    """A model ready to turn pre-processed batches into class probabilities."""
+
+    #: The model file's metadata; for ONNX, a bundle without weights.
+    info: ModelBundle
+    source: Path
+    backend: str
+    can_explain = False
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.info.class_names
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.info.preprocessing
+
+    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+        raise NotImplementedError
+
+    def probabilities(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
+        """B×K probabilities for a B×C×H×W batch; with ``tta``, the mean over the 8 dihedral views."""
+        if not tta:
+            return self._forward(batch)
+        # dihedral_tta soft-maxes what it is given; softmax(log p) = p, so probabilities pass through.
+        return dihedral_tta(lambda view: torch.from_numpy(self._forward(view)).log(), batch).numpy()
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return preprocess_image(image, self.preprocessing)
+
+    def card(self) -> dict[str, Any]:
+        """The model card: the file's metadata plus where it came from and which back-end runs it."""
+        return {
+            **self.info.metadata(),
+            "source": {"file": self.source.name, "sha256": file_sha256(self.source), "backend": self.backend},
+        }
+
+
+class TorchPredictor(Predictor):
+    """A breastvision model file (safetensors), run by PyTorch; also the one Grad-CAM can explain."""
+
+    backend = "pytorch"
+    can_explain = True
+
+    def __init__(self, bundle: ModelBundle, source: Path) -> None:
+        self.info = bundle
+        self.source = source
+        self.model = bundle.build_model()
+
+    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+        # inference_mode, not a flag on the model: the model stays shareable between threads.
+        with torch.inference_mode():
+            logits = self.model(batch)
+        return torch.softmax(logits.float(), dim=1).numpy()
+
+
+class OnnxPredictor(Predictor):
+    """An ONNX export of a model file, run by onnxruntime on the CPU."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except (ort_errors.Fail, ort_errors.InvalidProtobuf, ort_errors.InvalidGraph,
+                ort_errors.NoSuchFile, ort_errors.NotImplemented, ort_errors.InvalidArgument) as err:
+            raise BreastvisionError(f"{path} is not a usable ONNX model: {err}") from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
+        if raw is None:
+            raise BreastvisionError(
+                f"{path} has no breastvision metadata; export it with 'breastvision export'"
+            )
+        self.info = ModelBundle.from_metadata(json.loads(raw), state_dict={})
+        self.source = path
+        self.input_name = self.session.get_inputs()[0].name
+
+    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch.numpy().astype(np.float32)})[0]
+
+
+def load_predictor(path: str | os.PathLike) -> Predictor:
+    """A predictor for a ``.onnx`` export or a breastvision model file (anything else)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BreastvisionError(f"model file not found: {path}")
+    if path.suffix.lower() == ".onnx":
+        return OnnxPredictor(path)
+    return TorchPredictor(ModelBundle.load(path), path)
+
+
+@dataclass
+class Prediction:
+    name: str
+    path: Path
+    probabilities: dict[str, float]
+    predicted: str
+    overlays: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class PredictionRun:
+    """Everything ``predict`` produced: the predictions, what was skipped and which model ran."""
+
+    predictions: list[Prediction]
+    skipped: list[Skipped]
+    masks_ignored: int
+    class_names: list[str]
+    model: dict[str, Any]
+    tta: bool
+
+
+def _prepared(
+    predictor: Predictor, images: Sequence[tuple[Path, str]], skipped: list[Skipped]
+) -> Iterator[tuple[Path, str, Image.Image, torch.Tensor]]:
+    for path, name in images:
+        try:
+            image = load_image(path)
+            tensor = predictor.preprocess(image)
+        except BreastvisionError as err:
+            # BadImageError already names the file; other errors (stain fitting) may not.
+            skipped.append(Skipped(path, str(err).removeprefix(f"{path}: ")))
+            continue
+        yield path, name, image, tensor
+
+
+def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _overlay_stem(name: str, used: set[str]) -> str:
+    stem = Path(name).with_suffix("").as_posix().replace("/", "__")
+    unique, n = stem, 1
+    while unique in used:
+        n += 1
+        unique = f"{stem}-{n}"
+    used.add(unique)
+    return unique
+
+
+def predict_paths(
+    predictor: Predictor,
+    inputs: Iterable[str | os.PathLike],
+    *,
+    tta: bool = False,
+    batch_size: int = 8,
+    explain_dir: Path | None = None,
+    explain_method: str = "gradcam",
+    target_layers: Sequence[str] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> PredictionRun:
+    """Predict every image under ``inputs``; with ``explain_dir``, save Grad-CAM overlays there.
+
+    Heat-maps explain the predicted class (after TTA when it is on). ``on_batch`` is told how many
+    images each finished batch held, for progress bars.
+    """
+    if explain_dir is not None and not predictor.can_explain:
+        raise BreastvisionError("--explain needs the .safetensors model file (Grad-CAM needs PyTorch)")
+    found = discover_images(inputs)
+    skipped = list(found.skipped)
+    predictions: list[Prediction] = []
+    used_stems: set[str] = set()
+    for batch in _batches(_prepared(predictor, found.images, skipped), batch_size):
+        probs = predictor.probabilities(torch.stack([item[3] for item in batch]), tta=tta)
+        for (path, name, image, tensor), row in zip(batch, probs, strict=True):
+            best = int(np.argmax(row))
+            prediction = Prediction(
+                name, path, dict(zip(predictor.class_names, map(float, row), strict=True)),
+                predictor.class_names[best],
+            )
+            if explain_dir is not None:
+                prediction.overlays = _explain_one(
+                    predictor, image, tensor, best, explain_dir, _overlay_stem(name, used_stems),
+                    explain_method, target_layers,
+                )
+            predictions.append(prediction)
+        if on_batch:
+            on_batch(len(batch))
+    model = {"architecture": predictor.info.architecture, "file": str(predictor.source),
+             "backend": predictor.backend}
+    return PredictionRun(predictions, skipped, found.masks, predictor.class_names, model, tta)
+
+
+def _explain_one(
+    predictor: Predictor, image: Image.Image, tensor: torch.Tensor, target: int, out_dir: Path,
+    stem: str, method: str, target_layers: Sequence[str] | None,
+) -> dict[str, Path]:
+    from breastvision.explanation.gradcam import explain, save_overlays
+
+    explanation = explain(
+        predictor.model, tensor, architecture=predictor.info.architecture, target=target,
+        target_layers=target_layers, method=method,
+    )
+    return save_overlays(image, explanation, predictor.preprocessing, out_dir, stem)
+
+
+def write_results(run: PredictionRun, out: Path) -> Path:
+    """CSV (one row per image, skipped files last with their reason) or JSON, by ``out``'s suffix."""
+    suffix = out.suffix.lower()
+    if suffix not in {".csv", ".json"}:
+        raise BreastvisionError(f"--out must end in .csv or .json, not '{out.suffix or out.name}'")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".json":
+        document = {
+            "model": run.model,
+            "tta": run.tta,
+            "class_names": run.class_names,
+            "predictions": [
+                {"path": p.name, "predicted": p.predicted, "probabilities": p.probabilities,
+                 **({"overlays": {k: str(v) for k, v in p.overlays.items()}} if p.overlays else {})}
+                for p in run.predictions
+            ],
+            "skipped": [{"path": str(s.path), "reason": s.reason} for s in run.skipped],
+            "masks_ignored": run.masks_ignored,
+        }
+        out.write_text(json.dumps(document, indent=2) + "\n")
+        return out
+    with out.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "predicted", *(f"p_{c}" for c in run.class_names), "skipped"])
+        for p in run.predictions:
+            probabilities = (f"{p.probabilities[c]:.6f}" for c in run.class_names)
+            writer.writerow([p.name, p.predicted, *probabilities, ""])
+        for s in run.skipped:
+            writer.writerow([str(s.path), "", *([""] * len(run.class_names)), s.reason])
+    return out

@@ -1,0 +1,308 @@
+"""A local web page and JSON REST endpoint for one model (FastAPI, served by uvicorn).
+
+Endpoints: ``GET /`` (the page), ``GET /static/*`` (its script and style, shipped in the package),
+``GET /healthz``, ``GET /api/model`` (the model card: the model file's metadata and its SHA-256),
+``POST /api/predict`` (multipart field ``file``; ``explain=true`` as a form field or query parameter
+adds Grad-CAM overlays as base64 PNGs).
+
+Nothing is loaded from elsewhere: FastAPI's Swagger and ReDoc pages (which fetch their scripts from
+a CDN) are switched off, and a Content-Security-Policy of ``'self'`` makes the browser refuse any
+other origin should a later edit add one.
+
+Uploads are judged by content, never by their name or declared type:
+
+- the request body is capped (``max_upload_bytes``) → 413, from the declared Content-Length before
+  anything is read, else while a chunked body streams in (FastAPI's own ``max_body_size`` answers
+  the first case in plain text, not JSON, hence :class:`UploadLimit`);
+- Pillow must recognise one of :data:`ACCEPTED_FORMATS` from the magic bytes → otherwise 415;
+- the header's pixel count must not exceed ``max_pixels`` (checked before any pixel is decoded, so
+  a small compressed file that would inflate to gigabytes is refused) → 413;
+- the file is then decoded by ``data.io.load_image``, the loader every other command uses, which
+  also rejects truncated data and tiny images → 400.
+
+Concurrency: requests run in the thread pool. Prediction only reads the shared model (under
+``torch.inference_mode``), and a semaphore caps simultaneous forward passes so that a burst of
+requests queues instead of oversubscribing the CPU. Grad-CAM hooks are state on a module, so
+explanations use their own copy of the model, one request at a time behind a lock; predictions
+never wait for an explanation.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import os
+import socket
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.resources import files
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image, UnidentifiedImageError
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from breastvision.data.io import load_image
+from breastvision.errors import BreastvisionError
+from breastvision.serving.predict import Predictor, load_predictor
+
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+#: 40 megapixels: ten times a 2048×2048 scan; BreakHis (700×460) and BUSI (~500×500) are far below.
+DEFAULT_MAX_PIXELS = 40_000_000
+#: Pillow format names an upload may have; Pillow's rarer decoders are not exposed to uploads.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")
+#: Longest side of the overlays returned to the browser; full-size PNGs of big scans are megabytes.
+OVERLAY_MAX_SIDE = 1024
+
+STATIC_DIR = Path(str(files("breastvision.serving") / "static"))
+_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+class UploadError(Exception):
+    """An upload the server refuses, with the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class UploadLimit:
+    """ASGI middleware refusing request bodies over ``limit`` bytes with a JSON 413."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    def _message(self, size: int) -> str:
+        return f"upload of {size:,} bytes is over the limit of {self.limit:,} bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            refusal = JSONResponse({"detail": self._message(int(declared))}, status_code=413)
+            await refusal(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                # An HTTPException passes through FastAPI's body parsing and becomes a JSON reply.
+                raise HTTPException(413, self._message(received))
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _png_base64(image: Image.Image) -> str:
+    image = image.copy()
+    image.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class InferenceService:
+    """The model and the rules for using it from many request threads at once."""
+
+    def __init__(
+        self, predictor: Predictor, *, max_pixels: int = DEFAULT_MAX_PIXELS, inference_slots: int = 2,
+        tta: bool = False,
+    ) -> None:
+        self.predictor = predictor
+        self.max_pixels = max_pixels
+        self.tta = tta
+        self.card = predictor.card()
+        self._slots = threading.BoundedSemaphore(inference_slots)
+        self._explain_lock = threading.Lock()
+        self._explainer: Any = None
+
+    def decode(self, data: bytes) -> tuple[Image.Image, str]:
+        """The upload as an RGB image and its format, or an ``UploadError`` (see module docstring)."""
+        if not data:
+            raise UploadError(400, "the uploaded file is empty")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as header:
+                    width, height, image_format = header.width, header.height, header.format
+        except UnidentifiedImageError:
+            raise UploadError(
+                415, f"not an image: the content is none of {', '.join(ACCEPTED_FORMATS)}"
+            ) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise UploadError(413, "image refused as a possible decompression bomb") from None
+        except (OSError, SyntaxError, ValueError) as err:
+            raise UploadError(400, f"unreadable image header ({err})") from None
+        if width * height > self.max_pixels:
+            size = f"{width}×{height} = {width * height:,} pixels"
+            raise UploadError(413, f"image is {size}, over the limit of {self.max_pixels:,}")
+        # load_image reads paths; a private temporary file keeps one loader for CLI and web.
+        with tempfile.TemporaryDirectory(prefix="breastvision-upload-") as tmp:
+            path = Path(tmp) / "upload"
+            path.write_bytes(data)
+            try:
+                image = load_image(path)
+            except BreastvisionError as err:
+                raise UploadError(400, str(err).removeprefix(f"{path}: ")) from None
+        return image, image_format
+
+    def predict(self, data: bytes, explain: bool = False) -> dict[str, Any]:
+        started = time.perf_counter()
+        if explain and not self.predictor.can_explain:
+            raise UploadError(400, "explanations need the .safetensors model file, not an ONNX export")
+        image, image_format = self.decode(data)
+        try:
+            tensor = self.predictor.preprocess(image)
+        except BreastvisionError as err:
+            raise UploadError(400, str(err)) from None
+        with self._slots:
+            probs = self.predictor.probabilities(tensor.unsqueeze(0), tta=self.tta)[0]
+        names = self.predictor.class_names
+        best = int(np.argmax(probs))
+        result: dict[str, Any] = {
+            "predicted_class": names[best],
+            "predicted_index": best,
+            "probabilities": {name: float(p) for name, p in zip(names, probs, strict=True)},
+            "class_names": names,
+            "tta": self.tta,
+            "image": {"width": image.width, "height": image.height, "format": image_format},
+        }
+        if explain:
+            result["explanation"] = self._explain(image, tensor, best)
+        result["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        return result
+
+    def _explain(self, image: Image.Image, tensor: Any, target: int) -> dict[str, Any]:
+        from breastvision.explanation.gradcam import explain, overlay
+
+        with self._explain_lock:
+            if self._explainer is None:
+                self._explainer = copy.deepcopy(self.predictor.model)
+            explanation = explain(self._explainer, tensor, architecture=self.predictor.info.architecture,
+                                  target=target)
+        overlays = {
+            name: _png_base64(overlay(image, heatmap, self.predictor.preprocessing))
+            for name, heatmap in explanation.heatmaps.items()
+        }
+        return {
+            "method": explanation.method,
+            "target_class": self.predictor.class_names[explanation.target],
+            "layers": explanation.layers,
+            "overlay": next(iter(overlays.values())),
+            "overlays": overlays,
+        }
+
+
+def create_app(
+    model: str | os.PathLike | Predictor,
+    *,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    inference_slots: int = 2,
+    tta: bool = False,
+) -> FastAPI:
+    """The web application for a model file, an ONNX export, or an already loaded predictor."""
+    predictor = model if isinstance(model, Predictor) else load_predictor(model)
+    service = InferenceService(predictor, max_pixels=max_pixels, inference_slots=inference_slots, tta=tta)
+    app = FastAPI(
+        title="breastvision", docs_url=None, redoc_url=None,
+        description="Class probabilities and Grad-CAM heat-maps for one breast-cancer image classifier.",
+    )
+    app.state.service = service
+    app.add_middleware(UploadLimit, limit=max_upload_bytes)
+
+    # Added last, so outermost: every answer carries the headers, the upload limit's 413 too.
+    @app.middleware("http")
+    async def security_headers(request, call_next):  # noqa: ANN001, ANN202 - Starlette's signature
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = _CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "architecture": predictor.info.architecture, "backend": predictor.backend}
+
+    @app.get("/api/model")
+    def model_card() -> dict[str, Any]:
+        return service.card
+
+    @app.post("/api/predict")
+    async def api_predict(
+        file: Annotated[UploadFile | None, File(description="the image, judged by content")] = None,
+        explain: Annotated[bool, Form(description="add Grad-CAM overlays (base64 PNG)")] = False,
+        explain_query: Annotated[bool, Query(alias="explain", description="same as the form field")] = False,
+    ) -> JSONResponse:
+        if file is None:
+            return JSONResponse({"detail": "no image: send it as multipart field 'file'"}, status_code=400)
+        data = await file.read()
+        try:
+            result = await run_in_threadpool(service.predict, data, explain or explain_query)
+        except UploadError as err:
+            return JSONResponse({"detail": err.message}, status_code=err.status)
+        return JSONResponse(result)
+
+    return app
+
+
+def serve(
+    model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, **options: Any
+) -> None:
+    """Start uvicorn on ``host:port`` until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(model, **options), host=host, port=port, log_level="info")
+
+
+@contextmanager
+def background_server(app: FastAPI, host: str = "127.0.0.1", timeout: float = 30.0) -> Iterator[str]:
+    """Run ``app`` with uvicorn in a thread on a free port; yields its base URL, stops on exit.
+
+    For tests and benchmarks: the socket is bound here (port 0), so there is no race for a port.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise BreastvisionError("the web server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()

@@ -1,0 +1,234 @@
+"""predict (PyTorch and ONNX) and export: discovery, pre-processing from the model file, TTA,
+skipped files, output tables, ONNX metadata and PyTorch parity, CLI errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from breastvision.cli import main
+from breastvision.data.io import load_image
+from breastvision.data.stain import make_normalizer
+from breastvision.data.transforms import preprocess_image
+from breastvision.models.bundle import ModelBundle
+from breastvision.serving.export import export_onnx
+from breastvision.serving.predict import discover_images, load_predictor
+
+CLASSES = ["benign", "malignant", "normal"]
+
+
+def _noise(size: tuple[int, int], seed: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode)
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two good images (one grey JPEG in a sub-folder), a mask, and three bad files."""
+    root = tmp_path_factory.mktemp("data") / "scans"
+    (root / "sub").mkdir(parents=True)
+    _noise((90, 90), 1).save(root / "a.png")
+    _noise((100, 80), 2, "L").save(root / "sub" / "b.jpg")
+    _noise((100, 80), 3, "L").save(root / "sub" / "b_mask.png")
+    (root / "notes.txt").write_text("not an input")
+    buffer = io.BytesIO()
+    _noise((90, 90), 4).save(buffer, format="PNG")
+    (root / "broken.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (root / "fake.png").write_text("this is text, not a PNG")
+    _noise((10, 10), 5).save(root / "tiny.png")
+    return root
+
+
+def _reference(model_file: Path, paths: list[Path], stain: bool = True) -> np.ndarray:
+    """Probabilities computed by hand from the model file, the way predict must compute them."""
+    bundle = ModelBundle.load(model_file)
+    pre = bundle.preprocessing if stain else type(bundle.preprocessing)(
+        **{**bundle.preprocessing.__dict__, "stain": None}
+    )
+    batch = torch.stack([preprocess_image(load_image(p), pre) for p in paths])
+    with torch.inference_mode():
+        return torch.softmax(bundle.build_model()(batch), 1).numpy()
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _opsets(onnx_file: Path) -> list[int]:
+    return [o.version for o in onnx.load(str(onnx_file)).opset_import if o.domain in ("", "ai.onnx")]
+
+
+def _probs(rows: list[dict[str, str]]) -> np.ndarray:
+    return np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows])
+
+
+def test_discovery_finds_images_skips_masks_and_reports_missing(scans: Path, tmp_path: Path) -> None:
+    assert discover_images([scans]).masks == 1
+    # A mask named explicitly is reported; files met twice are predicted once, under their first name.
+    found = discover_images([scans / "sub" / "b_mask.png", scans, scans / "a.png", tmp_path / "nowhere"])
+    names = [name for _, name in found.images]
+    assert names == ["scans/a.png", "scans/broken.png", "scans/fake.png", "scans/sub/b.jpg", "scans/tiny.png"]
+    assert found.masks == 0
+    reasons = {s.path.name: s.reason for s in found.skipped}
+    assert reasons == {
+        "b_mask.png": "a lesion mask (*_mask*), not a sample",
+        "nowhere": "no such file or folder",
+    }
+
+
+def test_predict_applies_the_model_files_preprocessing(make_model_file, scans: Path, tmp_path: Path) -> None:
+    stain = make_normalizer("reinhard").fit(_noise((64, 64), 9)).state_dict()
+    model_file = make_model_file("resnet18", input_size=64, resize=72, stain=stain)
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(model_file), str(scans), "--out", str(out)]) == 0
+    rows = _read_csv(out)
+    good = [r for r in rows if not r["skipped"]]
+    assert [r["path"] for r in good] == ["scans/a.png", "scans/sub/b.jpg"]
+    probs = _probs(good)
+    expected = _reference(model_file, [scans / "a.png", scans / "sub" / "b.jpg"])
+    np.testing.assert_allclose(probs, expected, atol=2e-6)
+    assert [r["predicted"] for r in good] == [CLASSES[i] for i in expected.argmax(1)]
+    # The stain normaliser stored in the model file made a difference, so it really was applied.
+    without_stain = _reference(model_file, [scans / "a.png", scans / "sub" / "b.jpg"], stain=False)
+    assert np.abs(without_stain - expected).max() > 1e-4
+    skipped = {Path(r["path"]).name: r["skipped"] for r in rows if r["skipped"]}
+    assert set(skipped) == {"broken.png", "fake.png", "tiny.png"}
+    assert "truncated" in skipped["broken.png"]
+    assert "not an image" in skipped["fake.png"]
+    assert "minimum side" in skipped["tiny.png"]
+
+
+def test_predict_json_and_printed_table(make_model_file, scans: Path, tmp_path: Path, capsys) -> None:
+    model_file = make_model_file("resnet18")
+    out = tmp_path / "preds.json"
+    argv = ["predict", str(model_file), str(scans / "a.png"), str(scans / "sub"), "--out", str(out)]
+    assert main(argv) == 0
+    document = json.loads(out.read_text())
+    assert document["class_names"] == CLASSES and document["masks_ignored"] == 1
+    assert [p["path"] for p in document["predictions"]] == [str(scans / "a.png"), "sub/b.jpg"]
+    for p in document["predictions"]:
+        assert sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert p["predicted"] == max(p["probabilities"], key=p["probabilities"].get)
+    capsys.readouterr()
+    assert main(["predict", str(model_file), str(scans)]) == 0
+    captured = capsys.readouterr()
+    assert "a.png" in captured.out and "p(malignant)" in captured.out
+    assert "skipped" in captured.err and "fake.png" in captured.err
+    assert "ignored 1 lesion mask" in captured.err
+
+
+def test_tta_makes_predictions_invariant_to_rotation(make_model_file, tmp_path: Path) -> None:
+    model_file = make_model_file("resnet18")
+    image = _noise((64, 64), 11)  # the input size: no resampling to break the symmetry
+    image.save(tmp_path / "up.png")
+    image.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.png")
+    predictor = load_predictor(model_file)
+    batch = torch.stack([predictor.preprocess(load_image(tmp_path / n)) for n in ("up.png", "turned.png")])
+    plain, tta = predictor.probabilities(batch), predictor.probabilities(batch, tta=True)
+    assert np.abs(plain[0] - plain[1]).max() > 1e-3  # the model alone is not rotation invariant
+    np.testing.assert_allclose(tta[0], tta[1], atol=1e-5)
+    out = tmp_path / "tta.csv"
+    assert main(["predict", str(model_file), str(tmp_path / "up.png"), "--tta", "--out", str(out)]) == 0
+    np.testing.assert_allclose(_probs(_read_csv(out)), tta[:1], atol=2e-6)
+
+
+def test_explain_writes_overlays_of_the_original_size(make_model_file, scans: Path, tmp_path: Path) -> None:
+    model_file = make_model_file("resnet18")
+    out_dir = tmp_path / "cams"
+    out = tmp_path / "preds.json"
+    argv = ["predict", str(model_file), str(scans / "sub"), "--explain", str(out_dir), "--out", str(out)]
+    assert main(argv) == 0
+    png = out_dir / "sub__b_gradcam.png"
+    assert sorted(out_dir.iterdir()) == [png]
+    assert Image.open(png).size == (100, 80)
+    assert json.loads(out.read_text())["predictions"][0]["overlays"] == {"gradcam": str(png)}
+
+
+@pytest.fixture(scope="module")
+def fusion_export(make_model_file, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A small fusion model (ResNet-18 ∥ timm's 6-block test ViT) and its default (opset 18) export."""
+    model_file = make_model_file("fusion", input_size=160, resize=176, vit="test_vit")
+    result = export_onnx(model_file, tmp_path_factory.mktemp("onnx") / "fusion.onnx")
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4  # export's own check
+    return model_file, result.path
+
+
+def test_onnx_export_keeps_metadata_and_a_dynamic_batch(fusion_export: tuple[Path, Path]) -> None:
+    model_file, onnx_file = fusion_export
+    proto = onnx.load(str(onnx_file))
+    onnx.checker.check_model(proto)
+    assert _opsets(onnx_file) == [18]
+    props = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    assert props["breastvision"] == json.loads(json.dumps(ModelBundle.load(model_file).metadata()))
+    assert props["breastvision_onnx"]["output"] == "probabilities"
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 160, 160, generator=torch.Generator().manual_seed(3))
+    expected = load_predictor(model_file).probabilities(x)
+    for batch in (1, 3):  # the batch axis is dynamic; batch 1 is the latency case
+        out = session.run(None, {"image": x[:batch].numpy()})[0]
+        assert out.shape == (batch, 3)
+        assert np.abs(out - expected[:batch]).max() <= 1e-4
+
+
+def test_predict_with_onnx_matches_pytorch(fusion_export, scans: Path, tmp_path: Path) -> None:
+    csv_torch, csv_onnx = tmp_path / "torch.csv", tmp_path / "onnx.csv"
+    for model, out in zip(fusion_export, (csv_torch, csv_onnx), strict=True):
+        assert main(["predict", str(model), str(scans), "--tta", "--out", str(out)]) == 0
+    rows_torch, rows_onnx = _read_csv(csv_torch), _read_csv(csv_onnx)
+    assert [(r["path"], r["skipped"]) for r in rows_torch] == [(r["path"], r["skipped"]) for r in rows_onnx]
+    good = [i for i, r in enumerate(rows_torch) if not r["skipped"]]
+    assert len(good) == 2
+    diff = np.abs(_probs([rows_torch[i] for i in good]) - _probs([rows_onnx[i] for i in good])).max()
+    assert diff <= 1e-4
+
+
+def test_densenet_se_exports_at_opset_17_and_matches_pytorch(make_model_file, tmp_path: Path) -> None:
+    model_file = make_model_file("densenet121_se")
+    result = export_onnx(model_file, tmp_path / "old.onnx", opset=17)
+    assert _opsets(result.path) == [17]
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    diff = np.abs(load_predictor(model_file).probabilities(x) - load_predictor(result.path).probabilities(x))
+    assert diff.max() <= 1e-4
+
+
+def test_export_refusals(make_model_file, tmp_path: Path, capsys) -> None:
+    model_file = make_model_file("resnet18")
+    capsys.readouterr()
+    assert main(["export", str(model_file), "--onnx", str(tmp_path / "x.onnx"), "--opset", "16"]) == 2
+    assert main(["export", str(model_file), "--onnx", str(tmp_path / "x.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "--opset must be 17 or newer" in err and "must end in .onnx" in err
+
+
+def test_cli_errors_are_one_line(make_model_file, fusion_export, scans: Path, tmp_path: Path, capsys) -> None:
+    model_file, onnx_file = make_model_file("resnet18"), fusion_export[1]
+    not_a_model = tmp_path / "weights.safetensors"
+    not_a_model.write_bytes(b"\x00" * 64)
+    no_metadata = tmp_path / "plain.onnx"
+    proto = onnx.load(str(onnx_file))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(no_metadata))
+    cases = [
+        (["predict", str(tmp_path / "missing.safetensors"), str(scans)], "model file not found"),
+        (["predict", str(not_a_model), str(scans)], "not a breastvision model file"),
+        (["predict", str(no_metadata), str(scans)], "has no breastvision metadata"),
+        (["predict", str(onnx_file), str(scans), "--explain", str(tmp_path / "c")], "needs the .safetensors"),
+        (["predict", str(model_file), str(scans / "fake.png")], "no image could be predicted"),
+        (["predict", str(model_file), str(scans), "--out", str(tmp_path / "p.txt")], "must end in .csv"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
