@@ -11,10 +11,10 @@ from torch import nn
 from breastvision.models.bundle import IMAGENET_MEAN, IMAGENET_STD
 
 
-def imagenet_cfg(classifier: str, num_classes: int, input_size: int = 224) -> dict[str, Any]:
+def imagenet_cfg(classifier: str, num_classes: int) -> dict[str, Any]:
     """timm-style ``pretrained_cfg`` of a torchvision ImageNet model (resize 256 → crop 224, bilinear)."""
     return {
-        "input_size": (3, input_size, input_size),
+        "input_size": (3, 224, 224),
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
         "interpolation": "bilinear",
@@ -48,10 +48,10 @@ class Renormalize(nn.Module):
         super().__init__()
         (src_mean, src_std), (dst_mean, dst_std) = src, dst
         self.active = tuple(src_mean) != tuple(dst_mean) or tuple(src_std) != tuple(dst_std)
-        as_t = _channel_tensor
+        src_mean, src_std, dst_mean, dst_std = map(_channel_tensor, (src_mean, src_std, dst_mean, dst_std))
         # x_dst = (x_src * s_std + s_mean - d_mean) / d_std  =  x_src * scale + shift
-        self.register_buffer("scale", as_t(src_std) / as_t(dst_std), persistent=False)
-        self.register_buffer("shift", (as_t(src_mean) - as_t(dst_mean)) / as_t(dst_std), persistent=False)
+        self.register_buffer("scale", src_std / dst_std, persistent=False)
+        self.register_buffer("shift", (src_mean - dst_mean) / dst_std, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale + self.shift if self.active else x
