@@ -93,7 +93,8 @@ function renderResult(result) {
     for (const [name, png] of Object.entries(explanation.overlays)) {
       const figure = el("figure", { class: "overlay", id: `overlay-${name}` });
       figure.append(el("img", { src: `data:image/png;base64,${png}`, alt: `${name} heat-map` }),
-        el("figcaption", {}, `${explanation.method} · ${name} · explains "${explanation.target_class}"`));
+        el("figcaption", {}, `${name === "gradcam" ? "Grad-CAM" : `${explanation.method}, ${name}`}` +
+          ` · evidence for "${explanation.target_class}"`));
       overlays.append(figure);
     }
   }
