@@ -171,3 +171,29 @@ def test_torchvision_imagenet_from_the_hub_cache(tmp_path, monkeypatch):
     torch.testing.assert_close(model.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
     assert model.weights_origin["backbone"].startswith("imagenet: torchvision ResNet18_Weights.IMAGENET1K_V1")
     assert str(cached) in model.weights_origin["backbone"]
+
+
+def test_timm_imagenet_from_the_hugging_face_cache(tmp_path, monkeypatch):
+    """Users with timm's file in their HF cache get it: a class-token checkpoint (``norm``, 1000-class
+    ``head``) loads into the mean-pooled ViT (``fc_norm``) with a new classifier."""
+    import timm
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    torch.manual_seed(2)
+    reference = timm.create_model("vit_tiny_patch16_224", num_classes=1000)  # class-token pooling
+    torch.nn.init.normal_(reference.norm.weight)  # LayerNorm starts at ones: make the mapping visible
+    save_file(reference.state_dict(), str(snapshot / "model.safetensors"))
+    model = create_model("vit_tiny", num_classes=3, pretrained="imagenet")
+    torch.testing.assert_close(model.fc_norm.weight, reference.norm.weight)
+    torch.testing.assert_close(model.pos_embed, reference.pos_embed)
+    assert model.weights_origin["backbone"].startswith(
+        "imagenet: timm timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    )
+    assert model.weights_origin["classifier"] == "random init"
