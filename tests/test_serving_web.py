@@ -146,6 +146,21 @@ def test_bad_uploads_get_clear_json_errors(client, data: bytes, status: int, mes
     assert message in response.json()["detail"]
 
 
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "TIFF"])
+def test_damaged_files_never_cause_a_server_error(client, image_format: str) -> None:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(_png((48, 40), seed=3))).save(buffer, format=image_format)
+    original = buffer.getvalue()
+    rng = np.random.default_rng(7)
+    statuses = set()
+    for _ in range(25):
+        data = bytearray(original)
+        for position in rng.integers(0, min(len(data), 200), size=3):  # the header region
+            data[position] = int(rng.integers(0, 256))
+        statuses.add(_upload(client, bytes(data)).status_code)
+    assert statuses <= {200, 400, 413, 415}, statuses
+
+
 def test_streamed_body_is_cut_off_at_the_limit(client) -> None:
     def chunks():  # no Content-Length: the limit must hold while the body streams in
         yield b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"

@@ -34,10 +34,12 @@ import copy
 import io
 import os
 import socket
+import struct
 import tempfile
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.resources import files
@@ -64,6 +66,9 @@ DEFAULT_MAX_PIXELS = 40_000_000
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")
 #: Longest side of the overlays returned to the browser; full-size PNGs of big scans are megabytes.
 OVERLAY_MAX_SIDE = 1024
+
+#: What Pillow raises on a damaged header (as in ``data.io``); anything else is a bug and should surface.
+_HEADER_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
 STATIC_DIR = Path(str(files("breastvision.serving") / "static"))
 _CSP = (
@@ -152,7 +157,7 @@ class InferenceService:
             ) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise UploadError(413, "image refused as a possible decompression bomb") from None
-        except (OSError, SyntaxError, ValueError) as err:
+        except _HEADER_ERRORS as err:
             raise UploadError(400, f"unreadable image header ({err})") from None
         if width * height > self.max_pixels:
             size = f"{width}×{height} = {width * height:,} pixels"
