@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from breastvision.data import stain
 from breastvision.data.io import load_image
 from breastvision.data.stain import (
     MacenkoNormalizer,
@@ -62,7 +63,12 @@ def test_input_kinds_keep_their_kind_shape_and_dtype(method: str, batch: torch.T
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_batch_equals_per_image(method: str, batch: torch.Tensor) -> None:
+@pytest.mark.parametrize("chunk_pixels", [None, 2 * 40 * 40])
+def test_batch_equals_per_image(
+    method: str, chunk_pixels: int | None, batch: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if chunk_pixels:  # CPU batches are processed in chunks of bounded size: here two tiles each
+        monkeypatch.setattr(stain, "_CPU_CHUNK_PIXELS", chunk_pixels)
     norm = make_normalizer(method).fit(he_tile(10))
     together = norm.transform(batch.float())
     alone = torch.stack([norm.transform(image.float()) for image in batch])
