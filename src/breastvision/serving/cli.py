@@ -63,6 +63,11 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise BreastvisionError("--batch-size must be at least 1")
+    if args.explain:
+        from breastvision.explanation.gradcam import METHODS
+
+        if args.method not in METHODS:
+            raise BreastvisionError(f"unknown --method '{args.method}' (choose from {', '.join(METHODS)})")
     predictor = load_predictor(args.model)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("predicting", total=None)
