@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +107,7 @@ def discover_images(inputs: Iterable[str | os.PathLike]) -> Discovery:
     return found
 
 
-class Predictor:
+class Predictor(ABC):
     """A model ready to turn pre-processed batches into class probabilities."""
 
     #: The model file's metadata; for ONNX, a bundle without weights.
@@ -123,8 +124,9 @@ class Predictor:
     def preprocessing(self) -> Preprocessing:
         return self.info.preprocessing
 
+    @abstractmethod
     def _forward(self, batch: torch.Tensor) -> np.ndarray:
-        raise NotImplementedError
+        """B×K probabilities for one B×C×H×W batch."""
 
     def probabilities(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
         """B×K probabilities for a B×C×H×W batch; with ``tta``, the mean over the 8 dihedral views."""
@@ -188,7 +190,8 @@ class OnnxPredictor(Predictor):
         self.input_name = self.session.get_inputs()[0].name
 
     def _forward(self, batch: torch.Tensor) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch.numpy().astype(np.float32)})[0]
+        # TTA views can be strided (transposes); onnxruntime is given a packed float32 copy.
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch.numpy(), np.float32)})[0]
 
 
 def load_predictor(path: str | os.PathLike) -> Predictor:

@@ -16,7 +16,8 @@ Uploads are judged by content, never by their name or declared type:
   the first case in plain text, not JSON, hence :class:`UploadLimit`);
 - Pillow must recognise one of :data:`ACCEPTED_FORMATS` from the magic bytes → otherwise 415;
 - the header's pixel count must not exceed ``max_pixels`` (checked before any pixel is decoded, so
-  a small compressed file that would inflate to gigabytes is refused) → 413;
+  a small compressed file that would inflate to gigabytes is refused) → 413; Pillow's own bomb
+  limit (``Image.MAX_IMAGE_PIXELS``, 89 MP) caps it whatever ``max_pixels`` says;
 - the file is then decoded by ``data.io.load_image``, the loader every other command uses, which
   also rejects truncated data and tiny images → 400.
 
@@ -40,16 +41,16 @@ import threading
 import time
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import Headers
@@ -239,7 +240,9 @@ def create_app(
 
     # Added last, so outermost: every answer carries the headers, the upload limit's 413 too.
     @app.middleware("http")
-    async def security_headers(request, call_next):  # noqa: ANN001, ANN202 - Starlette's signature
+    async def security_headers(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         response = await call_next(request)
         response.headers["Content-Security-Policy"] = _CSP
         response.headers["X-Content-Type-Options"] = "nosniff"
