@@ -49,14 +49,13 @@ def run_train(args: argparse.Namespace) -> int:
     from breastvision.training.config import load_config
     from breastvision.training.engine import train
 
-    config = load_config(args.config, args.overrides)
-    print(train(config, resume=args.resume, out=args.out))
+    # The engine logs the run folder (from the first process only, in a distributed run).
+    train(load_config(args.config, args.overrides), resume=args.resume, out=args.out)
     return 0
 
 
 def run_transfer(args: argparse.Namespace) -> int:
     from breastvision.training.transfer import run_chain
 
-    for run_dir in run_chain(args.config, args.overrides, args.out):
-        print(run_dir)
+    run_chain(args.config, args.overrides, args.out)
     return 0

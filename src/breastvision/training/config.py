@@ -150,9 +150,9 @@ class TrainConfig:
     devices: int | str = 1
     #: Fabric strategy: ``auto``, ``ddp`` (re-runs the command per process), ``ddp_spawn``.
     strategy: str = "auto"
-    #: Cache the frozen prefix's outputs per image view (``auto``: whenever a prefix is frozen
-    #: and the views are fixed).
-    cache_features: Literal["auto", "on", "off"] = "auto"
+    #: Cache the frozen prefix's outputs per image view: ``true``, ``false``, or ``auto``: whenever
+    #: a prefix is frozen, the views are fixed and the prefix outputs one tensor.
+    cache_features: bool | Literal["auto"] = "auto"
     #: Where cached features persist between runs (``auto``: ``$BREASTVISION_CACHE/features``,
     #: else ``~/.cache/breastvision/features``); ``None``: memory only.
     cache_dir: str | None = "auto"
@@ -300,14 +300,14 @@ def save_config(config: ExperimentConfig, path: str | os.PathLike) -> Path:
     """Write the fully resolved config (every default spelled out) as YAML."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+    path.write_text(yaml.safe_dump(plain(config.to_dict()), sort_keys=False))
     return path
 
 
-def _plain(value: Any) -> Any:
-    """Tuples to lists so that ``yaml.safe_dump`` writes plain YAML."""
+def plain(value: Any) -> Any:
+    """Tuples to lists, recursively, so that ``yaml.safe_dump`` writes plain YAML."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value

@@ -41,6 +41,7 @@ import csv
 import logging
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -401,6 +402,7 @@ def train_one_epoch(
     totals = torch.zeros(3, dtype=torch.float64, device=fabric.device)  # loss sum, correct, count
     with progress_bar(fabric, len(loader), description, show_progress) as bar:
         for x, y, _ in loader:
+            x, y = fabric.to_device((x, y))
             with fabric.autocast():
                 with torch.no_grad():
                     x = prefix(x)
@@ -438,14 +440,16 @@ def evaluate(
     filled = 0
     for x, _, idx in loader:
         with fabric.autocast():
-            out = model(prefix(x)).float()
+            out = model(prefix(fabric.to_device(x))).float()
         logits[filled : filled + len(out)] = out
         index[filled : filled + len(out)] = idx
         filled += len(out)
     if fabric.world_size > 1:
         # Equal-sized shards for all_gather; the padding rows carry index -1 and are dropped.
-        logits = fabric.all_gather(logits).reshape(-1, num_classes)
-        index = fabric.all_gather(index).reshape(-1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*all_gather is deprecated")  # Lightning's own call
+            logits = fabric.all_gather(logits).reshape(-1, num_classes)
+            index = fabric.all_gather(index).reshape(-1)
     keep = index >= 0
     logits, index = logits[keep], index[keep]
     order = torch.argsort(index)
@@ -464,10 +468,15 @@ def _loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
+        # A last training batch of one image breaks BatchNorm; the order changes every epoch, so
+        # every image is still seen (timm's choice too). Evaluation keeps every item.
+        drop_last=train and len(sampler) >= batch_size,
         num_workers=num_workers,
         pin_memory=fabric.device.type == "cuda",
     )
-    return fabric.setup_dataloaders(loader, use_distributed_sampler=False), sampler
+    # Not ``fabric.setup_dataloaders``: its loader calls ``sampler.set_epoch`` with its own count of
+    # iterations, which restarts at 0 in a resumed run; batches are moved to the device in the loops.
+    return loader, sampler
 
 
 def _probe_is_tensor(prefix: nn.Module, dataset: ViewDataset, fabric: Fabric) -> bool:
@@ -482,7 +491,7 @@ def _use_cache(
     config: ExperimentConfig, prefix: nn.Module, renderer: ViewRenderer, probe: ViewDataset, fabric: Fabric
 ) -> bool:
     setting = config.train.cache_features
-    if setting == "off":
+    if setting is False:
         return False
     reasons = []
     if isinstance(prefix, nn.Identity):
@@ -491,8 +500,8 @@ def _use_cache(
         reasons.append("views are re-drawn every epoch (data.views.fresh_each_epoch)")
     elif not _probe_is_tensor(prefix, probe, fabric):
         reasons.append(f"the prefix before '{config.model.first_trainable_stage}' does not output one tensor")
-    if reasons and setting == "on":
-        raise BreastvisionError(f"train.cache_features=on but {reasons[0]}")
+    if reasons and setting is True:
+        raise BreastvisionError(f"train.cache_features is true but {reasons[0]}")
     return not reasons
 
 
@@ -532,8 +541,6 @@ def _score(monitor: str, val_loss: float, val_acc: float) -> list[float]:
 def _run(fabric: Fabric, config: ExperimentConfig, run_dir: Path, resume: Path | None) -> Path:
     started = time.perf_counter()
     tc = config.train
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
     seed_everything(tc.seed % 2**32, verbose=False)
     show = fabric.is_global_zero and wanted(tc.progress)
     say = log.info if fabric.is_global_zero else log.debug
@@ -795,4 +802,10 @@ def train(config: ExperimentConfig, resume: str | Path | None = None, out: str |
     if resume is None and last.exists():
         raise BreastvisionError(f"{run_dir} holds a run already; continue it (--resume {last}) or use --out")
     fabric = make_fabric(config.train, run_dir)
-    return fabric.launch(_run, config, run_dir, Path(resume) if resume else None)
+    threads = torch.get_num_threads()
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    try:
+        return fabric.launch(_run, config, run_dir, Path(resume) if resume else None)
+    finally:
+        torch.set_num_threads(threads)  # callers looping over runs keep their own setting

@@ -97,6 +97,10 @@ class FeatureCache:
         n = len(images)
         entries = [self._entry(p, v) for p, v in zip(images, views, strict=True)] if self.directory else None
         missing = [i for i in range(n) if entries is None or not entries[i].is_file()]
+        if entries is not None:
+            # One process's view of what is missing, so no entry is skipped because another process
+            # had already written it when this one looked.
+            missing = fabric.broadcast(missing, src=0)
         mine = missing[fabric.global_rank :: fabric.world_size] if entries else missing
         self.hits = n - len(missing)
         computed = self._compute(dataset, mine, fabric, batch_size, num_workers, describe)

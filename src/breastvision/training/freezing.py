@@ -17,7 +17,8 @@ from collections.abc import Iterable
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-_HOOKS: weakref.WeakKeyDictionary[nn.Module, RemovableHandle] = weakref.WeakKeyDictionary()
+#: Per frozen module, the hooks that keep it and every submodule in eval mode.
+_HOOKS: weakref.WeakKeyDictionary[nn.Module, list[RemovableHandle]] = weakref.WeakKeyDictionary()
 
 
 def _keep_eval(module: nn.Module, _args: object) -> None:
@@ -30,22 +31,26 @@ def _as_list(modules: nn.Module | Iterable[nn.Module]) -> list[nn.Module]:
 
 
 def freeze(modules: nn.Module | Iterable[nn.Module]) -> None:
-    """No gradients for the modules' parameters, and eval mode (BatchNorm, dropout) from now on."""
+    """No gradients for the modules' parameters, and eval mode (BatchNorm, dropout) from now on.
+
+    The hook sits on every submodule, not only on the one given: a stage is often a wrapper around
+    the model's own layers (``staging.split_model``), and the model's ``forward`` calls the layers
+    directly, never the wrapper.
+    """
     for module in _as_list(modules):
         for param in module.parameters():
             param.requires_grad_(False)
         module.eval()
         if module not in _HOOKS:
-            _HOOKS[module] = module.register_forward_pre_hook(_keep_eval)
+            _HOOKS[module] = [m.register_forward_pre_hook(_keep_eval) for m in module.modules()]
 
 
 def unfreeze(modules: nn.Module | Iterable[nn.Module]) -> None:
-    """Undo :func:`freeze`: parameters learn again and the module follows ``train()``/``eval()``."""
+    """Undo :func:`freeze`: parameters learn again and the modules follow ``train()``/``eval()``."""
     for module in _as_list(modules):
         for param in module.parameters():
             param.requires_grad_(True)
-        handle = _HOOKS.pop(module, None)
-        if handle is not None:
+        for handle in _HOOKS.pop(module, []):
             handle.remove()
 
 

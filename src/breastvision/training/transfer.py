@@ -24,9 +24,10 @@ Both choices are configuration (``model.first_trainable_stage`` per stage), not 
 A chain file lists the stages, each a training config plus overrides; every stage after the first
 gets ``model.pretrained`` = the previous stage's ``model.safetensors`` (the classifier is
 re-initialised when the class count differs: LC25000 has 3 classes, BreakHis 2), and its model file
-records the whole lineage, which every report prints. A stage whose run folder already holds a
-``model.safetensors`` is reused, not retrained, so the shared LC25000 stage is trained once for all
-the BreakHis folds of a cross-validation.
+records the whole lineage, which every report prints. Stage run folders are ``<out>/<stage>``, or
+``<out>/<stage>_fold<k>`` for a fold of a cross-validation. A stage whose folder already holds a
+finished run of the same config is reused, not retrained, so the LC25000 stage is trained once for
+all the BreakHis folds (``--set breakhis.data.fold=K`` targets the BreakHis stage only).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import logging
 import os
 from pathlib import Path
 
+import yaml
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
@@ -45,6 +47,7 @@ from breastvision.training.config import (
     apply_overrides,
     config_from_dict,
     format_validation_error,
+    plain,
     read_yaml,
 )
 from breastvision.training.engine import train
@@ -119,13 +122,27 @@ def stage_configs(
         raw = apply_overrides(raw, _stage_overrides(spec.name, names, overrides))
         raw["stage"] = spec.name
         raw["name"] = f"{chain.name}/{spec.name}"
-        raw["output_dir"] = str(root / spec.name)
+        fold = (raw.get("data") or {}).get("fold")
+        raw["output_dir"] = str(root / (spec.name if fold is None else f"{spec.name}_fold{fold}"))
         if index:
-            raw.setdefault("model", {})["pretrained"] = str(
-                Path(configs[-1].output_dir) / "model.safetensors"
-            )
+            raw.setdefault("model", {})["pretrained"] = str(configs[-1].run_dir / "model.safetensors")
         configs.append(config_from_dict(raw, f"{path} stage '{spec.name}'"))
     return configs
+
+
+def _finished(config: ExperimentConfig) -> bool:
+    """Whether the stage's folder holds a finished run of exactly this config; an error when it holds
+    a finished run of another config (reusing that would silently change the experiment)."""
+    if not (config.run_dir / "model.safetensors").is_file():
+        return False
+    saved = config.run_dir / "config.yaml"
+    now = yaml.safe_load(yaml.safe_dump(plain(config.to_dict())))
+    if saved.is_file() and yaml.safe_load(saved.read_text()) == now:
+        return True
+    raise BreastvisionError(
+        f"{config.run_dir} holds a finished stage '{config.stage}' trained with another config; "
+        "remove it or choose another --out"
+    )
 
 
 def run_chain(
@@ -134,7 +151,7 @@ def run_chain(
     """Train every stage of a chain in order (reusing finished ones); return their run folders."""
     run_dirs = []
     for config in stage_configs(path, overrides, out):
-        if (config.run_dir / "model.safetensors").is_file():
+        if _finished(config):
             log.info(f"stage {config.stage}: reusing {config.run_dir / 'model.safetensors'}")
             run_dirs.append(config.run_dir)
             continue

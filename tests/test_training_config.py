@@ -1,0 +1,89 @@
+"""Experiment configs: YAML with ``extends``, dotted overrides, one-line errors; the shipped configs load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from breastvision.cli import main
+from breastvision.errors import BreastvisionError
+from breastvision.training.config import load_config, resolve_weights, save_config
+from breastvision.training.transfer import stage_configs
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_extends_and_overrides(tmp_path: Path) -> None:
+    _write(tmp_path / "base.yaml", "name: base\ntrain: {epochs: 30, lr: 1e-3, optimizer: adam}\n"
+           "model: {name: resnet18, kwargs: {a: 1}}\n")
+    child = _write(tmp_path / "child.yaml", "extends: base.yaml\nname: child\ntrain: {epochs: 5}\n")
+    config = load_config(child, ["train.batch_size=8", "model.kwargs.b=0.5", "data.stain.method=reinhard"])
+    assert (config.name, config.train.epochs, config.train.batch_size) == ("child", 5, 8)
+    assert config.train.lr == pytest.approx(1e-3)  # YAML 1.1 would read "1e-3" as a string
+    assert config.train.optimizer == "adam"
+    assert config.model.kwargs == {"a": 1, "b": 0.5}
+    assert config.data.stain is not None and config.data.stain.method == "reinhard"
+    assert load_config(save_config(config, tmp_path / "saved.yaml")) == config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.epoch=2"], "train.epoch: unknown key"),
+        (["train.epochs=two"], "train.epochs: Input should be a valid integer"),
+        (["train.epochs=0"], "train.epochs: Input should be greater than or equal to 1"),
+        (["train.optimizer=rmsprop"], "train.optimizer: Input should be 'adam', 'adamw' or 'sgd'"),
+        (["data=busi"], "data: Input should be a dictionary"),
+        (["train.epochs"], "is not of the form key=value"),
+        (["train.epochs.x=1"], "'epochs' is a value, not a section"),
+    ],
+)
+def test_bad_configs_raise_one_clear_line(tmp_path: Path, overrides: list[str], message: str) -> None:
+    path = _write(tmp_path / "c.yaml", "train: {epochs: 3}\n")
+    with pytest.raises(BreastvisionError, match=message) as err:
+        load_config(path, overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = _write(tmp_path / "c.yaml", "name: x\ntrain: {epochs: 3, bogus: 1}\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"breastvision: error: config {path}: train.bogus: unknown key"
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_weights_resolve_under_the_weights_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path.parent)
+    assert resolve_weights("w.safetensors", tmp_path) == str(tmp_path / "w.safetensors")
+    assert resolve_weights("imagenet", tmp_path) == "imagenet"
+    assert resolve_weights(None, tmp_path) is None
+    with pytest.raises(BreastvisionError, match="not found"):
+        resolve_weights("absent.safetensors", tmp_path)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path, tmp_path: Path) -> None:
+    if "stages:" in path.read_text():
+        configs = stage_configs(path, ["train.epochs=1"], out=tmp_path)
+        assert configs[-1].model.pretrained == str(configs[-2].run_dir / "model.safetensors")
+        assert all(c.train.epochs == 1 for c in configs)
+    else:
+        assert load_config(path).name == path.stem
+
+
+def test_chain_overrides_target_one_stage(tmp_path: Path) -> None:
+    chain = CONFIGS / "breakhis_multilevel_cpu.yaml"
+    lc, bh = stage_configs(chain, ["breakhis.data.fold=3", "train.batch_size=4"], out=tmp_path)
+    assert (lc.data.fold, bh.data.fold) == (None, 3)
+    assert (lc.train.batch_size, bh.train.batch_size) == (4, 4)
+    assert (lc.run_dir, bh.run_dir) == (tmp_path / "lc25000", tmp_path / "breakhis_fold3")
+    # The paper's reading of which blocks learn at each stage (training/transfer.py).
+    assert (lc.model.first_trainable_stage, bh.model.first_trainable_stage) == ("denseblock3", "denseblock4")

@@ -1,0 +1,164 @@
+"""The engine end to end on tiny generated images: run folder, resume, cached == uncached, DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from breastvision.data.io import load_image
+from breastvision.data.splits import Split
+from breastvision.data.transforms import preprocess_image
+from breastvision.errors import BreastvisionError
+from breastvision.models.bundle import ModelBundle
+from breastvision.training.config import ExperimentConfig, apply_overrides, config_from_dict, load_config
+from breastvision.training.engine import EpochSampler, train
+
+
+def tiny_config(source: Path, out: Path, *overrides: str) -> ExperimentConfig:
+    """ResNet-18 at 32×32 on a generated tree, layer4 onwards trainable, two seeded random views."""
+    raw = {
+        "name": "tiny",
+        "output_dir": str(out),
+        "data": {
+            "source": str(source),
+            "input_size": 32,
+            "resize": 36,
+            "views": {"kind": "random", "count": 2,
+                      "augment": {"name": "busi_paper", "crop_scale": [0.5, 1]}},
+            "split": {"protocol": "group_holdout", "options": {"fractions": [0.5, 0.25, 0.25]}},
+        },
+        "model": {"name": "resnet18", "first_trainable_stage": "layer4"},
+        "train": {"epochs": 2, "batch_size": 4, "lr": 0.01, "cache_dir": None, "progress": "none"},
+    }
+    return config_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def history(run_dir: Path) -> list[dict[str, float]]:
+    with (run_dir / "history.csv").open() as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def predictions(run_dir: Path) -> list[dict[str, Any]]:
+    with (run_dir / "predictions.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def probabilities(run_dir: Path) -> np.ndarray:
+    return np.array([[float(v) for k, v in r.items() if k.startswith("prob_")] for r in predictions(run_dir)])
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "model.safetensors")
+
+
+def test_run_folder(image_tree, tmp_path: Path) -> None:
+    run = train(tiny_config(image_tree(), tmp_path / "run"))
+    written = ["model.safetensors", "history.csv", "split.json", "config.yaml", "report.md", "metrics.json",
+               "predictions.csv", "plots/accuracy.png", "plots/confusion_matrix.png", "checkpoints/last.ckpt"]
+    assert all((run / name).is_file() for name in written)
+    bundle = ModelBundle.load(run / "model.safetensors")
+    assert bundle.class_names == ["benign", "malignant"]
+    assert (bundle.preprocessing.input_size, bundle.preprocessing.resize) == (32, 36)
+    assert [e["stage"] for e in bundle.lineage] == ["initial weights", "tiny"]
+    assert bundle.lineage[0]["weights"] == {"backbone": "random init"}
+    assert bundle.lineage[1]["frozen_stages"] == ["stem", "layer1", "layer2", "layer3"]
+    assert set(bundle.metrics) == {"val", "test"} and "accuracy" in bundle.metrics["test"]
+    assert len(history(run)) == 2
+    split = Split.load(run / "split.json")
+    test_files = sorted(k for k, part in split.assignment.items() if part == "test")
+    rows = predictions(run)
+    assert [r["path"] for r in rows] == test_files
+    assert json.loads((run / "metrics.json").read_text())["n_images"] == len(test_files)
+    assert load_config(run / "config.yaml") == tiny_config(image_tree(), tmp_path / "run")
+    assert "## Provenance" in (run / "report.md").read_text()
+    # The model file alone reproduces the run's test predictions: same weights, same pre-processing.
+    model = bundle.build_model()
+    images = torch.stack([preprocess_image(load_image(image_tree() / r["path"]), bundle.preprocessing)
+                          for r in rows])
+    with torch.no_grad():
+        again = torch.softmax(model(images), 1).numpy()
+    np.testing.assert_allclose(again, probabilities(run), atol=1e-5)
+    with pytest.raises(BreastvisionError, match="holds a run already"):
+        train(tiny_config(image_tree(), tmp_path / "run"))
+
+
+def test_cached_and_uncached_training_agree(image_tree, tmp_path: Path) -> None:
+    """Same seed, same batches, same dropout: training on cached prefix outputs is training."""
+    source = image_tree()
+    cache = f"train.cache_dir={tmp_path / 'features'}"
+    cached = train(tiny_config(source, tmp_path / "cached", "train.cache_features=true", cache))
+    uncached = train(tiny_config(source, tmp_path / "uncached", "train.cache_features=false"))
+    again = train(tiny_config(source, tmp_path / "again", "train.cache_features=true", cache))
+    for a, b in zip(history(cached), history(uncached), strict=True):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    w_uncached = weights(uncached)
+    for key, value in weights(cached).items():
+        torch.testing.assert_close(value, w_uncached[key], rtol=1e-4, atol=1e-5, msg=key)
+    np.testing.assert_allclose(probabilities(cached), probabilities(uncached), atol=1e-5)
+    facts = json.loads((again / "provenance.json").read_text())["facts"]["feature_cache"]
+    assert facts["used"] and facts["entries_computed"] == 0 and facts["entries_reused"] > 0
+    for a, b in zip(history(again), history(cached), strict=True):
+        assert a["train_loss"] == b["train_loss"]
+
+
+def test_resume_continues_exactly(image_tree, tmp_path: Path) -> None:
+    source = image_tree()
+    straight = train(tiny_config(source, tmp_path / "straight", "train.epochs=3"))
+    first = train(tiny_config(source, tmp_path / "split", "train.epochs=1"))
+    resumed = train(tiny_config(source, tmp_path / "split", "train.epochs=3"),
+                    resume=first / "checkpoints" / "last.ckpt")
+    assert resumed == first
+    h_straight, h_resumed = history(straight), history(resumed)
+    assert [r["epoch"] for r in h_resumed] == [1, 2, 3]
+    for a, b in zip(h_straight, h_resumed, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["lr"] == b["lr"]
+    w_resumed = weights(resumed)
+    assert all(torch.allclose(v, w_resumed[k], atol=1e-6) for k, v in weights(straight).items())
+    with pytest.raises(BreastvisionError, match="different model settings"):
+        train(tiny_config(source, tmp_path / "other", "model.first_trainable_stage=layer3"),
+              resume=first / "checkpoints" / "last.ckpt")
+
+
+def test_epoch_sampler_shards() -> None:
+    shards = [list(EpochSampler(7, rank, 2, seed=0, shuffle=False, pad=False)) for rank in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(7))  # evaluation: every item exactly once
+    padded = [list(EpochSampler(7, rank, 2, seed=0, shuffle=True, pad=True)) for rank in range(2)]
+    assert len(padded[0]) == len(padded[1]) == 4  # training: equal steps on every process
+    assert set(padded[0] + padded[1]) == set(range(7))
+
+
+def test_two_processes_count_every_test_image_once(image_tree, tmp_path: Path) -> None:
+    """2 CPU processes (gloo) through Fabric's DDP launcher, with an odd number of test images and
+    8-view test-time augmentation: every image is predicted once, from all its 8 views."""
+    source = image_tree(per_class=9, seed=1)
+    config = tiny_config(source, tmp_path / "ddp", "train.epochs=1", "data.tta=dihedral8",
+                         "train.accelerator=cpu", "train.devices=2", "train.strategy=ddp",
+                         "data.split.options.fractions=[0.5, 0.25, 0.25]")
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(config.to_dict()))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "breastvision", "train", str(path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "ddp"
+    split = Split.load(run / "split.json")
+    test_files = sorted(k for k, part in split.assignment.items() if part == "test")
+    assert len(test_files) % 2 == 1  # a DistributedSampler would pad with a duplicate here
+    rows = predictions(run)
+    assert sorted(r["path"] for r in rows) == test_files
+    facts = json.loads((run / "provenance.json").read_text())["facts"]
+    assert facts["processes"] == 2 and facts["views"]["test"] == 8 * len(test_files)
+    assert json.loads((run / "metrics.json").read_text())["n_images"] == len(test_files)
