@@ -24,6 +24,8 @@ from breastvision.models.bundle import ModelBundle
 from breastvision.training.config import ExperimentConfig, apply_overrides, config_from_dict, load_config
 from breastvision.training.engine import EpochSampler, train
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
 
 def tiny_config(source: Path, out: Path, *overrides: str) -> ExperimentConfig:
     """ResNet-18 at 32×32 on a generated tree, layer4 onwards trainable, two seeded random views."""
@@ -162,3 +164,30 @@ def test_two_processes_count_every_test_image_once(image_tree, tmp_path: Path) -
     facts = json.loads((run / "provenance.json").read_text())["facts"]
     assert facts["processes"] == 2 and facts["views"]["test"] == 8 * len(test_files)
     assert json.loads((run / "metrics.json").read_text())["n_images"] == len(test_files)
+
+
+@pytest.mark.slow
+def test_shipped_busi_cpu_config_on_real_files(busi_dir: Path, weights_dir: Path, tmp_path: Path) -> None:
+    """configs/busi_fusion_cpu.yaml (DenseNet-121 ∥ ViT-Tiny, both frozen and cached) on 4 real
+    BUSI images per class, read by the BUSI reader (masks beside them), one epoch."""
+    tree = tmp_path / "busi"
+    for name in ("benign", "malignant", "normal"):
+        (tree / name).mkdir(parents=True)
+        images = sorted(p for p in (busi_dir / name).glob("*.png") if "_mask" not in p.name)[:4]
+        for image in images:
+            for source in (image, *image.parent.glob(f"{image.stem}_mask*.png")):
+                (tree / name / source.name).symlink_to(source)
+    config = load_config(CONFIGS / "busi_fusion_cpu.yaml", [
+        f"data.source={tree}", "data.split.options.k=4", "data.views.count=1", f"weights_root={weights_dir}",
+        "train.epochs=1", "train.cache_dir=null", "train.progress=none", f"output_dir={tmp_path / 'run'}",
+    ])
+    run = train(config)
+    bundle = ModelBundle.load(run / "model.safetensors")
+    assert sorted(bundle.class_names) == ["benign", "malignant", "normal"]
+    assert bundle.architecture == "fusion" and bundle.model_kwargs["vit"] == "vit_tiny"
+    origin = bundle.extra["weights_origin"]
+    assert "densenet121_imagenet_keras" in origin["cnn"] and "vit_tiny_patch16" in origin["vit"]
+    facts = json.loads((run / "provenance.json").read_text())["facts"]
+    assert facts["feature_cache"]["feature_shape"] == [1024 + 192]  # pooled DenseNet ∥ ViT-Tiny
+    assert facts["trainable_parameters"] < 1_000_000  # the fusion head only
+    assert len(predictions(run)) == json.loads((run / "metrics.json").read_text())["n_images"]

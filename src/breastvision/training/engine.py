@@ -732,7 +732,7 @@ def _write_outputs(
     frozen = names[: names.index(first)] if first else []
     stage = {
         "stage": config.stage or config.name,
-        "weights": config.model.pretrained or "random init",
+        "weights": dict(model.weights_origin),  # each part: file and SHA-256, or random init
         "data": f"{data.catalog.name} ({config.data.source})",
         "split": {
             "protocol": data.split.protocol,

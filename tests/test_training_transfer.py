@@ -1,0 +1,102 @@
+"""Multi-level transfer: stages chain through model files, freeze what the config says, and record
+their lineage; finished stages are reused. Generated images, then the real shared data."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from breastvision.errors import BreastvisionError
+from breastvision.models.bundle import ModelBundle
+from breastvision.training.transfer import run_chain
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = ["train.epochs=1", "train.batch_size=4", "train.cache_dir=null", "train.progress=none"]
+
+
+def _chain(tmp_path: Path, lung: Path, breast: Path) -> Path:
+    (tmp_path / "lung.yaml").write_text(
+        f"data: {{source: {lung}, input_size: 32, split: {{protocol: group_holdout, "
+        "options: {fractions: [0.5, 0.25, 0.25]}}}\n"
+        "model: {name: resnet18, first_trainable_stage: layer3}\n"
+    )
+    (tmp_path / "breast.yaml").write_text(
+        f"extends: lung.yaml\ndata: {{source: {breast}, views: {{kind: dihedral, names: [rot90, hflip]}}}}\n"
+        "model: {first_trainable_stage: layer4}\n"
+    )
+    chain = tmp_path / "chain.yaml"
+    chain.write_text("name: chain\nstages:\n  - {name: lung, config: lung.yaml}\n"
+                     "  - {name: breast, config: breast.yaml}\n")
+    return chain
+
+
+def test_two_stage_chain(image_tree, tmp_path: Path) -> None:
+    lung = image_tree(classes=("aca", "n", "scc"), per_class=6, seed=2)
+    chain = _chain(tmp_path, lung, image_tree())
+    first, second = run_chain(chain, TINY, out=tmp_path / "runs")
+    parent = ModelBundle.load(first / "model.safetensors")
+    child = ModelBundle.load(second / "model.safetensors")
+    assert (len(parent.class_names), len(child.class_names)) == (3, 2)  # new classifier for stage 2
+    assert [e["stage"] for e in child.lineage] == ["initial weights", "lung", "breast"]
+    assert child.lineage[:2] == parent.lineage
+    assert str(first / "model.safetensors") in child.lineage[2]["weights"]["backbone"]
+    assert str(first / "model.safetensors") in child.extra["weights_origin"]["backbone"]
+    # Stage 2 froze stem..layer3, so those are exactly stage 1's weights; layer4 moved on.
+    w1, w2 = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    for key, value in w2.items():
+        if key.startswith(("conv1", "bn1", "layer1", "layer2", "layer3")):
+            assert torch.equal(value, w1[key]), key
+    assert not all(torch.equal(w2[k], w1[k]) for k in w2 if k.startswith("layer4"))
+    assert "| 3 | breast |" in (second / "report.md").read_text()  # the report prints the chain
+
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert run_chain(chain, TINY, out=tmp_path / "runs") == [first, second]  # both reused
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(BreastvisionError, match="trained with another config"):
+        run_chain(chain, [*TINY, "lung.train.lr=0.5"], out=tmp_path / "runs")
+
+
+def _subset_manifest(source: Path, target: Path, per_group: int, groups_per_class: int, group: str) -> Path:
+    """A manifest listing a few groups per class of a real data set (absolute paths)."""
+    with source.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    by_class: dict[str, dict[str, list[dict]]] = {}
+    for row in rows:
+        by_class.setdefault(row["label"], {}).setdefault(row[group], []).append(row)
+    chosen = []
+    for groups in by_class.values():
+        for name in random.Random(0).sample(sorted(groups), groups_per_class):
+            chosen += groups[name][:per_group]
+    with target.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "path": str(source.parent / r["path"])} for r in chosen)
+    return target
+
+
+@pytest.mark.slow
+def test_three_stage_run_on_real_images(lc25000_dir: Path, breakhis_dir: Path, weights_dir: Path,
+                                        tmp_path: Path) -> None:
+    """ImageNet DenseNet-121 weights → LC25000 → BreakHis (Macenko, dihedral views, patient-disjoint
+    folds) with the shipped CPU chain config, shrunk to a few images at 64×64."""
+    lung = _subset_manifest(lc25000_dir.parent / "manifest.csv", tmp_path / "lung.csv", 2, 5, "tile_group")
+    breast = _subset_manifest(breakhis_dir / "manifest.csv", tmp_path / "breast.csv", 2, 5, "patient_id")
+    overrides = [*TINY, f"weights_root={weights_dir}", "data.input_size=64", f"lc25000.data.source={lung}",
+                 f"breakhis.data.source={breast}", f"breakhis.data.stain.cache_dir={tmp_path / 'stain'}",
+                 "lc25000.data.split.options.fractions=[0.6, 0.2, 0.2]"]
+    lc, bh = run_chain(CONFIGS / "breakhis_multilevel_cpu.yaml", overrides, out=tmp_path / "runs")
+    bundle = ModelBundle.load(bh / "model.safetensors")
+    assert [e["stage"] for e in bundle.lineage] == ["initial weights", "lc25000", "breakhis"]
+    assert "densenet121_imagenet_keras.safetensors" in str(bundle.lineage[0]["weights"])
+    assert bundle.lineage[1]["frozen_stages"][-1] == "transition2"  # deep blocks learn LC25000
+    assert bundle.lineage[2]["trainable_stages"] == ["denseblock4", "head"]  # "mainly by freezing"
+    assert bundle.class_names == ["benign", "malignant"] and bundle.architecture == "densenet121_se"
+    assert bundle.preprocessing.stain is not None and bundle.preprocessing.stain["method"] == "macenko"
+    report = (bh / "report.md").read_text()
+    assert "P_arp" in report and "lc25000" in report
+    assert lc == tmp_path / "runs" / "lc25000" and bh == tmp_path / "runs" / "breakhis_fold0"
