@@ -53,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB (default 20)")
     serve.add_argument("--max-megapixels", type=float, default=40.0, help="largest image (default 40 MP)")
     serve.add_argument("--tta", action="store_true", help="average predictions over the 8 rotations/flips")
+    serve.add_argument("--inference-slots", type=int, default=1,
+                       help="forward passes run at once (default 1: each already uses every core)")
     serve.set_defaults(func=_serve)
 
 
@@ -128,9 +130,12 @@ def _export(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from breastvision.serving.web import serve
 
+    if args.inference_slots < 1:
+        raise BreastvisionError("--inference-slots must be at least 1")
+
     print(f"breastvision: serving {args.model} on http://{args.host}:{args.port}/  (Ctrl-C stops)")
     serve(
         args.model, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-        max_pixels=int(args.max_megapixels * 1_000_000), tta=args.tta,
+        max_pixels=int(args.max_megapixels * 1_000_000), tta=args.tta, inference_slots=args.inference_slots,
     )
     return 0
