@@ -202,9 +202,11 @@ def _carve_validation(split: Any, catalog: Catalog, fraction: float, seed: int) 
 
     train = split.subset(catalog, "train", None)
     records = list({id(r): r for r in (t[0] if isinstance(t, tuple) else t for t in train)}.values())
-    n_folds = max(2, round(1 / fraction))
-    if len({r.group for r in records}) < n_folds:
-        raise BreastvisionError(f"too few training groups to hold out {fraction:.0%} for validation")
+    # Fewer folds (a larger share) when a class has fewer images than folds, as on tiny data sets.
+    smallest_class = min(np.bincount([r.label for r in records], minlength=1)[[r.label for r in records]])
+    n_folds = min(round(1 / fraction), int(smallest_class), len({r.group for r in records}))
+    if n_folds < 2:
+        raise BreastvisionError(f"too few training images or groups to hold out {fraction:.0%} to validate")
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     _, val_idx = next(
         splitter.split(np.zeros(len(records)), [r.label for r in records], [r.group for r in records])
