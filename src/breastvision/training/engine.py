@@ -360,7 +360,9 @@ def _fit_stain(config: ExperimentConfig, data: RunData, fabric: Fabric) -> tuple
     data.facts["stain"] = {
         "method": stain.method,
         "reference": normalizer.state_dict().get("reference"),
-        "fallback_tiles": normalizer.fallbacks,
+        # Counted from the cache, not ``normalizer.fallbacks``: with a warm cache this run
+        # normalised nothing itself and that counter would read 0.
+        "fallback_tiles": len(cache.left_unnormalized(sources)),
     }
     return normalizer.state_dict(), dict(zip(sources, targets, strict=True))
 
