@@ -85,5 +85,8 @@ def test_chain_overrides_target_one_stage(tmp_path: Path) -> None:
     assert (lc.data.fold, bh.data.fold) == (None, 3)
     assert (lc.train.batch_size, bh.train.batch_size) == (4, 4)
     assert (lc.run_dir, bh.run_dir) == (tmp_path / "lc25000", tmp_path / "breakhis_fold3")
-    # The paper's reading of which blocks learn at each stage (training/transfer.py).
+    assert (lc.model.first_trainable_stage, bh.model.first_trainable_stage) == ("denseblock3", "head")
+    # The paper's chain: our reading of which blocks learn at each stage (training/transfer.py).
+    lc, bh = stage_configs(CONFIGS / "breakhis_multilevel_paper.yaml", out=tmp_path)
     assert (lc.model.first_trainable_stage, bh.model.first_trainable_stage) == ("denseblock3", "denseblock4")
+    assert (lc.train.epochs, bh.train.epochs, bh.train.batch_size, bh.train.lr) == (200, 200, 16, 0.01)
