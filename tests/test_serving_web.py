@@ -180,7 +180,8 @@ def test_missing_file_field(client) -> None:
 def test_onnx_model_serves_predictions_but_not_explanations(model_file: Path, tmp_path: Path) -> None:
     onnx_file = export_onnx(model_file, tmp_path / "m.onnx", opset=17, verify=False).path
     with TestClient(create_app(onnx_file)) as onnx_client:
-        assert onnx_client.get("/api/model").json()["source"]["backend"] == "onnxruntime"
+        source = onnx_client.get("/api/model").json()["source"]
+        assert source["backend"] == "onnxruntime" and source["explainable"] is False
         assert _upload(onnx_client, _png()).status_code == 200
         response = _upload(onnx_client, _png(), explain="true")
         assert response.status_code == 400 and "ONNX" in response.json()["detail"]

@@ -142,7 +142,8 @@ class Predictor(ABC):
         """The model card: the file's metadata plus where it came from and which back-end runs it."""
         return {
             **self.info.metadata(),
-            "source": {"file": self.source.name, "sha256": file_sha256(self.source), "backend": self.backend},
+            "source": {"file": self.source.name, "sha256": file_sha256(self.source), "backend": self.backend,
+                       "explainable": self.can_explain},
         }
 
 

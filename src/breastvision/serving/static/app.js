@@ -53,6 +53,11 @@ function renderCard(card) {
     ["sha256", source.sha256 ? source.sha256.slice(0, 16) + "…" : "—"],
     ["runs on", source.backend],
   ];
+  if (!source.explainable) {  // an ONNX export has no gradients for Grad-CAM
+    $("explain").checked = false;
+    $("explain").disabled = true;
+    $("explain").parentElement.title = "heat-maps need the .safetensors model file";
+  }
   const dl = $("card-facts");
   dl.replaceChildren();
   for (const [term, value] of facts) dl.append(el("dt", {}, term), el("dd", {}, formatValue(value)));
