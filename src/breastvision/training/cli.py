@@ -1,4 +1,4 @@
-"""``breastvision train`` and ``breastvision transfer``."""
+"""``breastvision train``, ``breastvision transfer`` and ``breastvision crossval``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     transfer.add_argument("--out", type=Path, metavar="DIR", help="folder of the stages' run folders")
     transfer.set_defaults(func=run_transfer)
 
+    crossval = subparsers.add_parser(
+        "crossval",
+        help="k-fold cross-validation of a config: train every fold, pool the out-of-fold predictions",
+        description="Train data.fold=0..K-1 of a group_kfold config into DIR/fold<k> (finished folds "
+        "are reused, interrupted ones resumed) and write the pooled report into DIR.",
+    )
+    crossval.add_argument("config", type=Path, metavar="CONFIG", help="experiment YAML with a k-fold split")
+    crossval.add_argument("--folds", type=int, default=5, metavar="K", help="number of folds (default 5)")
+    _overrides(crossval)
+    crossval.add_argument(
+        "--out", type=Path, metavar="DIR", help="folder of the folds (default: the config's output_dir)"
+    )
+    crossval.set_defaults(func=run_crossval)
+
 
 def _overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -51,6 +65,13 @@ def run_train(args: argparse.Namespace) -> int:
 
     # The engine logs the run folder (from the first process only, in a distributed run).
     train(load_config(args.config, args.overrides), resume=args.resume, out=args.out)
+    return 0
+
+
+def run_crossval(args: argparse.Namespace) -> int:
+    from breastvision.training.crossval import run_crossval as crossval
+
+    crossval(args.config, args.folds, args.overrides, args.out)
     return 0
 
 

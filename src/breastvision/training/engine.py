@@ -42,6 +42,7 @@ import logging
 import math
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -200,11 +201,11 @@ def _carve_validation(split: Any, catalog: Catalog, fraction: float, seed: int) 
     taken), so model selection never looks at the test part."""
     from breastvision.data.splits import VIEW_SEPARATOR
 
-    train = split.subset(catalog, "train", None)
+    train = split.subset(catalog, "train")
     records = list({id(r): r for r in (t[0] if isinstance(t, tuple) else t for t in train)}.values())
     # Fewer folds (a larger share) when a class has fewer images than folds, as on tiny data sets.
-    smallest_class = min(np.bincount([r.label for r in records], minlength=1)[[r.label for r in records]])
-    n_folds = min(round(1 / fraction), int(smallest_class), len({r.group for r in records}))
+    smallest_class = min(Counter(r.label for r in records).values())
+    n_folds = min(round(1 / fraction), smallest_class, len({r.group for r in records}))
     if n_folds < 2:
         raise BreastvisionError(f"too few training images or groups to hold out {fraction:.0%} to validate")
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
@@ -223,22 +224,30 @@ def _carve_validation(split: Any, catalog: Catalog, fraction: float, seed: int) 
     return replace(split, assignment=assignment, params=params)
 
 
-def _items(entries: list, catalog: Catalog, views: list[str] | None, start: int = 0) -> list[Item]:
-    """Items of a split part: each record under each of ``views``, or the split's own (record, view)
-    pairs; items of one record share a target (numbered from ``start``)."""
+def _items(entries: list, catalog: Catalog, views: list[str] | None) -> list[Item]:
+    """Items of a split part: each record under each of ``views`` (all sharing the record's target),
+    or the split's own (record, view) pairs, each its own target."""
     items: list[Item] = []
-    for offset, entry in enumerate(entries):
+    for target, entry in enumerate(entries):
         if isinstance(entry, tuple):
             record, view = entry
-            items.append(Item(record, catalog.relpath(record), view, start + offset))
+            items.append(Item(record, catalog.relpath(record), view, target))
         else:
             rel = catalog.relpath(entry)
-            items += [Item(entry, rel, v, start + offset) for v in views or ["identity"]]
+            items += [Item(entry, rel, v, target) for v in views or ["identity"]]
     return items
 
 
 def prepare_data(config: ExperimentConfig) -> RunData:
-    """Catalog, split and the train / val / test items of a config (every process computes the same)."""
+    """Catalog, split and the train / val / test items of a config (every process computes the same).
+
+    Training items are each training image under each configured view, or the split's own
+    (image, view) pairs for protocols that split after augmentation; validation and test items are
+    the images themselves, or their 8 dihedral views with ``data.tta: dihedral8`` (image-level
+    splits only: a view-level split already fixes which views are tested).
+    """
+    from breastvision.data.splits import VIEW_SEPARATOR
+
     data = config.data
     catalog = _read(data.source, data.root, data.options)
     external = _read(data.external_val, data.root, {}) if data.external_val else None
@@ -265,7 +274,7 @@ def prepare_data(config: ExperimentConfig) -> RunData:
             )
     targets: dict[int, tuple[int, str, str]] = {}
     for item in test:
-        key = item.relpath if not split.views else f"{item.relpath}::{item.view}"
+        key = f"{item.relpath}{VIEW_SEPARATOR}{item.view}" if split.views else item.relpath
         targets.setdefault(item.target, (item.record.label, key, item.record.group))
     facts = {
         "images": {
@@ -509,6 +518,36 @@ def _use_cache(
     return not reasons
 
 
+def _cache_features(
+    config: ExperimentConfig,
+    fabric: Fabric,
+    model: nn.Module,
+    prefix: nn.Module,
+    renderer: ViewRenderer,
+    datasets: dict[str, Dataset],
+    batch_size: int,
+    show: bool,
+) -> dict[str, Any]:
+    """Replace each part's image-view dataset by the frozen prefix's outputs; return the cache facts."""
+    context = {
+        **renderer.context(),
+        "precision": resolve_precision(config.train),
+        "architecture": getattr(model, "architecture", type(model).__name__),
+        "first_trainable_stage": config.model.first_trainable_stage,
+    }
+    cache = FeatureCache(prefix, _feature_cache_dir(config.train.cache_dir), context, progress=show)
+    hits = computed = 0
+    for part, dataset in list(datasets.items()):
+        items = dataset.items
+        paths, views = [i.record.path for i in items], [i.view for i in items]
+        workers = config.data.num_workers
+        features = cache.features(dataset, paths, views, fabric, batch_size, workers, f"{part} features")
+        datasets[part] = FeatureDataset(features, [i.record.label for i in items])
+        hits, computed = hits + cache.hits, computed + cache.computed
+    shape = list(datasets["train"].features.shape[1:])
+    return {"used": True, "entries_reused": hits, "entries_computed": computed, "feature_shape": shape}
+
+
 def _feature_cache_dir(setting: str | None) -> Path | None:
     if setting is None:
         return None
@@ -567,35 +606,12 @@ def _run(fabric: Fabric, config: ExperimentConfig, run_dir: Path, resume: Path |
     step_prefix: nn.Module = prefix
     cache_facts: dict[str, Any] = {"used": False}
     if _use_cache(config, prefix, renderer, datasets["train"], fabric):
-        context = {
-            **renderer.context(),
-            "precision": resolve_precision(tc),
-            "architecture": getattr(model, "architecture", type(model).__name__),
-            "first_trainable_stage": config.model.first_trainable_stage,
-        }
-        cache = FeatureCache(prefix, _feature_cache_dir(tc.cache_dir), context, progress=show)
-        hits = computed = 0
-        for part, dataset in list(datasets.items()):
-            items = dataset.items
-            features = cache.features(
-                dataset,
-                [i.record.path for i in items],
-                [i.view for i in items],
-                fabric,
-                eval_batch,
-                config.data.num_workers,
-                f"{part} features",
-            )
-            datasets[part] = FeatureDataset(features, [i.record.label for i in items])
-            hits, computed = hits + cache.hits, computed + cache.computed
-        step_prefix = nn.Identity()
-        cache_facts = {
-            "used": True,
-            "entries_reused": hits,
-            "entries_computed": computed,
-            "feature_shape": list(datasets["train"].features.shape[1:]),
-        }
-        say(f"feature cache: {computed} views computed, {hits} reused (shape {cache_facts['feature_shape']})")
+        cache_facts = _cache_features(config, fabric, model, prefix, renderer, datasets, eval_batch, show)
+        step_prefix = nn.Identity()  # the datasets now hold the prefix's outputs
+        say(
+            f"feature cache: {cache_facts['entries_computed']} views computed, "
+            f"{cache_facts['entries_reused']} reused (shape {cache_facts['feature_shape']})"
+        )
 
     optimizer = _make_optimizer(tc, [p for p in suffix.parameters() if p.requires_grad])
     scheduler = _make_scheduler(tc, optimizer)
