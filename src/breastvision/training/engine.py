@@ -280,9 +280,10 @@ def prepare_data(config: ExperimentConfig) -> RunData:
         "images": {
             "train": len({i.record.path for i in train}),
             "val": len({i.record.path for i in val}),
-            "test": len(targets),
+            "test": len({i.record.path for i in test}),
         },
         "views": {"train": len(train), "val": len(val), "test": len(test)},
+        "test_predictions": len(targets),
         "skipped_files": len(catalog.skipped),
     }
     return RunData(
