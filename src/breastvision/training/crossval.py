@@ -53,7 +53,8 @@ def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_same_setup(run_dir: Path, config: Any) -> None:
+def check_same_setup(run_dir: Path, config: Any) -> None:
+    """Refuse to reuse a finished run whose saved configuration differs in anything but speed."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise BreastvisionError(f"{run_dir} holds a model but no config.yaml: not a breastvision run")
@@ -92,7 +93,7 @@ def run_crossval(
         run_dir = out_dir / f"fold{fold}"
         last = run_dir / "checkpoints" / "last.ckpt"
         if (run_dir / "model.safetensors").is_file():
-            _check_same_setup(run_dir, config)
+            check_same_setup(run_dir, config)
             log.info(f"fold {fold}/{folds}: finished already ({run_dir})")
         else:
             log.info(f"fold {fold}/{folds}: {'resuming' if last.is_file() else 'training'} in {run_dir}")
