@@ -167,7 +167,7 @@ def test_finished_run_of_another_config_is_an_error(tmp_path: Path) -> None:
     save_config(
         load_config(configs / breakhis.PRESETS["cpu"].densenet, ["train.epochs=1"]), run_dir / "config.yaml"
     )
-    with pytest.raises(BreastvisionError, match="another config"):
+    with pytest.raises(BreastvisionError, match="different configuration"):
         breakhis._run_once(config, run_dir)
     save_config(
         load_config(configs / breakhis.PRESETS["cpu"].densenet, ["train.threads=2"]), run_dir / "config.yaml"

@@ -178,23 +178,11 @@ def _overrides(args: argparse.Namespace, preset: Preset) -> tuple[list[str], lis
 def _run_once(config: Any, run_dir: Path) -> Path:
     """Train ``config`` into ``run_dir`` unless a finished run of the same config is there; resume an
     interrupted one."""
-    import yaml
-
-    from breastvision.training.config import plain
+    from breastvision.training.crossval import check_same_setup
     from breastvision.training.engine import train
 
-    def comparable(raw: Mapping[str, Any]) -> dict[str, Any]:
-        out = json.loads(json.dumps(raw, default=str))
-        out.pop("output_dir", None)
-        out.get("train", {}).pop("threads", None)  # speed, not results
-        return out
-
     if (run_dir / "model.safetensors").is_file():
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        if comparable(saved) != comparable(plain(config.to_dict())):
-            raise BreastvisionError(
-                f"{run_dir} holds a run of another config; remove it or choose another --out"
-            )
+        check_same_setup(run_dir, config)
         return run_dir
     last = run_dir / "checkpoints" / "last.ckpt"
     return train(config, resume=last if last.is_file() else None, out=run_dir)
