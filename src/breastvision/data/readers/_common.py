@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from breastvision.data import dedup
 from breastvision.data.io import BadImageError, is_image_file, load_image, load_mask, read_header
 from breastvision.data.records import Catalog, Record, Skipped
 from breastvision.errors import BreastvisionError
@@ -127,6 +128,28 @@ def common_root(paths: Sequence[Path]) -> Path:
     return Path(os.path.commonpath([str(p.parent) for p in paths]))
 
 
+def read_manifest_listing(
+    manifest: Path, required: Sequence[str]
+) -> tuple[list[ManifestRow], list[str], Path, list[Skipped]]:
+    """A manifest's rows, its column names, the folder the rows are relative to, and the skips
+    known before any row is checked (repeated listings, files on disk the manifest leaves out).
+    A manifest listing nothing is a user error."""
+    rows, columns, repeats = read_manifest_rows(manifest, required)
+    if not rows:
+        raise BreastvisionError(f"{manifest}: manifest lists no images")
+    root = common_root([row.path for row in rows])
+    return rows, columns, root, repeats + unlisted_images(root, {row.path for row in rows}, manifest)
+
+
+def listed_header(row: ManifestRow, manifest: Path, skipped: list[Skipped]) -> dict[str, Any] | None:
+    """:func:`header_meta` of a manifest row's file; one missing on disk is appended to ``skipped``
+    (naming the manifest) and gives None."""
+    if not row.path.is_file():
+        skipped.append(Skipped(row.path, f"listed in {manifest.name} but missing on disk"))
+        return None
+    return header_meta(row.path, skipped)
+
+
 def unlisted_images(root: Path, listed: set[Path], manifest: Path) -> list[Skipped]:
     """Files below ``root`` that a manifest does not list: reported, never silently dropped."""
     skipped = []
@@ -168,8 +191,15 @@ def finish_catalog(
     grouping: str,
     meta: dict[str, Any],
     verify: bool,
+    near_duplicates: bool = False,
+    cache: dedup.HashCache | None = None,
 ) -> Catalog:
-    """Verify if asked, refuse an empty result with the reasons, and sort records by path."""
+    """Group copies of one scan by perceptual hash if asked (``meta["near_duplicates"]`` then says
+    how), verify if asked, refuse an empty result with the reasons, and sort records by path."""
+    if near_duplicates and records:
+        records, bad, meta["near_duplicates"] = dedup.group_near_duplicates(records, root, class_names, cache)
+        skipped = skipped + bad
+        grouping = "near_duplicate"
     if verify:
         records, bad = verify_records(records)
         skipped = skipped + bad

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from breastvision.data.readers._common import (
-    common_root,
     finish_catalog,
     header_meta,
+    listed_header,
     partition_images,
-    read_manifest_rows,
-    unlisted_images,
+    read_manifest_listing,
     walk_files,
 )
 from breastvision.data.records import Catalog, Record, Skipped
@@ -132,16 +131,15 @@ def parse_magnification(value: int | str) -> int:
     return int(text)
 
 
-def _wanted_magnifications(value: int | str | list | tuple | None) -> frozenset[int] | None:
+def _wanted_magnifications(group_by: str, value: int | str | list | tuple | None) -> frozenset[int] | None:
+    """The magnifications to keep (None: all), once ``group_by`` is known to be a BreakHis grouping:
+    both options are checked before any file is read."""
+    if group_by not in GROUPINGS:
+        raise BreastvisionError(f"BreakHis grouping '{group_by}' unknown; use one of {', '.join(GROUPINGS)}")
     if value is None:
         return None
     values = value if isinstance(value, list | tuple | set | frozenset) else [value]
     return frozenset(parse_magnification(v) for v in values)
-
-
-def _check_grouping(group_by: str) -> None:
-    if group_by not in GROUPINGS:
-        raise BreastvisionError(f"BreakHis grouping '{group_by}' unknown; use one of {', '.join(GROUPINGS)}")
 
 
 def _record(path: Path, label: int, group_by: str, meta: dict[str, Any]) -> Record:
@@ -149,14 +147,35 @@ def _record(path: Path, label: int, group_by: str, meta: dict[str, Any]) -> Reco
     return Record(path=path, label=label, group=group, meta=meta)
 
 
-def _catalog_meta(fmt: str, group_by: str, wanted: frozenset[int] | None, filtered: int) -> dict:
+def _finish(
+    fmt: str,
+    root: Path,
+    records: list[Record],
+    skipped: list[Skipped],
+    filtered: int,
+    group_by: str,
+    wanted: frozenset[int] | None,
+    verify: bool,
+    name: str,
+) -> Catalog:
+    """The catalog of either reader, recording its options and the ``filtered`` count of images the
+    magnification filter dropped."""
     meta: dict[str, Any] = {
         "format": fmt,
         "read_options": {"group_by": group_by, "magnification": sorted(wanted) if wanted else None},
     }
     if wanted:
         meta["filtered_out"] = {f"magnification not {'/'.join(f'{m}X' for m in sorted(wanted))}": filtered}
-    return meta
+    return finish_catalog(
+        name=name,
+        root=root,
+        class_names=list(CLASS_NAMES),
+        records=records,
+        skipped=skipped,
+        grouping=group_by,
+        meta=meta,
+        verify=verify,
+    )
 
 
 def read_breakhis_names(
@@ -168,8 +187,7 @@ def read_breakhis_names(
     name: str = "breakhis",
 ) -> Catalog:
     """Every image below ``folder`` with an official BreakHis name (the official tree included)."""
-    _check_grouping(group_by)
-    wanted = _wanted_magnifications(magnification)
+    wanted = _wanted_magnifications(group_by, magnification)
     images, skipped = partition_images(walk_files(folder))
     records, filtered = [], 0
     for path in images:
@@ -196,16 +214,7 @@ def read_breakhis_names(
             **header,
         }
         records.append(_record(path, parsed.label, group_by, meta))
-    return finish_catalog(
-        name=name,
-        root=folder,
-        class_names=list(CLASS_NAMES),
-        records=records,
-        skipped=skipped,
-        grouping=group_by,
-        meta=_catalog_meta("breakhis-names", group_by, wanted, filtered),
-        verify=verify,
-    )
+    return _finish("breakhis-names", folder, records, skipped, filtered, group_by, wanted, verify, name)
 
 
 def read_breakhis_manifest(
@@ -217,13 +226,8 @@ def read_breakhis_manifest(
     name: str = "breakhis",
 ) -> Catalog:
     """A BreakHis-style manifest; its ``patient_id`` column holds slide ids (``29960AB``)."""
-    _check_grouping(group_by)
-    wanted = _wanted_magnifications(magnification)
-    rows, _, repeats = read_manifest_rows(manifest, MANIFEST_COLUMNS)
-    if not rows:
-        raise BreastvisionError(f"{manifest}: manifest lists no images")
-    root = common_root([row.path for row in rows])
-    skipped = repeats + unlisted_images(root, {row.path for row in rows}, manifest)
+    wanted = _wanted_magnifications(group_by, magnification)
+    rows, _, root, skipped = read_manifest_listing(manifest, MANIFEST_COLUMNS)
     subtype_codes = {v: k for k, v in SUBTYPES.items()}
     records, filtered = [], 0
     for row in rows:
@@ -239,10 +243,7 @@ def read_breakhis_manifest(
         if wanted and mag not in wanted:
             filtered += 1
             continue
-        if not row.path.is_file():
-            skipped.append(Skipped(row.path, f"listed in {manifest.name} but missing on disk"))
-            continue
-        header = header_meta(row.path, skipped)
+        header = listed_header(row, manifest, skipped)
         if header is None:
             continue
         subtype_name = row.fields["subtype"]
@@ -255,16 +256,7 @@ def read_breakhis_manifest(
             **header,
         }
         records.append(_record(row.path, CLASS_NAMES.index(row.label), group_by, meta))
-    return finish_catalog(
-        name=name,
-        root=root,
-        class_names=list(CLASS_NAMES),
-        records=records,
-        skipped=skipped,
-        grouping=group_by,
-        meta=_catalog_meta("breakhis-manifest", group_by, wanted, filtered),
-        verify=verify,
-    )
+    return _finish("breakhis-manifest", root, records, skipped, filtered, group_by, wanted, verify, name)
 
 
 def is_breakhis_manifest(columns: list[str]) -> bool:

@@ -79,14 +79,7 @@ def read_busi(
             rel = path.relative_to(folder).as_posix()
             records.append(Record(path, label, rel, {**header}, tuple(good_masks)))
     meta: dict = {"format": "busi", "read_options": {"near_duplicates": near_duplicates}}
-    grouping = "image"
-    if near_duplicates and records:
-        records, bad, meta["near_duplicates"] = dedup.group_near_duplicates(
-            records, folder, class_names, cache
-        )
-        skipped.extend(bad)
-        grouping = "near_duplicate"
-    else:
+    if not near_duplicates:
         meta["notes"] = ["near-duplicate grouping off: copies of one scan can straddle a split"]
     return finish_catalog(
         name=name,
@@ -94,7 +87,9 @@ def read_busi(
         class_names=class_names,
         records=records,
         skipped=skipped,
-        grouping=grouping,
+        grouping="image",
         meta=meta,
         verify=verify,
+        near_duplicates=near_duplicates,
+        cache=cache,
     )

@@ -13,12 +13,11 @@ from typing import Any
 
 from breastvision.data import dedup
 from breastvision.data.readers._common import (
-    common_root,
     finish_catalog,
     header_meta,
-    read_manifest_rows,
+    listed_header,
+    read_manifest_listing,
     scan_class_tree,
-    unlisted_images,
 )
 from breastvision.data.records import Catalog, Record, Skipped
 from breastvision.errors import BreastvisionError
@@ -27,36 +26,11 @@ from breastvision.errors import BreastvisionError
 GROUP_COLUMNS = ("group", "tile_group", "patient", "patient_id")
 
 
-def _finish(
-    *,
-    name: str,
-    root: Path,
-    class_names: list[str],
-    records: list[Record],
-    skipped: list[Skipped],
-    grouping: str,
-    meta: dict[str, Any],
-    near_duplicates: bool,
-    verify: bool,
-    cache: dedup.HashCache | None,
-) -> Catalog:
-    notes = meta.setdefault("notes", [])
-    if near_duplicates and records:
-        records, bad, meta["near_duplicates"] = dedup.group_near_duplicates(records, root, class_names, cache)
-        skipped = skipped + bad
-        grouping = "near_duplicate"
-    elif grouping == "image":
+def _catalog_meta(fmt: str, grouping: str, near_duplicates: bool, **extra: str) -> dict[str, Any]:
+    notes = []
+    if grouping == "image" and not near_duplicates:
         notes.append("no groups given: each image is its own group, so related images can straddle a split")
-    return finish_catalog(
-        name=name,
-        root=root,
-        class_names=class_names,
-        records=records,
-        skipped=skipped,
-        grouping=grouping,
-        meta=meta,
-        verify=verify,
-    )
+    return {"format": fmt, **extra, "read_options": {"near_duplicates": near_duplicates}, "notes": notes}
 
 
 def read_class_tree(
@@ -81,14 +55,14 @@ def read_class_tree(
             header = header_meta(path, skipped)
             if header is not None:
                 records.append(Record(path, label, path.relative_to(folder).as_posix(), header))
-    return _finish(
+    return finish_catalog(
         name=name or folder.name,
         root=folder,
         class_names=names,
         records=records,
         skipped=skipped,
         grouping="image",
-        meta={"format": fmt, "read_options": {"near_duplicates": near_duplicates}},
+        meta=_catalog_meta(fmt, "image", near_duplicates),
         near_duplicates=near_duplicates,
         verify=verify,
         cache=cache,
@@ -112,9 +86,7 @@ def read_manifest(
     """A CSV with ``path`` (relative to the CSV's folder, or absolute), ``label`` and optionally a
     group column (the first of :data:`GROUP_COLUMNS` present). Labels are class names; without
     ``class_names`` the classes are the labels found, sorted."""
-    rows, columns, repeats = read_manifest_rows(manifest, ("path", "label"))
-    if not rows:
-        raise BreastvisionError(f"{manifest}: manifest lists no images")
+    rows, columns, root, skipped = read_manifest_listing(manifest, ("path", "label"))
     group_column = manifest_group_column(columns)
     if near_duplicates and group_column:
         raise BreastvisionError(
@@ -122,8 +94,6 @@ def read_manifest(
             "near-duplicate grouping would replace them (drop one of the two)"
         )
     names = list(class_names) if class_names is not None else sorted({r.label for r in rows if r.label})
-    root = common_root([row.path for row in rows])
-    skipped = repeats + unlisted_images(root, {row.path for row in rows}, manifest)
     records = []
     for row in rows:
         if row.label not in names:
@@ -132,23 +102,21 @@ def read_manifest(
         if group_column and not row.fields[group_column]:
             skipped.append(Skipped(row.path, f"empty '{group_column}' in {manifest.name}"))
             continue
-        if not row.path.is_file():
-            skipped.append(Skipped(row.path, f"listed in {manifest.name} but missing on disk"))
-            continue
-        header = header_meta(row.path, skipped)
+        header = listed_header(row, manifest, skipped)
         if header is None:
             continue
         extra = {k: v for k, v in row.fields.items() if k not in ("path", "label")}
         group = row.fields[group_column] if group_column else row.path.relative_to(root).as_posix()
         records.append(Record(row.path, names.index(row.label), group, {**extra, **header}))
-    return _finish(
+    grouping = group_column or "image"
+    return finish_catalog(
         name=name or manifest.parent.name,
         root=root,
         class_names=names,
         records=records,
         skipped=skipped,
-        grouping=group_column or "image",
-        meta={"format": fmt, "manifest": str(manifest), "read_options": {"near_duplicates": near_duplicates}},
+        grouping=grouping,
+        meta=_catalog_meta(fmt, grouping, near_duplicates, manifest=str(manifest)),
         near_duplicates=near_duplicates,
         verify=verify,
         cache=cache,
