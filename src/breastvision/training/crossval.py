@@ -130,6 +130,10 @@ def _mean_sd(values: Sequence[float | None]) -> dict[str, float] | None:
     return {"mean": float(np.mean(present)), "sd": sd, "n": len(present)}
 
 
+def _seconds(value: float | None) -> str | None:
+    return None if value is None else f"{value:.0f}"
+
+
 def _json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -233,11 +237,12 @@ def aggregate_runs(
         facts=facts,
         title=title,
     )
-    header = ["fold", "run folder", "test images", "split SHA-256", "best epoch", "seconds", *FOLD_METRICS]
-    rows = [[i, f["run_dir"], f["n_test"], f["split_sha256"], f["best_epoch"], f["wall_clock_seconds"],
-             *(f[m] for m in FOLD_METRICS)] for i, f in enumerate(per_fold)]
-    spread = ["mean ± sd", "", sum(f["n_test"] for f in per_fold), "", "", wall,
-              *(f"{v['mean']:.3f} ± {v['sd']:.3f}" if (v := mean_sd.get(m)) else None for m in FOLD_METRICS)]
+    shown = [m for m in FOLD_METRICS if m in mean_sd]  # no patient column without patients
+    header = ["fold", "run folder", "test images", "split SHA-256", "best epoch", "seconds", *shown]
+    rows = [[i, f["run_dir"], f["n_test"], f["split_sha256"], f["best_epoch"],
+             _seconds(f["wall_clock_seconds"]), *(f[m] for m in shown)] for i, f in enumerate(per_fold)]
+    spread = ["mean ± sd", "", sum(f["n_test"] for f in per_fold), "", "", _seconds(wall),
+              *(f"{mean_sd[m]['mean']:.3f} ± {mean_sd[m]['sd']:.3f}" for m in shown)]
     folds_section = (
         "## Folds\n\nThe metrics above pool every fold's out-of-fold test predictions "
         "([predictions.csv](predictions.csv)); each fold's own numbers, and their mean ± sample sd:\n\n"
