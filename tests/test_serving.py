@@ -154,6 +154,10 @@ def test_explain_writes_overlays_of_the_original_size(make_model_file, scans: Pa
     assert Image.open(png).size == (100, 80)
     assert json.loads(out.read_text())["predictions"][0]["overlays"] == {"gradcam": str(png)}
 
+    single = (scans / "sub" / "b.jpg").resolve()
+    assert main(["predict", str(model_file), str(single), "--explain", str(tmp_path / "one")]) == 0
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["b_gradcam.png"]
+
 
 @pytest.fixture(scope="module")
 def fusion_export(make_model_file, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:

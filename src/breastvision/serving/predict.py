@@ -252,7 +252,10 @@ def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
 
 
 def _overlay_stem(name: str, used: set[str]) -> str:
-    stem = Path(name).with_suffix("").as_posix().replace("/", "__")
+    """A file name for an image's overlays: its path below the folder given, or, for a file given
+    by absolute path, its own stem (a repeat gets ``-2``, ``-3`` …)."""
+    path = Path(name)
+    stem = path.stem if path.is_absolute() else path.with_suffix("").as_posix().replace("/", "__")
     unique, n = stem, 1
     while unique in used:
         n += 1
