@@ -304,12 +304,8 @@ def metric_cell(metrics: Mapping[str, Any], dotted: str) -> Any:
 
 def table3(results: Mapping[str, Mapping[str, Any]], folds: int) -> tuple[list[dict], list[dict]]:
     """Table 3 rows (ours, the paper's): ``P_arp`` and ``P_img`` (%) per magnification."""
-    protocols = {
-        "random": "random 7:1:2 image split (LEAKY)",
-        "cv": f"patient-disjoint {folds}-fold CV",
-    }
     ours = []
-    for protocol, label in protocols.items():
+    for protocol, label in protocol_labels(folds).items():
         for key, name in MODELS.items():
             result = results.get(protocol, {}).get(key)
             if result is None:
@@ -333,7 +329,12 @@ def table3(results: Mapping[str, Mapping[str, Any]], folds: int) -> tuple[list[d
     return ours, paper
 
 
-def details_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict]:
+def protocol_labels(folds: int) -> dict[str, str]:
+    """Result keys → table labels, in table order (the leaky protocol first, as in the paper)."""
+    return {"random": "random 7:1:2 image split (LEAKY)", "cv": f"patient-disjoint {folds}-fold CV"}
+
+
+def details_rows(results: Mapping[str, Mapping[str, Any]], folds: int) -> list[dict]:
     """Every headline metric of each model and protocol (fractions, 95% patient-bootstrap CIs)."""
     rows = []
     for protocol, by_model in results.items():
@@ -341,7 +342,7 @@ def details_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict]:
             m = result["metrics"]
             rows.append(
                 {
-                    "protocol": protocol,
+                    "protocol": protocol_labels(folds)[protocol],
                     "model": MODELS[key],
                     "patients": (m.get("patient") or {}).get("n_patients"),
                     "images": m.get("n_images"),
@@ -461,7 +462,7 @@ def render(
         "## Details: every headline metric (fractions, 95% CI)",
         "",
         comparison_table(
-            details_rows(results), (), "Sensitivity and specificity take malignant as positive."
+            details_rows(results, folds), (), "Sensitivity and specificity take malignant as positive."
         ),
         "## Table 4: parameters and model size",
         "",
