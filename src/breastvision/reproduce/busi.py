@@ -203,6 +203,8 @@ def describe(config: Any, facts: dict[str, Any], weights: Any) -> str:
         aug = f"{views.count} fresh augmentation(s) per image each epoch"
     elif views.kind == "random":
         aug = f"{views.count} fixed augmented views per image"
+    elif views.kind == "identity":
+        aug = "each training image once, no augmentation"
     else:
         aug = f"views: {views.kind}"
     epochs = facts.get("epochs_run", config.train.epochs)
