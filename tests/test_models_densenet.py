@@ -95,3 +95,13 @@ def test_dropout_025_before_the_classifier():
         model = create_model(name, num_classes=2)
         assert model.head_drop.p == 0.25
         assert create_model(name, num_classes=2, drop_rate=0.1).head_drop.p == 0.1
+
+
+def test_se_backbone_init_does_not_depend_on_the_class_count():
+    """Transfer stages with different heads (LC25000: 3, BreakHis: 2) share frozen-prefix caches."""
+    torch.manual_seed(0)
+    two = create_model("densenet121_se", num_classes=2)
+    torch.manual_seed(0)
+    three = create_model("densenet121_se", num_classes=3)
+    backbone_two, backbone_three = two.features.state_dict(), three.features.state_dict()
+    assert all(torch.equal(backbone_two[k], backbone_three[k]) for k in backbone_two)

@@ -101,17 +101,20 @@ class DenseNet(_TorchvisionDenseNet):
         super().__init__(block_config=block_config)
         self.num_classes = num_classes
         self.num_features = self.classifier.in_features
-        self.head_drop = nn.Dropout(drop_rate)
-        self.classifier = classifier_or_identity(self.num_features, num_classes)
-        if isinstance(self.classifier, nn.Linear):  # torchvision's init: zero classifier bias
-            nn.init.zeros_(self.classifier.bias)
-        self.pretrained_cfg = imagenet_cfg("classifier", num_classes)
+        # SE blocks are drawn before the classifier so that, for one seed, the backbone's initial
+        # weights do not depend on the number of classes (frozen prefixes of an LC25000 stage and
+        # a BreakHis stage then hash alike and share cached features).
         if se_reduction is not None:
             for name, module in list(self.features.named_children()):
                 if isinstance(module, _DenseBlock):
                     setattr(self.features, name, SEDenseBlock(module, se_reduction))
                 elif name.startswith("transition"):
                     module.add_module("se", se_block(module.conv.out_channels, se_reduction))
+        self.head_drop = nn.Dropout(drop_rate)
+        self.classifier = classifier_or_identity(self.num_features, num_classes)
+        if isinstance(self.classifier, nn.Linear):  # torchvision's init: zero classifier bias
+            nn.init.zeros_(self.classifier.bias)
+        self.pretrained_cfg = imagenet_cfg("classifier", num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
