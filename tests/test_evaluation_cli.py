@@ -6,6 +6,8 @@ import argparse
 import csv
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from PIL import Image
 from breastvision.data.readers import read_dataset
 from breastvision.data.splits import make_split
 from breastvision.errors import BreastvisionError
-from breastvision.evaluation import cli
+from breastvision.evaluation import cli, evaluate
 from breastvision.models.bundle import ModelBundle, Preprocessing
 from breastvision.models.registry import create_model
 
@@ -111,14 +113,21 @@ def test_unknown_class_is_refused(tmp_path: Path, model_file: Path):
 
 
 def test_class_mapping():
-    mapping = cli.class_mapping(["Benign", "malignant", "normal"], ["malignant", "benign"], {0, 1})
+    mapping = evaluate.class_mapping(["Benign", "malignant", "normal"], ["malignant", "benign"], {0, 1})
     assert mapping.tolist() == [1, 0, -1]  # "normal" has no images here, so it does not matter
 
 
 def test_patient_level_choice():
-    assert cli._use_patients("auto", "slide") and cli._use_patients("auto", "patient_id")
-    assert not cli._use_patients("auto", "near_duplicate") and cli._use_patients("on", "group")
-    assert not cli._use_patients("off", "slide")
+    assert evaluate._use_patients("auto", "slide") and evaluate._use_patients("auto", "patient_id")
+    assert not evaluate._use_patients("auto", "near_duplicate") and evaluate._use_patients("on", "group")
+    assert not evaluate._use_patients("off", "slide")
+
+
+def test_command_line_parser_does_not_import_torch():
+    """``breastvision --help`` must stay fast: no command module may import torch when registering."""
+    code = "import sys, breastvision.cli as c; c.build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_evaluate_real_breakhis_samples(tmp_path: Path, model_file: Path, breakhis_samples_dir: Path):

@@ -1,0 +1,245 @@
+"""``breastvision evaluate MODEL SOURCE``: a saved model file on any dataset, folder or manifest.
+
+The command's arguments are declared in ``evaluation.cli``, which imports this module only when
+the command runs (torch and numpy are slow to import; ``breastvision --help`` should not wait).
+
+The model file says how to pre-process (``ModelBundle.preprocessing``, fitted stain normaliser
+included), so the same command scores the test split of a training run, held-out patients or
+another hospital's images. Labels are matched to the model's classes *by name*, never by index:
+an external folder listing its classes in another order still scores correctly, and a class the
+model never learnt is refused. A dataset holding only some of the model's classes is fine (AUC
+of the missing ones is undefined and says so; patient-level metrics still apply).
+
+Patient-level metrics and the patient (cluster) bootstrap are used when the dataset's groups are
+patients or slides (BreakHis: one slide per patient; a manifest's ``patient`` / ``patient_id``
+column); other groupings, such as BUSI's near-duplicate groups, are not patients, so those runs
+report image-level metrics only unless ``--patient-level on`` says the groups are patients.
+
+With ``--split``, the dataset is read with the options the split was made with, its file list is
+checked against the split's hash, and one part (``--subset``, ``--fold`` for k-fold splits) is
+evaluated. Splits drawn after offline dihedral augmentation (paper 000 read literally) evaluate
+each (image, view) pair of the part, as the paper did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from breastvision.data.records import Catalog, Record
+from breastvision.errors import BreastvisionError
+
+log = logging.getLogger(__name__)
+
+#: ``Catalog.grouping`` values whose groups are patients (see the module docstring).
+PATIENT_GROUPINGS = frozenset({"patient", "patient_id", "slide"})
+
+
+def class_mapping(data_classes: Sequence[str], model_classes: Sequence[str], used: set[int]) -> np.ndarray:
+    """Index map from the dataset's class indices to the model's, matched by case-insensitive name.
+
+    Only classes that actually have images (``used``) must be known to the model.
+    """
+    model_index = {c.strip().lower(): i for i, c in enumerate(model_classes)}
+    unknown = [data_classes[k] for k in sorted(used) if data_classes[k].strip().lower() not in model_index]
+    if unknown:
+        raise BreastvisionError(
+            f"the data has classes the model does not know: {unknown} (model classes: {list(model_classes)})"
+        )
+    return np.array([model_index.get(c.strip().lower(), -1) for c in data_classes])
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """(file, view) items → model-ready tensors, by the model file's own pre-processing.
+
+    A view (a dihedral name, for splits drawn after offline augmentation) is applied to the image
+    before pre-processing, as the offline augmentation was.
+    """
+
+    def __init__(self, items: Sequence[tuple[Path, str | None]], preprocessing: Any) -> None:
+        self.items = list(items)
+        self.preprocessing = preprocessing
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from breastvision.data.io import load_image
+        from breastvision.data.transforms import apply_view, preprocess_image
+
+        path, view = self.items[index]
+        image = load_image(path)
+        return preprocess_image(image if view is None else apply_view(image, view), self.preprocessing)
+
+
+@torch.inference_mode()
+def predict_probs(
+    model: torch.nn.Module,
+    items: Sequence[Path | tuple[Path, str | None]],
+    preprocessing: Any,
+    *,
+    device: torch.device,
+    batch_size: int = 32,
+    workers: int = 0,
+    tta: bool = False,
+) -> np.ndarray:
+    """Softmax probabilities ``(N, C)`` for image files (or ``(file, view)`` pairs), in order; with
+    ``tta`` the mean over the 8 dihedral views (``data.transforms.dihedral_tta``)."""
+    from breastvision.data.transforms import dihedral_tta
+
+    pairs = [item if isinstance(item, tuple) else (item, None) for item in items]
+    loader = torch.utils.data.DataLoader(
+        _ImageDataset(pairs, preprocessing), batch_size=batch_size, num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+    model = model.to(device).eval()
+    out = []
+    for batch in loader:
+        batch = batch.to(device, non_blocking=True)
+        probs = dihedral_tta(model, batch) if tta else model(batch).softmax(dim=1)
+        out.append(probs.float().cpu().numpy())
+    if not out:
+        raise BreastvisionError("no images to predict")
+    return np.concatenate(out)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise BreastvisionError(f"unknown device {name!r}: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BreastvisionError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def select_items(
+    catalog: Catalog, split_file: Path | None, subset: str, fold: int | None
+) -> tuple[list[Record], list[str | None]]:
+    """The records to evaluate and the view of each (``None``: the image as stored)."""
+    if split_file is None:
+        return list(catalog.records), [None] * len(catalog)
+    from breastvision.data.splits import Split
+    from breastvision.data.transforms import DIHEDRAL_8
+
+    split = Split.load(split_file)
+    items = split.subset(catalog, subset, fold)
+    records = [i[0] if isinstance(i, tuple) else i for i in items]
+    views = [i[1] if isinstance(i, tuple) else None for i in items]
+    random_views = sorted({v for v in views if v is not None and v not in DIHEDRAL_8})
+    if random_views:
+        raise BreastvisionError(
+            f"split '{split.protocol}' assigns random augmented views ({', '.join(random_views)}), which "
+            "only its training run can regenerate; evaluate a split without views instead"
+        )
+    return records, views
+
+
+def _use_patients(choice: str, grouping: str) -> bool:
+    return choice == "on" or (choice == "auto" and grouping in PATIENT_GROUPINGS)
+
+
+def run(args: argparse.Namespace) -> int:
+    from breastvision.data.readers import read_dataset
+    from breastvision.data.splits import Split
+    from breastvision.evaluation.report import (
+        evaluate_predictions,
+        file_sha256,
+        write_predictions_csv,
+        write_report,
+    )
+    from breastvision.models.bundle import ModelBundle
+
+    if args.batch_size < 1:
+        raise BreastvisionError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.fold is not None and args.split is None:
+        raise BreastvisionError("--fold needs --split")
+    bundle = ModelBundle.load(args.model)
+    # A split is checked against the file list it was made for: read with the same options.
+    options = Split.load(args.split).params.get("read_options", {}) if args.split else {}
+    catalog = read_dataset(args.source, root=args.data, **options)
+    records, views = select_items(catalog, args.split, args.subset, args.fold)
+    if not records:
+        part = f" (part {args.subset!r} of {args.split})" if args.split else ""
+        raise BreastvisionError(f"no images to evaluate in {args.source}{part}")
+    for skipped in catalog.skipped:
+        log.warning("skipped %s: %s", skipped.path, skipped.reason)
+
+    mapping = class_mapping(catalog.class_names, bundle.class_names, {r.label for r in records})
+    y_true = mapping[[r.label for r in records]]
+    patients = _use_patients(args.patient_level, catalog.grouping)
+    groups = [r.group for r in records] if patients else None
+    device = resolve_device(args.device)
+    model = bundle.build_model()
+
+    start = time.perf_counter()
+    probs = predict_probs(model, list(zip([r.path for r in records], views, strict=True)),
+                          bundle.preprocessing, device=device, batch_size=args.batch_size,
+                          workers=args.workers, tta=args.tta)
+    seconds = time.perf_counter() - start
+    metrics = evaluate_predictions(y_true, probs, bundle.class_names, groups, positive_class=args.positive,
+                                   n_resamples=args.n_resamples, seed=args.seed)
+
+    part = f"_{args.subset}" + (f"{args.fold}" if args.fold is not None else "") if args.split else ""
+    out = args.out or Path("runs") / "evaluate" / f"{args.model.stem}_{catalog.name}{part}"
+    shown = [catalog.relpath(r) if r.path.is_relative_to(catalog.root) else str(r.path) for r in records]
+    shown = [p if v is None else f"{p}::{v}" for p, v in zip(shown, views, strict=True)]
+    write_predictions_csv(out / "predictions.csv", shown, y_true, probs, bundle.class_names, groups)
+    model_sha = file_sha256(args.model)
+    config = {
+        "command": "evaluate",
+        "model": str(args.model),
+        "model_sha256": model_sha,
+        "source": args.source,
+        "data_root": str(catalog.root),
+        "read_options": catalog.meta.get("read_options", {}),
+        "split": str(args.split) if args.split else None,
+        "subset": args.subset if args.split else None,
+        "fold": args.fold,
+        "tta": args.tta,
+        "device": str(device),
+        "batch_size": args.batch_size,
+        "patient_level": patients,
+        "bootstrap": {"n_resamples": args.n_resamples, "seed": args.seed},
+        "model_file": {k: v for k, v in bundle.metadata().items() if k != "metrics"},
+    }
+    facts = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "model file size (MB)": round(args.model.stat().st_size / 2**20, 2),
+        "inference time (s)": round(seconds, 2),
+        "images / s": round(len(records) / seconds, 1) if seconds > 0 else None,
+        "device": str(device),
+        "test-time augmentation": "8 dihedral views" if args.tta else "none",
+        "files skipped by the reader": len(catalog.skipped),
+        "patient-level metrics": f"yes (groups: {catalog.grouping})" if patients
+        else f"no (groups: {catalog.grouping}, not patients)",
+    }
+    weights_origin = {"model file": f"{args.model} (sha256 {model_sha[:16]}…)",
+                      **bundle.extra.get("weights_origin", {})}
+    report = write_report(
+        out, metrics=metrics, config=config, split_info=args.split, weights_origin=weights_origin,
+        lineage=bundle.lineage, class_names=bundle.class_names, y_true=y_true, probs=probs, facts=facts,
+        title=f"{bundle.architecture} on {catalog.name}" + (f" ({args.subset})" if args.split else ""),
+    )
+    _print_summary(metrics, report)
+    return 0
+
+
+def _print_summary(metrics: dict[str, Any], report: Path) -> None:
+    from breastvision.evaluation.report import HEADLINE, format_value, lookup
+
+    intervals = metrics.get("intervals", {})
+    for key in HEADLINE:
+        value = intervals.get(key) or lookup(metrics, key)
+        if value is not None:
+            print(f"{key:>16}: {format_value(value)}")
+    print(f"report: {report}")
