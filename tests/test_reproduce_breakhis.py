@@ -160,6 +160,7 @@ def test_skip_random_leaves_the_leaky_rows_out(stand_ins: dict[str, list], tmp_p
 
 def test_finished_run_of_another_config_is_an_error(tmp_path: Path) -> None:
     from breastvision.training.config import load_config, save_config
+    from breastvision.training.crossval import train_or_reuse
 
     configs = breakhis._configs_dir(None)
     config = load_config(configs / breakhis.PRESETS["cpu"].densenet)
@@ -168,11 +169,11 @@ def test_finished_run_of_another_config_is_an_error(tmp_path: Path) -> None:
         load_config(configs / breakhis.PRESETS["cpu"].densenet, ["train.epochs=1"]), run_dir / "config.yaml"
     )
     with pytest.raises(BreastvisionError, match="different configuration"):
-        breakhis._run_once(config, run_dir)
+        train_or_reuse(config, run_dir, "densenet")
     save_config(
         load_config(configs / breakhis.PRESETS["cpu"].densenet, ["train.threads=2"]), run_dir / "config.yaml"
     )
-    assert breakhis._run_once(config, run_dir) == run_dir  # threads change speed, not results
+    assert train_or_reuse(config, run_dir, "densenet") == run_dir  # threads change speed, not results
 
 
 def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:

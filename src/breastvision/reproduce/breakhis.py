@@ -182,19 +182,6 @@ def _overrides(args: argparse.Namespace, preset: Preset) -> tuple[list[str], lis
     return [*common, stain], [*common, f"breakhis.{stain}"], said
 
 
-def _run_once(config: Any, run_dir: Path) -> Path:
-    """Train ``config`` into ``run_dir`` unless a finished run of the same config is there; resume an
-    interrupted one."""
-    from breastvision.training.crossval import check_same_setup
-    from breastvision.training.engine import train
-
-    if (run_dir / "model.safetensors").is_file():
-        check_same_setup(run_dir, config)
-        return run_dir
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return train(config, resume=last if last.is_file() else None, out=run_dir)
-
-
 def _json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -266,13 +253,14 @@ def _random(
     configs: Path, preset: Preset, key: str, args: argparse.Namespace, single: list[str], chain: list[str]
 ) -> dict:
     from breastvision.training.config import load_config
+    from breastvision.training.crossval import train_or_reuse
     from breastvision.training.transfer import run_chain
 
     if key != "multilevel":
         config = load_config(
             configs / getattr(preset, key), [*single, f"data.split={LEAKY_SPLIT}", "data.fold=null"]
         )
-        run_dir = _run_once(config, args.out / "random" / key)
+        run_dir = train_or_reuse(config, args.out / "random" / key, f"{MODELS[key]} (random split)")
         return _summary(_json(run_dir / "metrics.json"), [run_dir])
     *earlier, last = run_chain(
         configs / preset.multilevel,

@@ -223,8 +223,7 @@ def reproduce(
     """Train every (row, setting) run not finished yet, then write ``table.md`` and ``table.json``
     into ``out``; returns the markdown."""
     from breastvision.evaluation.report import comparison_table, file_sha256, lookup
-    from breastvision.training.crossval import check_same_setup
-    from breastvision.training.engine import train
+    from breastvision.training.crossval import train_or_reuse
 
     out = Path(out)
     overrides = list(overrides)
@@ -235,14 +234,7 @@ def reproduce(
     for row in rows:
         for setting in row.settings:
             config = _load(row, setting, overrides, splits[setting])
-            run_dir = out / config.name / setting
-            last = run_dir / "checkpoints" / "last.ckpt"
-            if (run_dir / "model.safetensors").is_file():
-                check_same_setup(run_dir, config)
-                log.info(f"{row.label} / {setting}: finished already ({run_dir})")
-            else:
-                log.info(f"{row.label} / {setting}: training in {run_dir}")
-                train(config, resume=last if last.is_file() else None, out=run_dir)
+            run_dir = train_or_reuse(config, out / config.name / setting, f"{row.label} / {setting}")
             metrics = json.loads((run_dir / "metrics.json").read_text())
             provenance = json.loads((run_dir / "provenance.json").read_text())
             facts = provenance.get("facts", {})

@@ -65,6 +65,22 @@ def check_same_setup(run_dir: Path, config: Any) -> None:
         )
 
 
+def train_or_reuse(config: Any, run_dir: Path, label: str) -> Path:
+    """Train ``config`` into ``run_dir`` unless a finished run of the same setup is there (reused,
+    see ``check_same_setup``); an interrupted one (``checkpoints/last.ckpt``) is resumed. ``label``
+    names the run in the log. Returns ``run_dir``."""
+    from breastvision.training.engine import train
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if (run_dir / "model.safetensors").is_file():
+        check_same_setup(run_dir, config)
+        log.info(f"{label}: finished already ({run_dir})")
+    else:
+        log.info(f"{label}: {'resuming' if last.is_file() else 'training'} in {run_dir}")
+        train(config, resume=last if last.is_file() else None, out=run_dir)
+    return run_dir
+
+
 def run_crossval(
     config_path: str | os.PathLike,
     folds: int = 5,
@@ -76,7 +92,6 @@ def run_crossval(
     """Train every fold of a ``group_kfold`` config (finished folds reused) and write the pooled
     report into ``out`` (default: the config's run folder). Returns ``out``."""
     from breastvision.training.config import load_config
-    from breastvision.training.engine import train
 
     if folds < 2:
         raise BreastvisionError(f"cross-validation needs at least 2 folds (got {folds})")
@@ -87,18 +102,14 @@ def run_crossval(
             f"(got {first.data.split.protocol}); add --set data.split.protocol=group_kfold"
         )
     out_dir = Path(out).expanduser() if out is not None else first.run_dir
-    run_dirs = []
-    for fold in range(folds):
-        config = load_config(config_path, [*overrides, *fold_overrides(folds, fold)])
-        run_dir = out_dir / f"fold{fold}"
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if (run_dir / "model.safetensors").is_file():
-            check_same_setup(run_dir, config)
-            log.info(f"fold {fold}/{folds}: finished already ({run_dir})")
-        else:
-            log.info(f"fold {fold}/{folds}: {'resuming' if last.is_file() else 'training'} in {run_dir}")
-            train(config, resume=last if last.is_file() else None, out=run_dir)
-        run_dirs.append(run_dir)
+    run_dirs = [
+        train_or_reuse(
+            load_config(config_path, [*overrides, *fold_overrides(folds, fold)]),
+            out_dir / f"fold{fold}",
+            f"fold {fold}/{folds}",
+        )
+        for fold in range(folds)
+    ]
     aggregate_runs(run_dirs, out_dir, title=title or f"{first.name}: {folds}-fold cross-validation")
     return out_dir
 
