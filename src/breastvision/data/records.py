@@ -31,6 +31,12 @@ class Skipped:
     reason: str
 
 
+#: ``Catalog.grouping`` values whose groups are patients (BreakHis slides: one slide per patient;
+#: a manifest's ``patient`` / ``patient_id`` column), so patient-level metrics and the patient
+#: bootstrap apply. Other groupings, such as BUSI's near-duplicate groups, are not patients.
+PATIENT_GROUPINGS = frozenset({"patient", "patient_id", "slide"})
+
+
 @dataclass
 class Catalog:
     """A dataset read from disk: its records, class names, and what was skipped."""

@@ -33,13 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from breastvision.data.records import Catalog, Record
+from breastvision.data.records import PATIENT_GROUPINGS, Catalog, Record
 from breastvision.errors import BreastvisionError
 
 log = logging.getLogger(__name__)
-
-#: ``Catalog.grouping`` values whose groups are patients (see the module docstring).
-PATIENT_GROUPINGS = frozenset({"patient", "patient_id", "slide"})
 
 
 def class_mapping(data_classes: Sequence[str], model_classes: Sequence[str], used: set[int]) -> np.ndarray:

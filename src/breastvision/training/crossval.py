@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from breastvision.data.records import PATIENT_GROUPINGS
 from breastvision.errors import BreastvisionError
 
 log = logging.getLogger(__name__)
@@ -173,10 +174,6 @@ def aggregate_runs(
         write_report,
     )
 
-    # Patient (or slide) groupings get patient-level numbers and a patient bootstrap, as in a
-    # single run; BUSI's near-duplicate groups are not patients.
-    from breastvision.training.engine import PATIENT_GROUPINGS
-
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
         raise BreastvisionError("aggregate_runs needs at least one run folder")
@@ -217,7 +214,7 @@ def aggregate_runs(
     assert names is not None
     y_all = np.concatenate(labels)
     p_all = np.concatenate(probs)
-    patient_groups = groups if groupings <= set(PATIENT_GROUPINGS) and None not in groupings else None
+    patient_groups = groups if groupings <= PATIENT_GROUPINGS else None  # a run without split.json adds None
     pooled = evaluate_predictions(y_all, p_all, names, patient_groups, n_resamples=n_resamples, seed=seed)
     mean_sd = {m: _mean_sd([f[m] for f in per_fold]) for m in FOLD_METRICS}
     mean_sd = {m: v for m, v in mean_sd.items() if v is not None}

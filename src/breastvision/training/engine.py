@@ -56,7 +56,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from breastvision.data.records import Catalog
+from breastvision.data.records import PATIENT_GROUPINGS, Catalog
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import ModelBundle, Preprocessing
 from breastvision.training.config import ExperimentConfig, TrainConfig, resolve_weights, weights_root
@@ -66,8 +66,6 @@ from breastvision.training.progress import progress_bar, wanted
 from breastvision.training.views import Item, ViewDataset, ViewRenderer, derive_seed, training_views
 
 log = logging.getLogger(__name__)
-
-PATIENT_GROUPINGS = ("patient", "slide")
 
 
 # -- devices ---------------------------------------------------------------------------------------
