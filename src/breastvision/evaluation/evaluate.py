@@ -148,13 +148,9 @@ def _use_patients(choice: str, grouping: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     from breastvision.data.readers import read_dataset
     from breastvision.data.splits import Split
-    from breastvision.evaluation.report import (
-        evaluate_predictions,
-        file_sha256,
-        write_predictions_csv,
-        write_report,
-    )
+    from breastvision.evaluation.report import evaluate_predictions, write_predictions_csv, write_report
     from breastvision.models.bundle import ModelBundle
+    from breastvision.paths import file_sha256
 
     if args.batch_size < 1:
         raise BreastvisionError(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -17,7 +17,6 @@ check on its own::
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import shutil
 from collections.abc import Mapping, Sequence
@@ -31,6 +30,7 @@ from breastvision.errors import BreastvisionError
 from breastvision.evaluation import plots
 from breastvision.evaluation.bootstrap import bootstrap, classification_statistic
 from breastvision.evaluation.metrics import check_inputs, compute_metrics
+from breastvision.paths import file_sha256
 
 #: The headline rows of a report's metrics table, as dotted paths into the metrics dict.
 HEADLINE = (
@@ -178,15 +178,6 @@ def write_predictions_csv(
 def _jsonable(value: Any) -> Any:
     """Paths, tuples, numpy scalars and arrays as plain JSON types (for YAML and JSON dumps)."""
     return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in blocks (model files can be hundreds of MB)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _copy_split(run_dir: Path, split_info: str | Path | Mapping[str, Any] | None) -> dict[str, Any]:

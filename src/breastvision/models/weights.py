@@ -14,7 +14,6 @@ weights fail at once with a message naming the file to place and where.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from breastvision import paths
 from breastvision.errors import BreastvisionError
 
 RANDOM_INIT = "random init"
@@ -47,8 +47,7 @@ def is_offline() -> bool:
 
 @functools.lru_cache(maxsize=64)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    return paths.file_sha256(path)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -222,7 +222,8 @@ def reproduce(
 ) -> str:
     """Train every (row, setting) run not finished yet, then write ``table.md`` and ``table.json``
     into ``out``; returns the markdown."""
-    from breastvision.evaluation.report import comparison_table, file_sha256, lookup
+    from breastvision.evaluation.report import comparison_table, lookup
+    from breastvision.paths import file_sha256
     from breastvision.training.crossval import train_or_reuse
 
     out = Path(out)

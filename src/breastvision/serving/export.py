@@ -28,7 +28,8 @@ import torch
 
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import ModelBundle
-from breastvision.serving.predict import ONNX_METADATA_KEY, file_sha256
+from breastvision.paths import file_sha256
+from breastvision.serving.predict import ONNX_METADATA_KEY
 
 log = logging.getLogger(__name__)
 

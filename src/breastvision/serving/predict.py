@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ from breastvision.data.records import Skipped
 from breastvision.data.transforms import dihedral_tta, preprocess_image
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import ModelBundle, Preprocessing
+from breastvision.paths import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +54,6 @@ ONNX_METADATA_KEY = "breastvision"
 
 def is_mask(path: Path) -> bool:
     return fnmatch.fnmatch(path.stem.lower(), MASK_PATTERN)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The file's SHA-256, which identifies exactly which weights a prediction used."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -30,6 +30,7 @@ import yaml
 
 from breastvision.data.records import PATIENT_GROUPINGS
 from breastvision.errors import BreastvisionError
+from breastvision.paths import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,6 @@ def aggregate_runs(
     """
     from breastvision.evaluation.report import (
         evaluate_predictions,
-        file_sha256,
         lookup,
         markdown_table,
         write_predictions_csv,
