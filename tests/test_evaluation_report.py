@@ -18,6 +18,7 @@ from breastvision.evaluation.report import (
     comparison_table,
     evaluate_predictions,
     format_value,
+    with_interval,
     write_predictions_csv,
     write_report,
 )
@@ -150,3 +151,12 @@ def test_format_value():
     assert format_value({"value": 0.5, "ci_low": None, "ci_high": None}) == "0.500"
     assert format_value(42.69, None) == "42.69"
     assert format_value({"value": 0.5, "ci_low": 0.25, "ci_high": 0.75}, None) == "0.5 (0.25–0.75)"
+
+
+def test_with_interval_prefers_the_interval_then_the_value():
+    interval = {"value": 0.8, "ci_low": 0.7, "ci_high": 0.9}
+    metrics = {"accuracy": 0.8, "patient": {"P_arp": 0.75}, "intervals": {"accuracy": interval}}
+    assert with_interval(metrics, "accuracy") == interval
+    assert with_interval(metrics, "patient.P_arp") == 0.75
+    assert with_interval(metrics, "auc") is None
+    assert with_interval({"auc": 0.9}, "auc") == 0.9  # no bootstrap at all (n_resamples 0)

@@ -228,11 +228,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(metrics: dict[str, Any], report: Path) -> None:
-    from breastvision.evaluation.report import HEADLINE, format_value, lookup
+    from breastvision.evaluation.report import HEADLINE, format_value, with_interval
 
-    intervals = metrics.get("intervals", {})
     for key in HEADLINE:
-        value = intervals.get(key) or lookup(metrics, key)
+        value = with_interval(metrics, key)
         if value is not None:
             print(f"{key:>16}: {format_value(value)}")
     print(f"report: {report}")

@@ -93,6 +93,12 @@ def lookup(metrics: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+def with_interval(metrics: Mapping[str, Any], dotted: str) -> Any:
+    """What a table shows for a metric: its bootstrap interval (``evaluate_predictions``'
+    ``intervals``) when there is one, else the bare value; ``None`` when absent."""
+    return (metrics.get("intervals") or {}).get(dotted) or lookup(metrics, dotted)
+
+
 def format_value(value: Any, digits: int | None = 3) -> str:
     """A table cell: ``0.812 (0.771–0.850)`` for an interval, ``—`` for a missing value.
 
@@ -307,7 +313,7 @@ def _data_section(metrics: Mapping[str, Any], split: Mapping[str, Any]) -> str:
 
 def _metrics_section(metrics: Mapping[str, Any], names: Sequence[str]) -> str:
     intervals = metrics.get("intervals", {})
-    rows = [[key, intervals.get(key) or lookup(metrics, key)] for key in HEADLINE
+    rows = [[key, with_interval(metrics, key)] for key in HEADLINE
             if lookup(metrics, key) is not None or key in intervals]
     boot = metrics.get("bootstrap")
     column = f"value ({boot['confidence']:.0%} CI)" if boot else "value"
@@ -320,8 +326,10 @@ def _metrics_section(metrics: Mapping[str, Any], names: Sequence[str]) -> str:
     per_class = metrics.get("per_class", {})
     if per_class:
         header = ["class", "support", "precision", "recall", "f1", "auc"]
-        table = [[c, per_class[c]["support"], *(intervals.get(f"per_class.{c}.{m}") or per_class[c].get(m)
-                                               for m in header[2:])] for c in names if c in per_class]
+        table = [
+            [c, per_class[c]["support"], *(with_interval(metrics, f"per_class.{c}.{m}") for m in header[2:])]
+            for c in names if c in per_class
+        ]
         parts += ["", "### Per class", "", markdown_table(header, table)]
     if "confusion_matrix" in metrics:
         matrix = [[f"true {c}", *row] for c, row in zip(names, metrics["confusion_matrix"], strict=True)]

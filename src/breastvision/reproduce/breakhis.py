@@ -283,15 +283,10 @@ def _percent(cell: Any) -> Any:
     return None if cell is None else cell * 100
 
 
-def metric_cell(metrics: Mapping[str, Any], dotted: str) -> Any:
-    """A metric with its bootstrap interval when there is one, else the bare value (or ``None``)."""
-    from breastvision.evaluation.report import lookup
-
-    return (metrics.get("intervals") or {}).get(dotted) or lookup(metrics, dotted)
-
-
 def table3(results: Mapping[str, Mapping[str, Any]], folds: int) -> tuple[list[dict], list[dict]]:
     """Table 3 rows (ours, the paper's): ``P_arp`` and ``P_img`` (%) per magnification."""
+    from breastvision.evaluation.report import with_interval
+
     ours = []
     for protocol, label in protocol_labels(folds).items():
         for key, name in MODELS.items():
@@ -303,7 +298,7 @@ def table3(results: Mapping[str, Mapping[str, Any]], folds: int) -> tuple[list[d
             for metric, path in (("P_arp", "patient.P_arp"), ("P_img", "accuracy")):
                 for mag in MAGNIFICATIONS:
                     row[f"{metric} {mag}"] = (
-                        _percent(metric_cell(metrics, path)) if mag == RUN_MAGNIFICATION else None
+                        _percent(with_interval(metrics, path)) if mag == RUN_MAGNIFICATION else None
                     )
             ours.append(row)
     paper = []
@@ -324,6 +319,8 @@ def protocol_labels(folds: int) -> dict[str, str]:
 
 def details_rows(results: Mapping[str, Mapping[str, Any]], folds: int) -> list[dict]:
     """Every headline metric of each model and protocol (fractions, 95% patient-bootstrap CIs)."""
+    from breastvision.evaluation.report import with_interval
+
     rows = []
     for protocol, by_model in results.items():
         for key, result in by_model.items():
@@ -334,11 +331,11 @@ def details_rows(results: Mapping[str, Mapping[str, Any]], folds: int) -> list[d
                     "model": MODELS[key],
                     "patients": (m.get("patient") or {}).get("n_patients"),
                     "images": m.get("n_images"),
-                    "P_arp": metric_cell(m, "patient.P_arp"),
-                    "P_img": metric_cell(m, "accuracy"),
-                    "sensitivity": metric_cell(m, "sensitivity"),
-                    "specificity": metric_cell(m, "specificity"),
-                    "AUC": metric_cell(m, "auc"),
+                    "P_arp": with_interval(m, "patient.P_arp"),
+                    "P_img": with_interval(m, "accuracy"),
+                    "sensitivity": with_interval(m, "sensitivity"),
+                    "specificity": with_interval(m, "specificity"),
+                    "AUC": with_interval(m, "auc"),
                 }
             )
     return rows

@@ -222,7 +222,7 @@ def reproduce(
 ) -> str:
     """Train every (row, setting) run not finished yet, then write ``table.md`` and ``table.json``
     into ``out``; returns the markdown."""
-    from breastvision.evaluation.report import comparison_table, lookup
+    from breastvision.evaluation.report import comparison_table, with_interval
     from breastvision.paths import file_sha256
     from breastvision.training.crossval import train_or_reuse
 
@@ -239,8 +239,7 @@ def reproduce(
             metrics = json.loads((run_dir / "metrics.json").read_text())
             provenance = json.loads((run_dir / "provenance.json").read_text())
             facts = provenance.get("facts", {})
-            intervals = metrics.get("intervals", {})
-            values = {col: intervals.get(key) or lookup(metrics, key) for col, key in METRICS.items()}
+            values = {col: with_interval(metrics, key) for col, key in METRICS.items()}
             table_rows.append({
                 "model": row.label,
                 "setting": SETTINGS[setting],
