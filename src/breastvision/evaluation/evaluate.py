@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from breastvision.data.records import PATIENT_GROUPINGS, Catalog, Record
+from breastvision.data.splits import Split
 from breastvision.errors import BreastvisionError
 
 log = logging.getLogger(__name__)
@@ -120,15 +121,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def select_items(
-    catalog: Catalog, split_file: Path | None, subset: str, fold: int | None
+    catalog: Catalog, split: Split | None, subset: str, fold: int | None
 ) -> tuple[list[Record], list[str | None]]:
     """The records to evaluate and the view of each (``None``: the image as stored)."""
-    if split_file is None:
+    if split is None:
         return list(catalog.records), [None] * len(catalog)
-    from breastvision.data.splits import Split
     from breastvision.data.transforms import DIHEDRAL_8
 
-    split = Split.load(split_file)
     items = split.subset(catalog, subset, fold)
     records = [i[0] if isinstance(i, tuple) else i for i in items]
     views = [i[1] if isinstance(i, tuple) else None for i in items]
@@ -147,7 +146,6 @@ def _use_patients(choice: str, grouping: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from breastvision.data.readers import read_dataset
-    from breastvision.data.splits import Split
     from breastvision.evaluation.report import evaluate_predictions, write_predictions_csv, write_report
     from breastvision.models.bundle import ModelBundle
     from breastvision.paths import file_sha256
@@ -157,10 +155,11 @@ def run(args: argparse.Namespace) -> int:
     if args.fold is not None and args.split is None:
         raise BreastvisionError("--fold needs --split")
     bundle = ModelBundle.load(args.model)
+    split = Split.load(args.split) if args.split else None
     # A split is checked against the file list it was made for: read with the same options.
-    options = Split.load(args.split).params.get("read_options", {}) if args.split else {}
+    options = split.params.get("read_options", {}) if split else {}
     catalog = read_dataset(args.source, root=args.data, **options)
-    records, views = select_items(catalog, args.split, args.subset, args.fold)
+    records, views = select_items(catalog, split, args.subset, args.fold)
     if not records:
         part = f" (part {args.subset!r} of {args.split})" if args.split else ""
         raise BreastvisionError(f"no images to evaluate in {args.source}{part}")
