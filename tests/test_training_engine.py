@@ -156,6 +156,9 @@ def test_two_processes_count_every_test_image_once(image_tree, tmp_path: Path) -
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "ddp"
+    # The command ends with the test metrics, printed once although two processes ran it.
+    assert done.stdout.count(f"report: {run / 'report.md'}") == 1
+    assert "accuracy: " in done.stdout
     split = Split.load(run / "split.json")
     test_files = sorted(k for k, part in split.assignment.items() if part == "test")
     assert len(test_files) % 2 == 1  # a DistributedSampler would pad with a duplicate here

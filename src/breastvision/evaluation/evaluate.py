@@ -146,7 +146,12 @@ def _use_patients(choice: str, grouping: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from breastvision.data.readers import read_dataset
-    from breastvision.evaluation.report import evaluate_predictions, write_predictions_csv, write_report
+    from breastvision.evaluation.report import (
+        evaluate_predictions,
+        print_headline,
+        write_predictions_csv,
+        write_report,
+    )
     from breastvision.models.bundle import ModelBundle
     from breastvision.paths import file_sha256
 
@@ -222,15 +227,5 @@ def run(args: argparse.Namespace) -> int:
         lineage=bundle.lineage, class_names=bundle.class_names, y_true=y_true, probs=probs, facts=facts,
         title=f"{bundle.architecture} on {catalog.name}" + (f" ({args.subset})" if args.split else ""),
     )
-    _print_summary(metrics, report)
+    print_headline(metrics, report)
     return 0
-
-
-def _print_summary(metrics: dict[str, Any], report: Path) -> None:
-    from breastvision.evaluation.report import HEADLINE, format_value, with_interval
-
-    for key in HEADLINE:
-        value = with_interval(metrics, key)
-        if value is not None:
-            print(f"{key:>16}: {format_value(value)}")
-    print(f"report: {report}")

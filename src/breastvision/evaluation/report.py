@@ -99,6 +99,22 @@ def with_interval(metrics: Mapping[str, Any], dotted: str) -> Any:
     return (metrics.get("intervals") or {}).get(dotted) or lookup(metrics, dotted)
 
 
+def print_headline(metrics: Mapping[str, Any], report: Path) -> None:
+    """The headline metrics (with intervals where there are any) and where the report is."""
+    for key in HEADLINE:
+        value = with_interval(metrics, key)
+        if value is not None:
+            print(f"{key:>16}: {format_value(value)}")
+    print(f"report: {report}")
+
+
+def print_run_headline(run_dir: Path) -> None:
+    """:func:`print_headline` of a finished run folder (training, cross-validation, a chain's last
+    stage), so every command that trains ends by showing what it measured."""
+    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    print_headline(metrics, Path(run_dir) / "report.md")
+
+
 def format_value(value: Any, digits: int | None = 3) -> str:
     """A table cell: ``0.812 (0.771–0.850)`` for an interval, ``—`` for a missing value.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -60,23 +61,32 @@ def _overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from breastvision.evaluation.report import print_run_headline
     from breastvision.training.config import load_config
     from breastvision.training.engine import train
 
-    # The engine logs the run folder (from the first process only, in a distributed run).
-    train(load_config(args.config, args.overrides), resume=args.resume, out=args.out)
+    run_dir = train(load_config(args.config, args.overrides), resume=args.resume, out=args.out)
+    if _first_process():
+        print_run_headline(run_dir)
     return 0
 
 
 def run_crossval(args: argparse.Namespace) -> int:
+    from breastvision.evaluation.report import print_run_headline
     from breastvision.training.crossval import run_crossval as crossval
 
-    crossval(args.config, args.folds, args.overrides, args.out)
+    print_run_headline(crossval(args.config, args.folds, args.overrides, args.out))
     return 0
 
 
 def run_transfer(args: argparse.Namespace) -> int:
+    from breastvision.evaluation.report import print_run_headline
     from breastvision.training.transfer import run_chain
 
-    run_chain(args.config, args.overrides, args.out)
+    print_run_headline(run_chain(args.config, args.overrides, args.out)[-1])
     return 0
+
+
+def _first_process() -> bool:
+    """A DDP run re-runs this command once per process; only the first prints the summary."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
