@@ -85,9 +85,16 @@ def stand_ins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list
     return calls
 
 
-def _args(tmp_path: Path, **extra: Any) -> argparse.Namespace:
+def _args(tmp_path: Path, held: tuple[int, ...] = (200,), **extra: Any) -> argparse.Namespace:
+    """Command arguments over a tiny BreakHis folder: two patients per class at each magnification."""
+    from PIL import Image
+
     data = tmp_path / "data"
-    (data / "breakhis_200x_224").mkdir(parents=True, exist_ok=True)
+    images = data / "breakhis_200x_224"
+    images.mkdir(parents=True, exist_ok=True)
+    for mag in held:
+        for name in ("SOB_B_TA-14-1001", "SOB_B_F-14-1002", "SOB_M_DC-14-2001", "SOB_M_LC-14-2002"):
+            Image.new("RGB", (32, 32)).save(images / f"{name}-{mag}-001.png")
     (data / "breakhis_samples").mkdir(exist_ok=True)
     (data / "breakhis_samples" / breakhis.STAIN_REFERENCE).write_bytes(b"")
     parser = argparse.ArgumentParser()
@@ -113,8 +120,10 @@ def test_reproduce_runs_every_protocol_and_writes_tables(
         "breakhis_densenet_block4_cpu.yaml",
         "breakhis_densenet_se_block4_cpu.yaml",
     ]
-    for _, overrides, _ in stand_ins["crossval"]:
+    for _, overrides, out_dir in stand_ins["crossval"]:
         assert "train.threads=1" in overrides and f"data.stain.reference={reference}" in overrides
+        # One magnification in the data: no filter and no <mag>/ folder, so earlier runs are reused.
+        assert not any("magnification" in o for o in overrides) and out_dir.parent == out / "cv"
     # The chain: one call per fold (the BreakHis stage's stain reference only), then the leaky one.
     folds = [next(o for o in ov if o.startswith("breakhis.data.fold=")) for _, ov in stand_ins["chain"]]
     assert folds == [f"breakhis.data.fold={k}" for k in range(3)] + ["breakhis.data.fold=null"]
@@ -128,7 +137,8 @@ def test_reproduce_runs_every_protocol_and_writes_tables(
     assert len(pooled["per_fold"]) == 3 and pooled["pooled"]["n_images"] == 18
 
     document = json.loads((out / "reproduce_breakhis.json").read_text())
-    cv = document["results"]["cv"]
+    assert document["magnifications"]["run"] == ["200X"]
+    cv = document["results"]["200X"]["cv"]
     assert set(cv) == set(breakhis.MODELS)
     assert cv["multilevel"]["wall_clock_seconds_total"] == pytest.approx(3 * 120 + 1200)
     assert cv["densenet"]["seconds_to_best_epoch_mean"] == pytest.approx(60)
@@ -144,10 +154,77 @@ def test_reproduce_runs_every_protocol_and_writes_tables(
     assert cells[3:5] == ["—", "—"] and cells[6] == "—"
     assert cells[5].startswith(f"{100 * p_arp['value']:.1f} (")
     assert "| paper | random 7:1:2 after 5x augmentation (LEAKY) | DenseNet | 73.9 | 75.0 | 77.6 |" in table3
-    assert "only" in table3 and "40X/100X/400X were not run" in table3
+    assert "Run: 200X, 4 images of 4 slides and 4 patients (the only magnification" in table3
+    assert "Not run ('—'): 40X/100X/400X not in the data." in table3
     # Table 5: 60 s to the best epoch per fold; the LC25000 stage's 600 s shown once.
-    assert "| this run | multi-level (proposed) | 1.00 | 10.00 |" in markdown
+    assert "| this run | 200X | multi-level (proposed) | 1.00 | 10.00 |" in markdown
     assert "1207" in markdown and "RTX 2080 Ti" in markdown
+
+
+def _table3_cells(markdown: str, model: str) -> list[str]:
+    table3 = markdown.split("## Table 3")[1].split("## Details")[0]
+    row = next(
+        line
+        for line in table3.splitlines()
+        if line.startswith("| this run") and "CV" in line and f"| {model} |" in line
+    )
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_every_magnification_in_the_data_is_run_on_its_own(
+    stand_ins: dict[str, list], tmp_path: Path
+) -> None:
+    assert breakhis.run(_args(tmp_path, held=(40, 200))) == 0
+    out = tmp_path / "out"
+    # Each single-config cross-validation once per magnification, filtered and in its own folder.
+    assert [(c[1][-1], c[2]) for c in stand_ins["crossval"]] == [
+        (f"data.split={breakhis.CV_SPLIT}", out / mag / "cv" / key)
+        for mag in ("40X", "200X")
+        for key in ("densenet", "densenet_se")
+    ]
+    filters = [[o for o in ov if ".magnification=" in o] for _, ov, _ in stand_ins["crossval"]]
+    assert filters == [["data.options.magnification=40"]] * 2 + [["data.options.magnification=200"]] * 2
+    # The chain filters its BreakHis stage only; 3 folds + the leaky run per magnification.
+    filters = [[o for o in ov if ".magnification=" in o] for _, ov in stand_ins["chain"]]
+    assert (
+        filters
+        == [["breakhis.data.options.magnification=40"]] * 4
+        + [["breakhis.data.options.magnification=200"]] * 4
+    )
+    assert (out / "40X" / "multilevel" / "breakhis_fold2").is_dir()
+    assert (out / "200X" / "cv" / "multilevel" / "crossval.json").is_file()
+    assert [c.data.options["magnification"] for c in stand_ins["train"]] == [40, 40, 200, 200]
+
+    markdown = (out / "reproduce_breakhis.md").read_text()
+    cells = _table3_cells(markdown, "DenseNet")
+    # source, protocol, model, P_arp 40X..400X, P_img 40X..400X: 40X and 200X filled, no others.
+    assert [c == "—" for c in cells[3:]] == [False, True, False, True] * 2
+    assert "Run: 40X, 4 images of 4 slides and 4 patients; 200X, 4 images" in markdown
+    assert "each magnification trained and tested on its own images" in markdown
+    assert "Not run ('—'): 100X/400X not in the data." in markdown
+    assert "| this run | 40X | DenseNet |" in markdown and "| this run | 200X | DenseNet |" in markdown
+    document = json.loads((out / "reproduce_breakhis.json").read_text())
+    assert list(document["results"]) == ["40X", "200X"]
+    assert document["magnifications"]["present"]["40X"] == {"images": 4, "slides": 4, "patients": 4}
+
+
+def test_magnifications_option_restricts_the_runs(stand_ins: dict[str, list], tmp_path: Path) -> None:
+    assert breakhis.run(_args(tmp_path, held=(40, 200), magnifications="200")) == 0
+    out = tmp_path / "out"
+    assert {c[2].parent for c in stand_ins["crossval"]} == {out / "200X" / "cv"}
+    assert all("breakhis.data.options.magnification=200" in ov for _, ov in stand_ins["chain"])
+    assert not (out / "40X").exists()
+    markdown = (out / "reproduce_breakhis.md").read_text()
+    assert [c == "—" for c in _table3_cells(markdown, "DenseNet+SE")[3:]] == [True, True, False, True] * 2
+    assert "Not run ('—'): 40X left out by --magnifications; 100X/400X not in the data." in markdown
+
+
+def test_absent_or_unknown_magnification_is_a_clear_error(stand_ins: dict[str, list], tmp_path: Path) -> None:
+    with pytest.raises(BreastvisionError, match=r"--magnifications: 100X, 400X not in the data .*holds 200X"):
+        breakhis.run(_args(tmp_path, magnifications="400X,100X"))
+    with pytest.raises(BreastvisionError, match="--magnifications: magnification '300X' is not one of"):
+        breakhis.run(_args(tmp_path, magnifications="200X,300X"))
+    assert not stand_ins["crossval"] and not stand_ins["chain"]
 
 
 def test_skip_random_leaves_the_leaky_rows_out(stand_ins: dict[str, list], tmp_path: Path) -> None:
