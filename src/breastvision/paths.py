@@ -68,3 +68,10 @@ def file_sha256(path: str | os.PathLike) -> str:
     model cards use to say exactly which file (weights, model, split) a result came from."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def printable(name: str | os.PathLike) -> str:
+    """A file name as text any UTF-8 file or terminal can hold: bytes that are not valid UTF-8 (which
+    Python decodes to lone surrogates, and a UTF-8 writer then refuses) become ``\\xNN``, Python's
+    own escape; everything else is unchanged. Every CSV and JSON file that lists paths uses it."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")

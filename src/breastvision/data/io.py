@@ -18,16 +18,26 @@ Choices the papers leave open, recorded here:
   stretching is what medical viewers do without a window setting.
 - **Decompression bombs**: Pillow's ``MAX_IMAGE_PIXELS`` is respected; its warning (over the limit)
   and its error (over twice the limit) both become ``BadImageError``.
+- **Formats** are an allow-list, :data:`IMAGE_FORMATS`, judged by the content (Pillow is only offered
+  those decoders), never by the extension: Pillow reads many more, and some hand the file to other
+  programs (EPS and PostScript run Ghostscript when it is installed) or bring rarely exercised parsers
+  (PSD, ICO, PCX, ...). A file in another format is refused, naming the format its first bytes suggest.
+- **Only regular files** are opened: a FIFO would block the reader forever, and symbolic-link loops,
+  dangling links and links to folders (which scans do not follow) each get their own reason.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import struct
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -36,6 +46,10 @@ from breastvision.errors import BreastvisionError
 
 #: File extensions treated as images when scanning folders (lower case).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"})
+
+#: Pillow format names accepted as images (see the module docstring). A format Pillow does not read
+#: (DICOM) is dispatched before Pillow is asked.
+IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF")
 
 #: Smallest accepted width and height, in pixels (see the module docstring).
 MIN_SIDE = 32
@@ -73,22 +87,84 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a named pipe (FIFO), not a regular file"),
+    (stat.S_ISSOCK, "a socket, not a regular file"),
+    (stat.S_ISCHR, "a character device, not a regular file"),
+    (stat.S_ISBLK, "a block device, not a regular file"),
+)
+
+
+def _unreachable(path: Path, err: OSError) -> str:
+    if not os.path.islink(path):
+        return f"cannot be read ({err.strerror})"
+    if err.errno == errno.ELOOP:
+        return "symbolic link loop (the link never reaches a file)"
+    return f"dangling symbolic link (its target {os.readlink(path)} does not exist)"
+
+
+def _regular_file_size(path: Path) -> int:
+    """The size of the regular file ``path`` leads to (following links); anything else is refused."""
+    try:
+        status = os.stat(path)
+    except OSError as err:
+        raise BadImageError(_unreachable(path, err), path) from None
+    if stat.S_ISREG(status.st_mode):
+        return status.st_size
+    if stat.S_ISDIR(status.st_mode):
+        linked = os.path.islink(path)
+        raise BadImageError("symbolic link to a folder (not followed)" if linked else "a folder", path)
+    reason = next((text for test, text in _SPECIAL_FILES if test(status.st_mode)), "not a regular file")
+    raise BadImageError(reason, path)
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a regular file one could read (a broken link, a FIFO, ...), or None."""
+    try:
+        _regular_file_size(Path(path))
+    except BadImageError as err:
+        return err.reason
+    return None
+
+
+def _refused_format(path: Path) -> str:
+    """The reason for content none of :data:`IMAGE_FORMATS` decoders took, naming the format that Pillow's
+    signature checks (first 16 bytes only, no parsing) suggest, if any."""
+    accepted = ", ".join(IMAGE_FORMATS)
+    Image.init()
+    try:
+        with path.open("rb") as handle:
+            prefix = handle.read(16)
+    except OSError:
+        prefix = b""
+    for name in Image.ID:
+        if name not in IMAGE_FORMATS and _signature_matches(Image.OPEN[name][1], prefix):
+            return f"content looks like {name}, which is not an accepted image format ({accepted})"
+    return f"not an image (content is none of the accepted formats {accepted})"
+
+
+def _signature_matches(accept: Callable[[bytes], Any] | None, prefix: bytes) -> bool:
+    # Some checks unpack integers and fail on a prefix shorter than they read; Pillow catches the same.
+    try:
+        return accept is not None and bool(accept(prefix))
+    except (SyntaxError, IndexError, TypeError, struct.error):
+        return False
+
+
 def _open(path: Path) -> Image.Image:
     """Open lazily, turning every header-level problem into ``BadImageError``."""
-    try:
-        size = os.stat(path).st_size
-    except OSError as err:
-        raise BadImageError(f"cannot be read ({err.strerror})", path) from None
-    if size == 0:
+    if _regular_file_size(path) == 0:
         raise BadImageError("empty file (0 bytes)", path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(path, formats=IMAGE_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadImageError(f"refused as a possible decompression bomb ({err})", path) from None
     except UnidentifiedImageError:
-        raise BadImageError("not an image (content not recognised by Pillow)", path) from None
+        raise BadImageError(_refused_format(path), path) from None
+    except PermissionError as err:
+        raise BadImageError(f"cannot be read ({err.strerror})", path) from None
     except _DECODE_ERRORS as err:
         raise BadImageError(f"unreadable image header ({err})", path) from None
     width, height = image.size

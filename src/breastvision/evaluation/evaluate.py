@@ -33,11 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from breastvision.data.records import PATIENT_GROUPINGS, Catalog, Record
+from breastvision.data.records import PATIENT_GROUPINGS, Catalog, Record, Skipped
 from breastvision.data.splits import Split
 from breastvision.errors import BreastvisionError
 
 log = logging.getLogger(__name__)
+
+#: Skipped files named one by one in the log; the report's ``skipped.csv`` lists them all.
+SKIPPED_SHOWN = 20
 
 
 def class_mapping(data_classes: Sequence[str], model_classes: Sequence[str], used: set[int]) -> np.ndarray:
@@ -55,7 +58,9 @@ def class_mapping(data_classes: Sequence[str], model_classes: Sequence[str], use
 
 
 class _ImageDataset(torch.utils.data.Dataset):
-    """(file, view) items → model-ready tensors, by the model file's own pre-processing.
+    """(file, view) items → ``(index, tensor)`` by the model file's own pre-processing, or ``(index,
+    reason)`` for a file that cannot be decoded (truncated pixel data passes the readers' header check)
+    or prepared: one bad file is a listed skip, not the end of the run.
 
     A view (a dihedral name, for splits drawn after offline augmentation) is applied to the image
     before pre-processing, as the offline augmentation was.
@@ -68,13 +73,25 @@ class _ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
         from breastvision.data.io import load_image
         from breastvision.data.transforms import apply_view, preprocess_image
 
         path, view = self.items[index]
-        image = load_image(path)
-        return preprocess_image(image if view is None else apply_view(image, view), self.preprocessing)
+        try:
+            image = load_image(path)
+            image = image if view is None else apply_view(image, view)
+            return index, preprocess_image(image, self.preprocessing)
+        except BreastvisionError as err:
+            # BadImageError names the file; other errors (a stain normaliser failing) may not.
+            return index, str(err).removeprefix(f"{path}: ")
+
+
+def _collate(samples: list[tuple[int, torch.Tensor | str]]) -> tuple[torch.Tensor | None, dict[int, str]]:
+    """A batch of the samples that were prepared, and the reasons of those that were not, by index."""
+    tensors = [item for _, item in samples if isinstance(item, torch.Tensor)]
+    failed = {index: item for index, item in samples if isinstance(item, str)}
+    return (torch.stack(tensors) if tensors else None), failed
 
 
 @torch.inference_mode()
@@ -87,25 +104,31 @@ def predict_probs(
     batch_size: int = 32,
     workers: int = 0,
     tta: bool = False,
-) -> np.ndarray:
-    """Softmax probabilities ``(N, C)`` for image files (or ``(file, view)`` pairs), in order; with
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Softmax probabilities ``(N, C)`` for the image files (or ``(file, view)`` pairs) that could be
+    prepared, in order, and the reason for each that could not, by its index in ``items``; with
     ``tta`` the mean over the 8 dihedral views (``data.transforms.dihedral_tta``)."""
     from breastvision.data.transforms import dihedral_tta
 
     pairs = [item if isinstance(item, tuple) else (item, None) for item in items]
     loader = torch.utils.data.DataLoader(
         _ImageDataset(pairs, preprocessing), batch_size=batch_size, num_workers=workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda", collate_fn=_collate,
     )
     model = model.to(device).eval()
-    out = []
-    for batch in loader:
+    out, failures = [], {}
+    for batch, failed in loader:
+        failures.update(failed)
+        if batch is None:
+            continue
         batch = batch.to(device, non_blocking=True)
         probs = dihedral_tta(model, batch) if tta else model(batch).softmax(dim=1)
         out.append(probs.float().cpu().numpy())
     if not out:
-        raise BreastvisionError("no images to predict")
-    return np.concatenate(out)
+        first = min(failures, default=None)
+        detail = f": none of the {len(pairs)} could be read, e.g. {pairs[first][0]}: {failures[first]}"
+        raise BreastvisionError("no images to predict" + (detail if first is not None else ""))
+    return np.concatenate(out), failures
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,6 +163,19 @@ def select_items(
     return records, views
 
 
+def _without(items: Sequence[Any], dropped: dict[int, str]) -> list[Any]:
+    return [item for index, item in enumerate(items) if index not in dropped]
+
+
+def _list_skipped(skipped: Sequence[Skipped], listing: Path) -> None:
+    """One warning per skipped file up to :data:`SKIPPED_SHOWN`, then a count; all are in ``listing``."""
+    for entry in skipped[:SKIPPED_SHOWN]:
+        log.warning("skipped %s: %s", entry.path, entry.reason)
+    if len(skipped) > SKIPPED_SHOWN:
+        log.warning("skipped %d more files; every skipped file is listed in %s", len(skipped) - SKIPPED_SHOWN,
+                    listing)
+
+
 def _use_patients(choice: str, grouping: str) -> bool:
     return choice == "on" or (choice == "auto" and grouping in PATIENT_GROUPINGS)
 
@@ -151,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         print_headline,
         write_predictions_csv,
         write_report,
+        write_skipped_csv,
     )
     from breastvision.models.bundle import ModelBundle
     from breastvision.paths import file_sha256
@@ -168,21 +205,20 @@ def run(args: argparse.Namespace) -> int:
     if not records:
         part = f" (part {args.subset!r} of {args.split})" if args.split else ""
         raise BreastvisionError(f"no images to evaluate in {args.source}{part}")
-    for skipped in catalog.skipped:
-        log.warning("skipped %s: %s", skipped.path, skipped.reason)
-
     mapping = class_mapping(catalog.class_names, bundle.class_names, {r.label for r in records})
-    y_true = mapping[[r.label for r in records]]
-    patients = _use_patients(args.patient_level, catalog.grouping)
-    groups = [r.group for r in records] if patients else None
     device = resolve_device(args.device)
     model = bundle.build_model()
 
     start = time.perf_counter()
-    probs = predict_probs(model, list(zip([r.path for r in records], views, strict=True)),
-                          bundle.preprocessing, device=device, batch_size=args.batch_size,
-                          workers=args.workers, tta=args.tta)
+    probs, failures = predict_probs(model, list(zip([r.path for r in records], views, strict=True)),
+                                    bundle.preprocessing, device=device, batch_size=args.batch_size,
+                                    workers=args.workers, tta=args.tta)
     seconds = time.perf_counter() - start
+    unreadable = [Skipped(records[i].path, reason) for i, reason in sorted(failures.items())]
+    records, views = _without(records, failures), _without(views, failures)
+    y_true = mapping[[r.label for r in records]]
+    patients = _use_patients(args.patient_level, catalog.grouping)
+    groups = [r.group for r in records] if patients else None
     metrics = evaluate_predictions(y_true, probs, bundle.class_names, groups, positive_class=args.positive,
                                    n_resamples=args.n_resamples, seed=args.seed)
 
@@ -191,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
     shown = [catalog.relpath(r) if r.path.is_relative_to(catalog.root) else str(r.path) for r in records]
     shown = [p if v is None else f"{p}::{v}" for p, v in zip(shown, views, strict=True)]
     write_predictions_csv(out / "predictions.csv", shown, y_true, probs, bundle.class_names, groups)
+    skipped = [*catalog.skipped, *unreadable]
+    _list_skipped(skipped, write_skipped_csv(out / "skipped.csv", skipped))
     model_sha = file_sha256(args.model)
     config = {
         "command": "evaluate",
@@ -217,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device),
         "test-time augmentation": "8 dihedral views" if args.tta else "none",
         "files skipped by the reader": len(catalog.skipped),
+        "images that could not be decoded": len(unreadable),
         "patient-level metrics": f"yes (groups: {catalog.grouping})" if patients
         else f"no (groups: {catalog.grouping}, not patients)",
     }

@@ -11,6 +11,7 @@ check on its own::
       config.yaml       the configuration the run used
       split.json        the split file the run used (copied; its SHA-256 is in report.md)
       predictions.csv   per-image predictions, when written with write_predictions_csv
+      skipped.csv       files not evaluated and why, when written with write_skipped_csv
       plots/*.png
 """
 
@@ -26,11 +27,12 @@ from typing import Any
 import numpy as np
 import yaml
 
+from breastvision.data.records import Skipped
 from breastvision.errors import BreastvisionError
 from breastvision.evaluation import plots
 from breastvision.evaluation.bootstrap import bootstrap, classification_statistic
 from breastvision.evaluation.metrics import check_inputs, compute_metrics
-from breastvision.paths import file_sha256
+from breastvision.paths import file_sha256, printable
 
 #: The headline rows of a report's metrics table, as dotted paths into the metrics dict.
 HEADLINE = (
@@ -183,17 +185,28 @@ def write_predictions_csv(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [str(c) for c in class_names]
-    with path.open("w", newline="") as handle:
+    with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "group", "true_label", *(f"prob_{c}" for c in names), "predicted"])
         for i, row_path in enumerate(paths):
             writer.writerow([
-                str(row_path),
-                "" if g is None else g[i],
+                printable(row_path),
+                "" if g is None else printable(str(g[i])),
                 names[y[i]],
                 *(f"{v:.6f}" for v in p[i]),
                 names[int(p[i].argmax())],
             ])
+    return path
+
+
+def write_skipped_csv(path: str | Path, skipped: Sequence[Skipped]) -> Path:
+    """One row per file that was not evaluated: path and reason."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "reason"])
+        writer.writerows([printable(s.path), printable(s.reason)] for s in skipped)
     return path
 
 
@@ -300,6 +313,8 @@ def write_report(
     ))
     if (run_dir / "predictions.csv").is_file():
         sections.append("Per-image predictions: [predictions.csv](predictions.csv).")
+    if (run_dir / "skipped.csv").is_file():
+        sections.append("Files not evaluated, with the reason: [skipped.csv](skipped.csv).")
     report = run_dir / "report.md"
     report.write_text("\n\n".join(s for s in sections if s) + "\n")
     return report

@@ -8,9 +8,14 @@ prediction never depends on flags the user has to remember.
 Choices recorded here:
 
 - **Discovery.** Folders are searched recursively for image extensions (``data.io.IMAGE_EXTENSIONS``)
-  in sorted order; BUSI lesion masks (``*_mask*``) are not samples and are counted, not predicted.
-  Other files in a folder (manifests, READMEs) are not inputs and are passed over. A file named
-  explicitly is always tried, whatever its extension, and reported if it is not an image.
+  in sorted order, by the readers' own walk (``data.readers._common.walk_files``); BUSI lesion masks
+  (``*_mask*``) are not samples and are counted, not predicted. Other regular files in a folder
+  (manifests, READMEs) are not inputs and are passed over; symbolic-link loops, dangling links, links
+  to folders (not followed), FIFOs and devices are listed as skipped whatever their name, as is a
+  folder given that holds no image file. A file named explicitly is always tried, whatever its
+  extension, and reported if it is not an image.
+- **File names that are not valid UTF-8** are written to the CSV and JSON results with those bytes
+  as ``\\xNN`` escapes (``paths.printable``), so the results stay valid UTF-8 whatever the disk holds.
 - **Bad files** (unreadable, not an image, truncated, too small, a decompression bomb, a stain
   normaliser failure) become ``Skipped(path, reason)`` entries, listed with the results.
 - **Test-time augmentation** averages the softmax probabilities over the 8 dihedral views
@@ -37,12 +42,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from breastvision.data.io import is_image_file, load_image
+from breastvision.data.io import file_problem, is_image_file, load_image
+from breastvision.data.readers._common import walk_files
 from breastvision.data.records import Skipped
 from breastvision.data.transforms import dihedral_tta, preprocess_image
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import ModelBundle, Preprocessing
-from breastvision.paths import file_sha256
+from breastvision.paths import file_sha256, printable
 
 log = logging.getLogger(__name__)
 
@@ -72,30 +78,47 @@ def discover_images(inputs: Iterable[str | os.PathLike]) -> Discovery:
     (``benign/benign (1).png``), unique across inputs; an explicit file keeps its own name.
     """
     found = Discovery()
-    seen: set[Path] = set()
+    seen: set[str] = set()
     for raw in inputs:
         root = Path(raw)
         if root.is_dir():
-            candidates = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p))
-            base = root.resolve().parent
-        elif root.exists():
+            candidates = _folder_candidates(root, found.skipped)
+            base = Path(os.path.abspath(root)).parent
+        elif root.exists() or root.is_symlink():
             candidates, base = [root], None
         else:
             found.skipped.append(Skipped(root, "no such file or folder"))
             continue
         for path in candidates:
-            if path.resolve() in seen:
+            # realpath, not Path.resolve: it raises on a link loop, which is reported when loaded.
+            real = os.path.realpath(path)
+            if real in seen:
                 continue
-            seen.add(path.resolve())
+            seen.add(real)
             if is_mask(path):
                 if base is None:
                     found.skipped.append(Skipped(path, "a lesion mask (*_mask*), not a sample"))
                 else:
                     found.masks += 1
                 continue
-            name = str(path.resolve().relative_to(base)) if base else str(path)
+            # Named by where it was found, not where a link points (possibly outside the folder).
+            name = str(Path(os.path.abspath(path)).relative_to(base)) if base else str(path)
             found.images.append((path, name))
     return found
+
+
+def _folder_candidates(folder: Path, skipped: list[Skipped]) -> list[Path]:
+    """The files below ``folder`` with an image extension; entries that are not regular files and
+    have no image extension (those that have one are reported when loaded) go to ``skipped``."""
+    candidates, listed = [], len(skipped)
+    for path in sorted(walk_files(folder)):  # by full path, as results have always been ordered
+        if is_image_file(path):
+            candidates.append(path)
+        elif problem := file_problem(path):
+            skipped.append(Skipped(path, problem))
+    if not candidates and len(skipped) == listed:
+        skipped.append(Skipped(folder, "folder holds no image files"))
+    return candidates
 
 
 class Predictor(ABC):
@@ -323,21 +346,21 @@ def write_results(run: PredictionRun, out: Path) -> Path:
             "tta": run.tta,
             "class_names": run.class_names,
             "predictions": [
-                {"path": p.name, "predicted": p.predicted, "probabilities": p.probabilities,
-                 **({"overlays": {k: str(v) for k, v in p.overlays.items()}} if p.overlays else {})}
+                {"path": printable(p.name), "predicted": p.predicted, "probabilities": p.probabilities,
+                 **({"overlays": {k: printable(v) for k, v in p.overlays.items()}} if p.overlays else {})}
                 for p in run.predictions
             ],
-            "skipped": [{"path": str(s.path), "reason": s.reason} for s in run.skipped],
+            "skipped": [{"path": printable(s.path), "reason": printable(s.reason)} for s in run.skipped],
             "masks_ignored": run.masks_ignored,
         }
         out.write_text(json.dumps(document, indent=2) + "\n")
         return out
-    with out.open("w", newline="") as handle:
+    with out.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "predicted", *(f"p_{c}" for c in run.class_names), "skipped"])
         for p in run.predictions:
             probabilities = (f"{p.probabilities[c]:.6f}" for c in run.class_names)
-            writer.writerow([p.name, p.predicted, *probabilities, ""])
+            writer.writerow([printable(p.name), p.predicted, *probabilities, ""])
         for s in run.skipped:
-            writer.writerow([str(s.path), "", *([""] * len(run.class_names)), s.reason])
+            writer.writerow([printable(s.path), "", *([""] * len(run.class_names)), printable(s.reason)])
     return out

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from breastvision.data import dedup
-from breastvision.data.io import BadImageError, is_image_file, load_image, load_mask, read_header
+from breastvision.data.io import (
+    BadImageError,
+    file_problem,
+    is_image_file,
+    load_image,
+    load_mask,
+    read_header,
+)
 from breastvision.data.records import Catalog, Record, Skipped
 from breastvision.errors import BreastvisionError
 
@@ -21,22 +28,31 @@ MANIFEST_NAME = "manifest.csv"
 
 
 def walk_files(folder: Path) -> list[Path]:
-    """Every file below ``folder``, sorted, so reading order never depends on the file system."""
+    """Every entry below ``folder`` that is not a folder, sorted, so reading order never depends on the
+    file system. Links to folders are not followed (a link loop would never end) but are returned,
+    like broken links and FIFOs, so that they are listed as skips (:func:`not_image_reason`), not lost."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
-        found.extend(Path(dirpath) / name for name in sorted(filenames))
+        base = Path(dirpath)
+        linked = [name for name in dirnames if (base / name).is_symlink()]
+        found.extend(base / name for name in sorted(filenames + linked))
     return found
 
 
+def not_image_reason(path: Path) -> str:
+    """Why a file without an image extension is skipped: what it is, if not a regular file."""
+    return file_problem(path) or f"not an image file (extension '{path.suffix or 'none'}')"
+
+
 def partition_images(files: Iterable[Path]) -> tuple[list[Path], list[Skipped]]:
-    """Image files, and every other file as a skip."""
+    """Files with an image extension (their content is checked when read), and every other file as a skip."""
     images, skipped = [], []
     for path in files:
         if is_image_file(path):
             images.append(path)
         else:
-            skipped.append(Skipped(path, f"not an image file (extension '{path.suffix or 'none'}')"))
+            skipped.append(Skipped(path, not_image_reason(path)))
     return images, skipped
 
 
@@ -95,8 +111,10 @@ class ManifestRow:
 def read_manifest_rows(
     manifest: Path, required: Sequence[str]
 ) -> tuple[list[ManifestRow], list[str], list[Skipped]]:
-    """Rows of a CSV manifest with paths resolved against its folder, its column names, and the
-    repeated listings of a path (only the first counts: one file is one sample)."""
+    """Rows of a CSV manifest with paths resolved against its folder, its column names, and the rows
+    not taken: repeated listings of a path (only the first counts: one file is one sample) and
+    paths that leave the manifest's folder (:func:`_outside_reason`)."""
+    folder = Path(os.path.abspath(manifest.parent))
     try:
         with manifest.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -108,18 +126,33 @@ def read_manifest_rows(
                     f"(has {', '.join(columns) or 'no header'}; needs {', '.join(required)})"
                 )
             rows: dict[Path, ManifestRow] = {}
-            repeats = []
+            refused = []
             for number, raw in enumerate(reader, start=2):
                 fields = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
-                path = Path(os.path.normpath(manifest.parent / fields["path"]))
+                path = Path(os.path.normpath(folder / fields["path"]))
+                outside = _outside_reason(fields["path"], path, folder, f"row {number} of {manifest.name}")
+                if outside:
+                    refused.append(Skipped(path, outside))
+                    continue
                 if path in rows:
                     reason = f"listed again in {manifest.name} (row {number}); the first listing is used"
-                    repeats.append(Skipped(path, reason))
+                    refused.append(Skipped(path, reason))
                     continue
                 rows[path] = ManifestRow(path, fields["label"], fields)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise BreastvisionError(f"{manifest}: cannot read manifest ({err})") from None
-    return list(rows.values()), columns, repeats
+    return list(rows.values()), columns, refused
+
+
+def _outside_reason(text: str, path: Path, folder: Path, where: str) -> str | None:
+    """Why a manifest row's path is refused: empty, or outside the manifest's folder (an absolute path
+    elsewhere, a ``../`` escape). The dataset root is the deepest folder holding every row, so one
+    such row would widen it (up to ``/``) and make the scan for unlisted files walk the whole disk."""
+    if not text or path == folder:
+        return f"empty path in {where}"
+    if not path.is_relative_to(folder):
+        return f"outside the manifest's folder {folder} ({where}); paths must lie inside it"
+    return None
 
 
 def common_root(paths: Sequence[Path]) -> Path:
@@ -132,13 +165,16 @@ def read_manifest_listing(
     manifest: Path, required: Sequence[str]
 ) -> tuple[list[ManifestRow], list[str], Path, list[Skipped]]:
     """A manifest's rows, its column names, the folder the rows are relative to, and the skips
-    known before any row is checked (repeated listings, files on disk the manifest leaves out).
+    known before any row is checked (repeated listings, paths outside the manifest's folder, files
+    on disk the manifest leaves out).
     A manifest listing nothing is a user error."""
-    rows, columns, repeats = read_manifest_rows(manifest, required)
+    rows, columns, refused = read_manifest_rows(manifest, required)
     if not rows:
-        raise BreastvisionError(f"{manifest}: manifest lists no images")
+        first = refused[0] if refused else None
+        detail = f" it can use ({len(refused)} refused, e.g. {first.path}: {first.reason})" if first else ""
+        raise BreastvisionError(f"{manifest}: manifest lists no images{detail}")
     root = common_root([row.path for row in rows])
-    return rows, columns, root, repeats + unlisted_images(root, {row.path for row in rows}, manifest)
+    return rows, columns, root, refused + unlisted_images(root, {row.path for row in rows}, manifest)
 
 
 def listed_header(row: ManifestRow, manifest: Path, skipped: list[Skipped]) -> dict[str, Any] | None:
@@ -156,11 +192,8 @@ def unlisted_images(root: Path, listed: set[Path], manifest: Path) -> list[Skipp
     for path in walk_files(root):
         if path == manifest or path in listed:
             continue
-        reason = (
-            "image on disk but not listed in the manifest"
-            if is_image_file(path)
-            else (f"not an image file (extension '{path.suffix or 'none'}')")
-        )
+        unlisted_image = is_image_file(path)
+        reason = "image on disk but not listed in the manifest" if unlisted_image else not_image_reason(path)
         skipped.append(Skipped(path, reason))
     return skipped
 

@@ -83,7 +83,8 @@ def read_manifest(
     name: str | None = None,
     fmt: str = "manifest",
 ) -> Catalog:
-    """A CSV with ``path`` (relative to the CSV's folder, or absolute), ``label`` and optionally a
+    """A CSV with ``path`` (relative to the CSV's folder, or absolute; either way inside that folder),
+    ``label`` and optionally a
     group column (the first of :data:`GROUP_COLUMNS` present). Labels are class names; without
     ``class_names`` the classes are the labels found, sorted."""
     rows, columns, root, skipped = read_manifest_listing(manifest, ("path", "label"))
