@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from breastvision.data.io import MIN_SIDE, BadImageError, load_image, load_mask, read_header, to_rgb
+from breastvision.data.io import (
+    IMAGE_FORMATS,
+    MIN_SIDE,
+    BadImageError,
+    file_problem,
+    load_image,
+    load_mask,
+    read_header,
+    to_rgb,
+)
 from breastvision.errors import BreastvisionError
 
 SIDE = 40
@@ -158,3 +170,40 @@ def test_load_mask_binarises_and_checks_size(tmp_path):
     assert set(np.unique(out)) == {0, 255} and (out > 0).sum() == 25
     with pytest.raises(BadImageError, match="mask is 40×40 but its image is 50×40"):
         load_mask(path, (50, 40))
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "ICO", "PPM", "PCX"])
+@pytest.mark.parametrize("suffix", ["own", ".png"])
+def test_formats_outside_the_allow_list_are_refused_by_content(tmp_path, fmt, suffix):
+    path = tmp_path / (f"x.{fmt.lower()}" if suffix == "own" else "x.png")
+    Image.new("RGB", (48, 48), "gray").save(path, format=fmt)
+    for loader in (load_image, read_header):
+        with pytest.raises(BadImageError, match=f"content looks like {fmt}, which is not an accepted"):
+            loader(path)
+    assert fmt not in IMAGE_FORMATS
+
+
+@pytest.mark.parametrize("fmt", IMAGE_FORMATS)
+def test_allowed_formats_are_read_whatever_the_extension(tmp_path, fmt):
+    path = _save(Image.new("RGB", (48, 40), "gray"), tmp_path / "scan.dat", format=fmt)
+    assert read_header(path).format == fmt and load_image(path).size == (48, 40)
+
+
+def test_special_files_get_their_own_reason_and_never_block(tmp_path):
+    target = _save(Image.new("RGB", (48, 48)), tmp_path / "real.png")
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    (tmp_path / "dangling.png").symlink_to("gone.png")
+    (tmp_path / "folder.png").symlink_to(tmp_path, target_is_directory=True)
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "link.png").symlink_to(target)
+    reasons = {
+        "loop.png": "symbolic link loop (the link never reaches a file)",
+        "dangling.png": "dangling symbolic link (its target gone.png does not exist)",
+        "folder.png": "symbolic link to a folder (not followed)",
+        "pipe.png": "a named pipe (FIFO), not a regular file",
+    }
+    for name, reason in reasons.items():
+        assert file_problem(tmp_path / name) == reason
+        with pytest.raises(BadImageError, match=re.escape(reason)):
+            load_image(tmp_path / name)
+    assert file_problem(tmp_path / "link.png") is None and load_image(tmp_path / "link.png").size == (48, 48)
