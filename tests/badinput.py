@@ -264,6 +264,14 @@ def _symlink_to_folder(folder: Path) -> Path:
     return path
 
 
+@image_case("symlink_to_parent")
+def _symlink_to_parent(folder: Path) -> Path:
+    """``up -> ..``: a scan that followed links to folders would never end."""
+    path = folder / "up"
+    path.symlink_to("..", target_is_directory=True)
+    return path
+
+
 @image_case("fifo")
 def _fifo(folder: Path) -> Path:
     path = folder / "fifo.png"

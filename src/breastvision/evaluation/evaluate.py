@@ -15,6 +15,10 @@ patients or slides (BreakHis: one slide per patient; a manifest's ``patient`` / 
 column); other groupings, such as BUSI's near-duplicate groups, are not patients, so those runs
 report image-level metrics only unless ``--patient-level on`` says the groups are patients.
 
+Files the readers skip, and images that pass their header check but cannot be decoded (truncated
+pixel data) or prepared, are listed in the report folder's ``skipped.csv`` and named in the log;
+the rest of the run completes.
+
 With ``--split``, the dataset is read with the options the split was made with, its file list is
 checked against the split's hash, and one part (``--subset``, ``--fold`` for k-fold splits) is
 evaluated. Splits drawn after offline dihedral augmentation (paper 000 read literally) evaluate

@@ -95,13 +95,15 @@ def _print_table(run) -> None:  # noqa: ANN001 - a PredictionRun
     from rich.console import Console
     from rich.table import Table
 
+    from breastvision.paths import printable
+
     table = Table(title=f"{run.model['architecture']} ({run.model['backend']}{', TTA' if run.tta else ''})")
     table.add_column("image")
     table.add_column("predicted")
     for name in run.class_names:
         table.add_column(f"p({name})", justify="right")
     for p in run.predictions:
-        table.add_row(p.name, p.predicted, *(f"{p.probabilities[c]:.4f}" for c in run.class_names))
+        table.add_row(printable(p.name), p.predicted, *(f"{p.probabilities[c]:.4f}" for c in run.class_names))
     Console().print(table)
 
 

@@ -60,15 +60,16 @@ from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from breastvision.data.io import load_image
+from breastvision.data.io import IMAGE_FORMATS, load_image
 from breastvision.errors import BreastvisionError
 from breastvision.serving.predict import Predictor, load_predictor
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 #: 40 megapixels: ten times a 2048×2048 scan; BreakHis (700×460) and BUSI (~500×500) are far below.
 DEFAULT_MAX_PIXELS = 40_000_000
-#: Pillow format names an upload may have; Pillow's rarer decoders are not exposed to uploads.
-ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")
+#: Pillow format names an upload may have: the allow-list every command uses; Pillow's rarer decoders
+#: are not exposed to uploads.
+ACCEPTED_FORMATS = IMAGE_FORMATS
 #: Longest side of the overlays returned to the browser; full-size PNGs of big scans are megabytes.
 OVERLAY_MAX_SIDE = 1024
 
