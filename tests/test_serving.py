@@ -87,6 +87,16 @@ def test_discovery_finds_images_skips_masks_and_reports_missing(scans: Path, tmp
     }
 
 
+def test_discovery_names_linked_files_where_found_and_lists_empty_folders(scans: Path, tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "elsewhere.png").symlink_to(scans / "a.png")  # a link out of the folder given
+    (tmp_path / "links" / "notes").write_text("not an input: passed over")
+    found = discover_images([tmp_path / "links", tmp_path / "empty"])
+    assert [name for _, name in found.images] == ["links/elsewhere.png"]
+    assert [(s.path.name, s.reason) for s in found.skipped] == [("empty", "folder holds no image files")]
+
+
 def test_predict_applies_the_model_files_preprocessing(make_model_file, scans: Path, tmp_path: Path) -> None:
     stain = make_normalizer("reinhard").fit(_noise((64, 64), 9)).state_dict()
     model_file = make_model_file("resnet18", input_size=64, resize=72, stain=stain)
