@@ -77,8 +77,8 @@ def test_eval_transform_sizes_and_normalisation() -> None:
     torch.testing.assert_close(out[:, 16, 16], expected)
     assert eval_transform({"input_size": 24, "resize": 28})(_image()).shape == (3, 24, 24)
     with pytest.raises(BreastvisionError, match="smaller than the input size"):
-        eval_transform(Preprocessing(input_size=32, resize=16))
-    with pytest.raises(BreastvisionError, match="unknown pre-processing keys"):
+        eval_transform({"input_size": 32, "resize": 16})
+    with pytest.raises(BreastvisionError, match="input_sz: unknown key"):
         eval_transform({"input_sz": 32})
 
 

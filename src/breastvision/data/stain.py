@@ -85,6 +85,8 @@ class StainNormalizer:
     method: ClassVar[str] = ""
     #: The statistics of ``_fit_batch`` that make up the fitted target (the rest are per-image work).
     _target_keys: ClassVar[tuple[str, ...]] = ()
+    #: The shape of each target statistic, which a state read from a file must have.
+    _target_shapes: ClassVar[tuple[tuple[int, ...], ...]] = ()
     #: Whether a tissue pixel needs optical density ≥ ``beta`` in every channel, or in any.
     _tissue_in_every_channel: ClassVar[bool] = True
 
@@ -161,9 +163,17 @@ class StainNormalizer:
             )
         try:
             norm = cls(**state["params"])
-            norm._target = {k: torch.tensor(v, dtype=torch.float32) for k, v in state["target"].items()}
-        except (KeyError, TypeError, ValueError) as err:
-            raise BreastvisionError(f"malformed {cls.method} stain normaliser state: {err}") from err
+            target = state["target"]
+            norm._target = {k: torch.tensor(target[k], dtype=torch.float32) for k in cls._target_keys}
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise BreastvisionError(f"malformed {cls.method} stain normaliser state: {err!r}") from None
+        for key, shape in zip(cls._target_keys, cls._target_shapes, strict=True):
+            value = norm._target[key]
+            if tuple(value.shape) != shape or not torch.isfinite(value).all():
+                raise BreastvisionError(
+                    f"malformed {cls.method} stain normaliser state: target {key} must be {shape} "
+                    f"finite numbers, got shape {tuple(value.shape)}"
+                )
         norm.reference = state.get("reference")
         return norm
 
@@ -229,6 +239,7 @@ class MacenkoNormalizer(StainNormalizer):
 
     method = "macenko"
     _target_keys = ("stain_matrix", "max_concentrations")
+    _target_shapes = ((3, 2), (2,))
 
     def __init__(
         self, io: float = 240.0, alpha: float = 1.0, beta: float = 0.15, min_tissue_fraction: float = 0.02
@@ -297,6 +308,7 @@ class ReinhardNormalizer(StainNormalizer):
 
     method = "reinhard"
     _target_keys = ("lab_means", "lab_stds")
+    _target_shapes = ((3,), (3,))
     _tissue_in_every_channel = False
 
     def _fit_batch(self, x: torch.Tensor) -> tuple[Stats, torch.Tensor]:

@@ -37,7 +37,6 @@ training and prediction pre-processing cannot diverge.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import fields
 from typing import Any
 
 import torch
@@ -106,13 +105,7 @@ def dihedral_tta(
 def _as_preprocessing(preprocessing: Preprocessing | Mapping[str, Any]) -> Preprocessing:
     if isinstance(preprocessing, Preprocessing):
         return preprocessing
-    known = {f.name for f in fields(Preprocessing)}
-    unknown = set(preprocessing) - known
-    if unknown:
-        raise BreastvisionError(
-            f"unknown pre-processing keys {sorted(unknown)} (allowed: {', '.join(sorted(known))})"
-        )
-    return Preprocessing(**preprocessing)
+    return Preprocessing.parse(dict(preprocessing))
 
 
 def _scale_and_normalize(pre: Preprocessing) -> list[v2.Transform]:
@@ -124,9 +117,7 @@ def eval_transform(preprocessing: Preprocessing | Mapping[str, Any]) -> v2.Compo
     pre = _as_preprocessing(preprocessing)
     if pre.resize is None:
         geometry: list[v2.Transform] = [v2.Resize((pre.input_size, pre.input_size))]
-    else:
-        if pre.resize < pre.input_size:
-            raise BreastvisionError(f"resize {pre.resize} is smaller than the input size {pre.input_size}")
+    else:  # Preprocessing guarantees resize >= input_size
         geometry = [v2.Resize((pre.resize, pre.resize)), v2.CenterCrop(pre.input_size)]
     return v2.Compose([v2.ToImage(), *geometry, *_scale_and_normalize(pre)])
 

@@ -5,39 +5,141 @@ architecture and its arguments, class names, the exact pre-processing (input siz
 normalisation, the fitted stain normaliser), the weights' lineage (ImageNet → LC25000 → BreakHis,
 each with its checkpoint and data) and the validation metrics shown on the model card. Safetensors
 rather than a pickle so that opening a model file received from elsewhere cannot run code.
+
+A model file is untrusted input: :meth:`ModelBundle.load` refuses anything that is not one (a run
+folder, a training checkpoint, an empty, truncated or foreign file) and validates the metadata
+(pydantic, as the training configs are) before anything is built from it, each with a one-line
+error naming the file. Normalisation takes exactly three values per statistic, one per RGB
+channel: a one-value ``mean`` is refused rather than broadcast, since no file written here has one.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PureWindowsPath
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic import dataclasses as pydantic_dataclasses
 
-from breastvision.errors import BreastvisionError
+from breastvision.errors import BreastvisionError, describe_validation_error, one_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMAT_VERSION = 1
 _META_KEY = "breastvision"
+#: Image sides a model file may ask for: below 16 no architecture here has a feature map left;
+#: above 4096 one 3-channel float image alone is 200 MB, a typo rather than a model.
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 4096
+#: The file name training writes into a run folder.
+MODEL_FILE_NAME = "model.safetensors"
+#: What ``torch.save`` files are usually called; a training run's are ``checkpoints/*.ckpt``.
+_CHECKPOINT_SUFFIXES = {".ckpt", ".pt", ".pth"}
+
+#: An image side in pixels (an integer: ``"224"`` or ``224.0`` in a file is refused, not coerced).
+ImageSide = Annotated[StrictInt, Field(ge=MIN_INPUT_SIZE, le=MAX_INPUT_SIZE)]
+_Finite = Annotated[float, Field(allow_inf_nan=False)]
+_Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+#: Per-channel normalisation statistics, one value per RGB channel.
+ChannelMeans = tuple[_Finite, _Finite, _Finite]
+ChannelStds = tuple[_Positive, _Positive, _Positive]
 
 
-@dataclass
+def _three_values(value: Any) -> Any:
+    """Length first, so that a one-value ``mean`` reads as that, not as two missing items."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ValueError(f"needs 3 values, one per RGB channel (got {value!r})")
+    return value
+
+
+def _validated(model: Any, raw: Any, what: str) -> Any:
+    """``model`` (a pydantic class) built from ``raw``, or a one-line ``BreastvisionError`` about ``what``."""
+    try:
+        return model(**raw) if isinstance(raw, dict) else model.model_validate(raw)
+    except ValidationError as err:
+        raise BreastvisionError(f"{what}: {describe_validation_error(err)}") from None
+    except TypeError as err:  # a dataclass given a non-mapping
+        raise BreastvisionError(f"{what}: {err}") from None
+
+
+@pydantic_dataclasses.dataclass(config=ConfigDict(extra="forbid"))
 class Preprocessing:
     """How an image becomes the model's input tensor, at prediction time.
 
     ``resize`` is the side the image is resized to before a centre crop of ``input_size``
     (``None``: resize straight to ``input_size``). ``stain`` is a fitted stain normaliser's state
-    (``{"method": "macenko", ...}``) or ``None``.
+    (``{"method": "macenko", ...}``) or ``None``. Validated on construction (pydantic).
     """
 
-    input_size: int = 224
-    resize: int | None = None
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    input_size: ImageSide = 224
+    resize: ImageSide | None = None
+    mean: ChannelMeans = IMAGENET_MEAN
+    std: ChannelStds = IMAGENET_STD
     stain: dict[str, Any] | None = None
+
+    _lengths = field_validator("mean", "std", mode="before")(_three_values)
+
+    @field_validator("stain")
+    @classmethod
+    def _usable_stain(cls, state: dict[str, Any] | None) -> dict[str, Any] | None:
+        if state is not None:
+            from breastvision.data.stain import make_normalizer
+
+            try:
+                make_normalizer(state)
+            except BreastvisionError as err:
+                raise ValueError(str(err)) from None
+        return state
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> Preprocessing:
+        if self.resize is not None and self.resize < self.input_size:
+            raise ValueError(f"resize {self.resize} is smaller than the input size {self.input_size}")
+        return self
+
+    @classmethod
+    def parse(cls, raw: Any, what: str = "pre-processing") -> Preprocessing:
+        """Validated from a mapping (a file's, a caller's), or a one-line ``BreastvisionError``."""
+        return _validated(cls, raw, what)
+
+
+def _unique(names: list[str]) -> list[str]:
+    if any(not name.strip() for name in names):
+        raise ValueError("class names must not be empty")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"class names repeat: {', '.join(repeated)}")
+    return names
+
+
+class ModelMetadata(BaseModel):
+    """The JSON document of a model file (and of its ONNX export), as validated on load."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: Literal[1]
+    architecture: StrictStr = Field(min_length=1)
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: A classifier needs two classes; the softmax of one is always 1.
+    class_names: list[StrictStr] = Field(min_length=2)
+    preprocessing: Preprocessing
+    lineage: list[dict[str, Any]] = Field(default_factory=list)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    _distinct = field_validator("class_names")(_unique)
 
 
 @dataclass
@@ -51,6 +153,8 @@ class ModelBundle:
     lineage: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The file this bundle was read from (named in errors); not part of the metadata.
+    source: Path | None = field(default=None, repr=False, compare=False)
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the weights, as a JSON-able dict (also written into ONNX exports)."""
@@ -65,6 +169,11 @@ class ModelBundle:
             "extra": self.extra,
         }
 
+    def public_metadata(self) -> dict[str, Any]:
+        """``metadata()`` with every absolute path cut to its file name (hashes stay): what a model
+        card shows to others, without the folders of the machine that trained or serves it."""
+        return _without_folders(self.metadata())
+
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
 
@@ -75,52 +184,134 @@ class ModelBundle:
         return path
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> ModelBundle:
-        pre = dict(meta.get("preprocessing", {}))
-        for key in ("mean", "std"):
-            if key in pre:
-                pre[key] = tuple(pre[key])
+    def from_metadata(
+        cls, meta: Any, state_dict: dict[str, torch.Tensor], source: str | Path = "model file"
+    ) -> ModelBundle:
+        """A bundle from a metadata document (a dict, or its JSON text), validated: ``BreastvisionError``
+        naming ``source`` and the offending keys if it is not a model file's metadata."""
+        if isinstance(meta, str):
+            try:
+                meta = json.loads(meta)
+            except json.JSONDecodeError as err:
+                raise BreastvisionError(f"{source}: the breastvision metadata is not JSON ({err})") from None
+        if not isinstance(meta, dict):
+            raise BreastvisionError(f"{source}: the breastvision metadata is not a JSON object")
+        if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+            raise BreastvisionError(
+                f"{source}: model file format version {meta['format_version']!r} is not the one this "
+                f"breastvision reads ({FORMAT_VERSION})"
+            )
+        valid = _validated(ModelMetadata, meta, f"{source}: bad metadata")
         return cls(
-            architecture=meta["architecture"],
-            class_names=list(meta["class_names"]),
+            architecture=valid.architecture,
+            class_names=list(valid.class_names),
             state_dict=state_dict,
-            model_kwargs=meta.get("model_kwargs", {}),
-            preprocessing=Preprocessing(**pre),
-            lineage=meta.get("lineage", []),
-            metrics=meta.get("metrics", {}),
-            extra=meta.get("extra", {}),
+            model_kwargs=valid.model_kwargs,
+            preprocessing=valid.preprocessing,
+            lineage=valid.lineage,
+            metrics=valid.metrics,
+            extra=valid.extra,
+            source=Path(source) if isinstance(source, Path) else None,
         )
 
     @classmethod
     def load(cls, path: str | Path) -> ModelBundle:
+        """Read and validate a model file; every way it can be something else is a one-line error."""
         from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
 
-        path = Path(path)
-        if not path.is_file():
-            raise BreastvisionError(f"model file not found: {path}")
+        path = check_model_path(path)
         try:
             with safe_open(str(path), framework="pt") as handle:
                 raw = (handle.metadata() or {}).get(_META_KEY)
-            state_dict = load_file(str(path))
+                if raw is None:
+                    raise BreastvisionError(f"{path} is a safetensors file without breastvision metadata")
+                state_dict = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
         except (SafetensorError, OSError, ValueError) as err:
-            raise BreastvisionError(f"{path} is not a breastvision model file: {err}") from err
-        if raw is None:
-            raise BreastvisionError(f"{path} is a safetensors file without breastvision metadata")
-        return cls.from_metadata(json.loads(raw), state_dict)
+            raise BreastvisionError(_not_a_model_file(path, err)) from None
+        return cls.from_metadata(raw, state_dict, path)
 
     def build_model(self) -> torch.nn.Module:
         """The architecture with these weights loaded, in eval mode."""
         from breastvision.models.registry import create_model
+        from breastvision.models.weights import describe_mismatch
 
-        model = create_model(
-            self.architecture, num_classes=len(self.class_names), pretrained=None, **self.model_kwargs
-        )
+        where = f"{self.source}: " if self.source else ""
         try:
-            model.load_state_dict(self.state_dict)
-        except RuntimeError as err:  # missing/unexpected keys or shapes: weights of another model
-            detail = " ".join(str(err).split())[:300]
+            model = create_model(
+                self.architecture, num_classes=len(self.class_names), pretrained=None, **self.model_kwargs
+            )
+        except BreastvisionError as err:
+            raise BreastvisionError(f"{where}{err}") from None
+        mismatch = describe_mismatch(model.state_dict(), self.state_dict)
+        if mismatch:
             raise BreastvisionError(
-                f"model file weights do not match architecture '{self.architecture}': {detail}"
-            ) from err
+                f"{where}the weights do not match architecture '{self.architecture}' with "
+                f"{len(self.class_names)} classes ({mismatch})"
+            )
+        model.load_state_dict(self.state_dict)
         return model.eval()
+
+
+#: An absolute path (POSIX or Windows) not inside a URL or a relative path: first as lineage writes
+#: files, ``PATH (sha256 ...)`` (spaces allowed), then any other space-free one.
+_HASHED_PATH = re.compile(r"(?<![\w.~:/\\-])(?:/|[A-Za-z]:[\\/])[^()]*?(?= \(sha256 )")
+_BARE_PATH = re.compile(r"(?<![\w.~:/\\-])(?:/|[A-Za-z]:[\\/])[^\s()'\",;]+")
+
+
+def _file_name(match: re.Match[str]) -> str:
+    return PureWindowsPath(match.group(0)).name if "\\" in match.group(0) else Path(match.group(0)).name
+
+
+def _without_folders(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_folders(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_folders(v) for v in value]
+    if isinstance(value, str):
+        return _BARE_PATH.sub(_file_name, _HASHED_PATH.sub(_file_name, value))
+    return value
+
+
+def _safetensors_reason(err: Exception) -> str:
+    text = one_line(err).removeprefix("Error while deserializing header: ")
+    if "incomplete metadata" in text or "not fully covered" in text:
+        return f"truncated: {text}"
+    if "header too large" in text or "invalid header" in text or "header too small" in text:
+        return f"not a safetensors file: {text}"
+    return text
+
+
+def check_model_path(path: str | Path) -> Path:
+    """``path`` if it may be a model file; a one-line error if it is missing, a folder (a run's, say),
+    empty, or a training checkpoint, naming the model file meant where there is one."""
+    path = Path(path)
+    if path.is_dir():
+        inside = path / MODEL_FILE_NAME
+        if inside.is_file():
+            raise BreastvisionError(f"{path} is a run folder; its model file is {inside}")
+        raise BreastvisionError(f"{path} is a folder, not a model file (run folders hold {MODEL_FILE_NAME})")
+    if not path.is_file():
+        raise BreastvisionError(f"model file not found: {path}")
+    if path.stat().st_size == 0:
+        raise BreastvisionError(f"{path} is empty (0 bytes), not a model file")
+    if path.suffix.lower() in _CHECKPOINT_SUFFIXES:
+        raise BreastvisionError(_checkpoint_message(path))
+    return path
+
+
+def _checkpoint_message(path: Path) -> str:
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    hint = (
+        f"its run's model file is {run / MODEL_FILE_NAME}" if (run / MODEL_FILE_NAME).is_file()
+        else f"training writes {MODEL_FILE_NAME} into the run folder when it finishes"
+    )
+    return f"{path} is a training checkpoint, not a model file; {hint}"
+
+
+def _not_a_model_file(path: Path, err: Exception) -> str:
+    if path.suffix.lower() == ".onnx":
+        return f"{path} is an ONNX export; this needs the .safetensors model file it was exported from"
+    with path.open("rb") as handle:
+        if handle.read(4) == b"PK\x03\x04":  # torch.save's zip container, whatever the name
+            return _checkpoint_message(path)
+    return f"{path} is not a breastvision model file ({_safetensors_reason(err)})"

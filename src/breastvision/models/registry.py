@@ -60,6 +60,11 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
+def check_model_name(name: str) -> None:
+    """Raise ``BreastvisionError`` (naming close matches) unless ``name`` is a registered model."""
+    _factory(name)
+
+
 def _factory(name: str) -> ModelFactory:
     _load_builtin()
     if name not in _REGISTRY:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from breastvision import paths
-from breastvision.errors import BreastvisionError
+from breastvision.errors import BreastvisionError, one_line
 
 RANDOM_INIT = "random init"
 OFFLINE_ENV = "BREASTVISION_OFFLINE"
@@ -66,21 +67,20 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     if not path.is_file():
         raise BreastvisionError(f"weights file not found: {path}")
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
+        try:
             raw: object = load_file(str(path))
-        elif suffix in _TORCH_SUFFIXES:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise BreastvisionError(
-                f"{path}: unsupported weights file type '{suffix}' (use .safetensors, .pth, .pt, .bin, .ckpt)"
-            )
-    except BreastvisionError:
-        raise
-    except Exception as err:  # any reader failure (bad header, pickle, truncation) is a bad file
-        raise BreastvisionError(f"cannot read weights file {path}: {err}") from err
+        except (SafetensorError, OSError, ValueError) as err:
+            raise BreastvisionError(f"cannot read weights file {path}: {one_line(err)}") from None
+    elif suffix in _TORCH_SUFFIXES:
+        raw = load_torch_file(path, "weights file")
+    else:
+        raise BreastvisionError(
+            f"{path}: unsupported weights file type '{suffix}' (use .safetensors, .pth, .pt, .bin, .ckpt)"
+        )
     for key in _WRAPPER_KEYS:
         if isinstance(raw, Mapping) and isinstance(raw.get(key), Mapping):
             raw = raw[key]
@@ -92,6 +92,24 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         (k[len("module.") :] if strip else k): (v.float() if v.is_floating_point() else v)
         for k, v in raw.items()
     }
+
+
+def load_torch_file(path: Path, what: str = "checkpoint") -> object:
+    """``torch.load`` with ``weights_only=True`` pinned (tensors and plain containers only: never
+    code, whatever the installed torch's default), every failure a one-line ``BreastvisionError``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        blocked = re.search(r"GLOBAL (\S+)", str(err))
+        detail = f" ({blocked.group(0)})" if blocked else f": {one_line(err, 120)}"
+        raise BreastvisionError(
+            f"{what} {path} holds objects that weights-only loading refuses{detail}: only tensors and "
+            "plain containers are read, since unpickling anything else could run code"
+        ) from None
+    except Exception as err:  # any reader failure (truncation, not a zip/pickle, bad records) is a bad file
+        reason = one_line(err, 120) or type(err).__name__
+        message = f"cannot read {what} {path}: truncated or not a PyTorch file ({reason})"
+        raise BreastvisionError(message) from None
 
 
 def resolve(spec: WeightsSpec, imagenet: ImagenetLoader | None, what: str) -> tuple[StateDict | None, str]:
@@ -203,19 +221,9 @@ def load_into(
         and not in_classifier(k)
         and not any(re.search(pattern, k) for pattern in new_parts.values())
     )
-    if unexpected or wrong_shape or missing:
-        problems = [
-            f"{label} {len(keys)} key(s) ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-            for label, keys in (
-                ("unexpected", unexpected),
-                ("wrong shape", wrong_shape),
-                ("missing", missing),
-            )
-            if keys
-        ]
-        raise BreastvisionError(
-            f"weights do not fit {type(model).__name__} ({'; '.join(problems)}): {source}"
-        )
+    problems = _mismatch_summary(unexpected, wrong_shape, missing)
+    if problems:
+        raise BreastvisionError(f"weights do not fit {type(model).__name__} ({problems}): {source}")
     model.load_state_dict(usable, strict=False)
 
     origin = {"backbone": source}
@@ -225,6 +233,25 @@ def load_into(
         if any(re.search(pattern, k) and k not in usable for k in own):
             origin[part] = RANDOM_INIT
     return origin
+
+
+def _mismatch_summary(unexpected: list[str], wrong_shape: list[str], missing: list[str]) -> str:
+    """``unexpected 2 key(s) (a, b); wrong shape 1 key(s) (c)``: the first few of each, or ``""``."""
+    return "; ".join(
+        f"{label} {len(keys)} key(s) ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for label, keys in (("unexpected", unexpected), ("wrong shape", wrong_shape), ("missing", missing))
+        if keys
+    )
+
+
+def describe_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """How ``state`` fails to be exactly a state dict of the shapes ``expected`` has (``""``: it is)."""
+    wrong = sorted(
+        f"{k} {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    return _mismatch_summary(sorted(set(state) - set(expected)), wrong, sorted(set(expected) - set(state)))
 
 
 def apply_pretrained(

@@ -46,7 +46,7 @@ from breastvision.data.io import file_problem, is_image_file, load_image
 from breastvision.data.readers._common import walk_files
 from breastvision.data.records import Skipped
 from breastvision.data.transforms import dihedral_tta, preprocess_image
-from breastvision.errors import BreastvisionError
+from breastvision.errors import BreastvisionError, one_line
 from breastvision.models.bundle import ModelBundle, Preprocessing
 from breastvision.paths import file_sha256, printable
 
@@ -153,9 +153,10 @@ class Predictor(ABC):
         return preprocess_image(image, self.preprocessing)
 
     def card(self) -> dict[str, Any]:
-        """The model card: the file's metadata plus where it came from and which back-end runs it."""
+        """The model card: the file's metadata (file names, not this machine's folders) plus the file's
+        name and SHA-256 and which back-end runs it."""
         return {
-            **self.info.metadata(),
+            **self.info.public_metadata(),
             "source": {"file": self.source.name, "sha256": file_sha256(self.source), "backend": self.backend,
                        "explainable": self.can_explain},
         }
@@ -194,27 +195,50 @@ class OnnxPredictor(Predictor):
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except (ort_errors.Fail, ort_errors.InvalidProtobuf, ort_errors.InvalidGraph,
                 ort_errors.NoSuchFile, ort_errors.NotImplemented, ort_errors.InvalidArgument) as err:
-            raise BreastvisionError(f"{path} is not a usable ONNX model: {err}") from None
+            raise BreastvisionError(f"{path} is not a usable ONNX model: {one_line(err)}") from None
         raw = self.session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY)
         if raw is None:
             raise BreastvisionError(
                 f"{path} has no breastvision metadata; export it with 'breastvision export'"
             )
-        self.info = ModelBundle.from_metadata(json.loads(raw), state_dict={})
+        self.info = ModelBundle.from_metadata(raw, state_dict={}, source=path)
         self.source = path
         self.input_name = self.session.get_inputs()[0].name
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        """The graph must take B×3×S×S and give B×K for this file's S and K (static sizes only)."""
+        size, k = self.preprocessing.input_size, len(self.class_names)
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        problems = []
+        if len(inputs) != 1 or not _shape_fits(inputs[0].shape, [None, 3, size, size]):
+            problems.append(f"inputs {[i.shape for i in inputs]}, expected one [batch, 3, {size}, {size}]")
+        if not outputs or not _shape_fits(outputs[0].shape, [None, k]):
+            problems.append(f"output {outputs[0].shape if outputs else None}, expected [batch, {k}] "
+                            f"for its {k} class names")
+        if problems:
+            raise BreastvisionError(f"{self.source} does not match its own metadata: {'; '.join(problems)}")
 
     def _forward(self, batch: torch.Tensor) -> np.ndarray:
         # TTA views can be strided (transposes); onnxruntime is given a packed float32 copy.
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch.numpy(), np.float32)})[0]
 
 
+def _shape_fits(shape: Sequence[Any], expected: Sequence[int | None]) -> bool:
+    """Whether an onnxruntime shape (ints, or names for dynamic axes) can be ``expected``
+    (``None``: any size)."""
+    pairs = zip(shape, expected, strict=False)
+    return len(shape) == len(expected) and all(
+        want is None or not isinstance(got, int) or got == want for got, want in pairs
+    )
+
+
 def load_predictor(path: str | os.PathLike) -> Predictor:
     """A predictor for a ``.onnx`` export or a breastvision model file (anything else)."""
     path = Path(path)
-    if not path.is_file():
-        raise BreastvisionError(f"model file not found: {path}")
-    if path.suffix.lower() == ".onnx":
+    if path.suffix.lower() == ".onnx" and not path.is_dir():
+        if not path.is_file():
+            raise BreastvisionError(f"model file not found: {path}")
         return OnnxPredictor(path)
     return TorchPredictor(ModelBundle.load(path), path)
 

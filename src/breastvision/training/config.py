@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
-from breastvision.errors import BreastvisionError
+from breastvision.errors import BreastvisionError, describe_validation_error
+from breastvision.models.bundle import ChannelMeans, ChannelStds, ImageSide
 
 WEIGHTS_ENV_VAR = "BREASTVISION_WEIGHTS"
 _STRICT = ConfigDict(extra="forbid")
@@ -104,12 +105,12 @@ class DataConfig:
     #: and no external set is given (paper 003's split is train/test only).
     val_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     #: Input side; ``None``: the model's own (``breastvision.models.registry.data_config``).
-    input_size: int | None = Field(default=None, ge=8)
+    input_size: ImageSide | None = None
     #: Side of the square resize before the crop to ``input_size``; ``None``: resize to ``input_size``.
-    resize: int | None = None
-    #: Normalisation; ``None``: what the model's pretrained weights expect.
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    resize: ImageSide | None = None
+    #: Normalisation, one value per RGB channel; ``None``: what the model's pretrained weights expect.
+    mean: ChannelMeans | None = None
+    std: ChannelStds | None = None
     views: ViewConfig = Field(default_factory=ViewConfig)
     stain: StainConfig | None = None
     #: Test-time augmentation at evaluation: ``dihedral8`` averages the 8 dihedral views.
@@ -127,6 +128,18 @@ class ModelConfig:
     kwargs: dict[str, Any] = Field(default_factory=dict)
     #: Every stage before this one (``breastvision.models.staging.stages``) is frozen.
     first_trainable_stage: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        """An unknown architecture fails with the config, not after the data is read."""
+        from breastvision.models.registry import check_model_name
+
+        try:
+            check_model_name(name)
+        except BreastvisionError as err:
+            raise ValueError(str(err)) from None
+        return name
 
 
 @dataclass(config=_STRICT)
@@ -268,16 +281,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    problems = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] in ("unexpected_keyword_argument", "extra_forbidden") else e["msg"]
-        shown = e.get("input")
-        if e["type"] in ("unexpected_keyword_argument", "extra_forbidden") or isinstance(shown, dict):
-            problems.append(f"{where}: {msg}")
-        else:
-            problems.append(f"{where}: {msg} (got {shown!r})")
-    return f"config {source}: " + "; ".join(problems)
+    return f"config {source}: {describe_validation_error(err)}"
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:

@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from breastvision.data.records import PATIENT_GROUPINGS, Catalog
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import ModelBundle, Preprocessing
+from breastvision.training.checkpoint import check_resumable, read_checkpoint
 from breastvision.training.config import ExperimentConfig, TrainConfig, resolve_weights, weights_root
 from breastvision.training.feature_cache import FeatureCache
 from breastvision.training.freezing import freeze_before
@@ -339,11 +340,14 @@ def _preprocessing(config: ExperimentConfig, model: nn.Module) -> Preprocessing:
     from breastvision.models.registry import data_config
 
     expected = data_config(model)
-    return Preprocessing(
-        input_size=config.data.input_size or int(expected["input_size"][-1]),
-        resize=config.data.resize,
-        mean=tuple(config.data.mean or expected["mean"]),
-        std=tuple(config.data.std or expected["std"]),
+    return Preprocessing.parse(
+        {
+            "input_size": config.data.input_size or int(expected["input_size"][-1]),
+            "resize": config.data.resize,
+            "mean": tuple(config.data.mean or expected["mean"]),
+            "std": tuple(config.data.std or expected["std"]),
+        },
+        f"config {config.name}: data",
     )
 
 
@@ -564,23 +568,15 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
         writer.writerows(history)
 
 
-def _check_resumable(checkpoint: dict[str, Any], config: ExperimentConfig) -> None:
-    saved = checkpoint.get("config", {})
-    now = config.to_dict()
-    changed = [s for s in ("data", "model") if saved.get(s) != now[s]]
-    if changed:
-        raise BreastvisionError(
-            f"the checkpoint was trained with different {' and '.join(changed)} settings; "
-            "resume with the config it was started with (only train settings such as epochs may change)"
-        )
-
-
 def _score(monitor: str, val_loss: float, val_acc: float) -> list[float]:
     """Higher is better; ties on the monitored value go to the other one."""
     return [val_acc, -val_loss] if monitor == "val_acc" else [-val_loss, val_acc]
 
 
-def _run(fabric: Fabric, config: ExperimentConfig, run_dir: Path, resume: Path | None) -> Path:
+def _run(
+    fabric: Fabric, config: ExperimentConfig, run_dir: Path, resume: Path | None,
+    checkpoint: dict[str, Any] | None,
+) -> Path:
     started = time.perf_counter()
     tc = config.train
     seed_everything(tc.seed % 2**32, verbose=False)
@@ -590,9 +586,7 @@ def _run(fabric: Fabric, config: ExperimentConfig, run_dir: Path, resume: Path |
     data = prepare_data(config)
     num_classes = len(data.class_names)
     model, lineage = build_model(config, num_classes)
-    checkpoint = fabric.load(resume) if resume else None
     if checkpoint is not None:
-        _check_resumable(checkpoint, config)
         model.load_state_dict(checkpoint["model"])
     prefix, suffix = freeze_before(model, config.model.first_trainable_stage)
     model.to(fabric.device)
@@ -682,7 +676,7 @@ def _run(fabric: Fabric, config: ExperimentConfig, run_dir: Path, resume: Path |
             f"val loss {val_loss:.4f} acc {val_acc:.3f}{' *' if best['epoch'] == epoch + 1 else ''}"
         )
 
-    model.load_state_dict(fabric.load(ckpt_dir / "best.ckpt")["model"])
+    model.load_state_dict(read_checkpoint(ckpt_dir / "best.ckpt")["model"])
     test_loader, _ = _loader(datasets["test"], fabric, eval_batch, tc.seed, False, workers)
     test_logits = evaluate(fabric, trainable, step_prefix, test_loader, len(data.test), num_classes)
     probs = _average_per_target(torch.softmax(test_logits, 1), [i.target for i in data.test])
@@ -815,8 +809,10 @@ def run_dir_for(config: ExperimentConfig, resume: str | Path | None, out: str | 
 def train(config: ExperimentConfig, resume: str | Path | None = None, out: str | Path | None = None) -> Path:
     """Train (or ``resume``) one run of ``config``; return its run folder (module docstring)."""
     run_dir = run_dir_for(config, resume, out)
-    if resume is not None and not Path(resume).is_file():
-        raise BreastvisionError(f"checkpoint not found: {resume}")
+    checkpoint = None
+    if resume is not None:  # read and checked before any data is: a bad one fails at once
+        checkpoint = read_checkpoint(resume)
+        check_resumable(checkpoint, config, resume)
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume is None and last.exists():
         raise BreastvisionError(f"{run_dir} holds a run already; continue it (--resume {last}) or use --out")
@@ -825,6 +821,6 @@ def train(config: ExperimentConfig, resume: str | Path | None = None, out: str |
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     try:
-        return fabric.launch(_run, config, run_dir, Path(resume) if resume else None)
+        return fabric.launch(_run, config, run_dir, Path(resume) if resume else None, checkpoint)
     finally:
         torch.set_num_threads(threads)  # callers looping over runs keep their own setting

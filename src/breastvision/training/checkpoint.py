@@ -1,0 +1,60 @@
+"""Reading a run's checkpoints back: ``checkpoints/last.ckpt`` to resume, ``best.ckpt`` at the end.
+
+``last.ckpt`` holds everything a run needs to continue (model, optimizer, scheduler, epoch,
+history, best score, config); ``best.ckpt`` only the best epoch's model and that epoch, which is
+all the final evaluation needs. Both are read with ``weights_only=True`` pinned
+(``models.weights.load_torch_file``), so a checkpoint from elsewhere cannot run code whatever the
+installed torch's default, and anything else given to ``--resume`` is named for what it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from breastvision.errors import BreastvisionError
+from breastvision.models.weights import load_torch_file
+from breastvision.training.config import ExperimentConfig
+
+#: What ``last.ckpt`` holds besides the model: resuming needs every one of them.
+RESUME_KEYS = ("optimizer", "scheduler", "epoch", "history", "best", "config")
+#: What ``best.ckpt`` holds.
+BEST_KEYS = ("model", "epoch")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint as a dict; a one-line error for a missing, bad or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise BreastvisionError(f"checkpoint not found: {path}")
+    if path.suffix.lower() == ".safetensors":
+        raise BreastvisionError(
+            f"{path} is a model file, not a training checkpoint; resume from its run's checkpoints/last.ckpt"
+        )
+    checkpoint = load_torch_file(path, "checkpoint")
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise BreastvisionError(f"{path} is not a breastvision training checkpoint (no model state)")
+    return checkpoint
+
+
+def check_resumable(checkpoint: dict[str, Any], config: ExperimentConfig, path: str | Path) -> None:
+    """Refuse a checkpoint that cannot continue a run of ``config``, saying why."""
+    path = Path(path)
+    missing = [k for k in RESUME_KEYS if k not in checkpoint]
+    if missing and set(checkpoint) == set(BEST_KEYS):
+        raise BreastvisionError(
+            f"{path} is a best-epoch checkpoint (model weights of epoch {checkpoint['epoch']} only, no "
+            f"optimizer or history); resume from {path.with_name('last.ckpt')}"
+        )
+    if missing:
+        raise BreastvisionError(
+            f"{path} is not a resumable breastvision checkpoint (it lacks {', '.join(missing)}); "
+            "resume from a run's checkpoints/last.ckpt"
+        )
+    saved, now = checkpoint["config"], config.to_dict()
+    changed = [s for s in ("data", "model") if saved.get(s) != now[s]]
+    if changed:
+        raise BreastvisionError(
+            f"{path} was trained with different {' and '.join(changed)} settings; resume with the config "
+            "it was started with (only train settings such as epochs may change)"
+        )
