@@ -132,6 +132,10 @@ def test_resume_continues_exactly(image_tree, tmp_path: Path) -> None:
     with pytest.raises(BreastvisionError, match="different model settings"):
         train(tiny_config(source, tmp_path / "other", "model.first_trainable_stage=layer3"),
               resume=first / "checkpoints" / "last.ckpt")
+    # The run's own best.ckpt (weights only) is named for what it is, not blamed on the settings.
+    with pytest.raises(BreastvisionError, match=r"best-epoch checkpoint .* resume from .*last\.ckpt"):
+        train(tiny_config(source, tmp_path / "split", "train.epochs=4"),
+              resume=first / "checkpoints" / "best.ckpt")
 
 
 def test_epoch_sampler_shards() -> None:

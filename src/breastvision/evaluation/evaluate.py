@@ -201,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
     if args.fold is not None and args.split is None:
         raise BreastvisionError("--fold needs --split")
     bundle = ModelBundle.load(args.model)
+    model = bundle.build_model()  # a model file whose weights do not fit fails before any data is read
     split = Split.load(args.split) if args.split else None
     # A split is checked against the file list it was made for: read with the same options.
     options = split.params.get("read_options", {}) if split else {}
@@ -211,7 +212,6 @@ def run(args: argparse.Namespace) -> int:
         raise BreastvisionError(f"no images to evaluate in {args.source}{part}")
     mapping = class_mapping(catalog.class_names, bundle.class_names, {r.label for r in records})
     device = resolve_device(args.device)
-    model = bundle.build_model()
 
     start = time.perf_counter()
     probs, failures = predict_probs(model, list(zip([r.path for r in records], views, strict=True)),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PureWindowsPath
 from typing import Annotated, Any, Literal
 
@@ -28,6 +28,7 @@ from pydantic import (
     Field,
     StrictInt,
     StrictStr,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -60,18 +61,16 @@ ChannelStds = tuple[_Positive, _Positive, _Positive]
 def _three_values(value: Any) -> Any:
     """Length first, so that a one-value ``mean`` reads as that, not as two missing items."""
     if not isinstance(value, (list, tuple)) or len(value) != 3:
-        raise ValueError(f"needs 3 values, one per RGB channel (got {value!r})")
+        raise ValueError("needs 3 values, one per RGB channel")
     return value
 
 
 def _validated(model: Any, raw: Any, what: str) -> Any:
-    """``model`` (a pydantic class) built from ``raw``, or a one-line ``BreastvisionError`` about ``what``."""
+    """``model`` (a pydantic type) validated from ``raw``, else a one-line ``BreastvisionError``."""
     try:
-        return model(**raw) if isinstance(raw, dict) else model.model_validate(raw)
+        return TypeAdapter(model).validate_python(raw)
     except ValidationError as err:
         raise BreastvisionError(f"{what}: {describe_validation_error(err)}") from None
-    except TypeError as err:  # a dataclass given a non-mapping
-        raise BreastvisionError(f"{what}: {err}") from None
 
 
 @pydantic_dataclasses.dataclass(config=ConfigDict(extra="forbid"))
@@ -140,6 +139,17 @@ class ModelMetadata(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict)
 
     _distinct = field_validator("class_names")(_unique)
+
+    @field_validator("preprocessing", mode="before")
+    @classmethod
+    def _complete(cls, value: Any) -> Any:
+        """Every key spelled out, as ``save`` writes them: a missing ``mean`` must not quietly
+        become ImageNet's."""
+        if isinstance(value, dict):
+            missing = [f.name for f in fields(Preprocessing) if f.name not in value]
+            if missing:
+                raise ValueError(f"lacks {', '.join(missing)}")
+        return value
 
 
 @dataclass
@@ -249,7 +259,22 @@ class ModelBundle:
                 f"{len(self.class_names)} classes ({mismatch})"
             )
         model.load_state_dict(self.state_dict)
-        return model.eval()
+        self._check_forward(model.eval(), where)
+        return model
+
+    def _check_forward(self, model: torch.nn.Module, where: str) -> None:
+        """One zero image through the model: an input size the architecture cannot take (a ViT's
+        fixed patch grid, a DenseNet's pooling below 32 pixels) fails here, once, in one line,
+        rather than on every batch later."""
+        side = self.preprocessing.input_size
+        try:
+            with torch.inference_mode():
+                model(torch.zeros(1, 3, side, side))
+        except (RuntimeError, AssertionError, ValueError) as err:
+            raise BreastvisionError(
+                f"{where}architecture '{self.architecture}' cannot take the file's input_size {side} "
+                f"({one_line(err, 150)})"
+            ) from None
 
 
 #: An absolute path (POSIX or Windows) not inside a URL or a relative path: first as lineage writes

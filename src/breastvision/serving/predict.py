@@ -47,7 +47,7 @@ from breastvision.data.readers._common import walk_files
 from breastvision.data.records import Skipped
 from breastvision.data.transforms import dihedral_tta, preprocess_image
 from breastvision.errors import BreastvisionError, one_line
-from breastvision.models.bundle import ModelBundle, Preprocessing
+from breastvision.models.bundle import ModelBundle, Preprocessing, check_model_path
 from breastvision.paths import file_sha256, printable
 
 log = logging.getLogger(__name__)
@@ -235,10 +235,8 @@ def _shape_fits(shape: Sequence[Any], expected: Sequence[int | None]) -> bool:
 
 def load_predictor(path: str | os.PathLike) -> Predictor:
     """A predictor for a ``.onnx`` export or a breastvision model file (anything else)."""
-    path = Path(path)
-    if path.suffix.lower() == ".onnx" and not path.is_dir():
-        if not path.is_file():
-            raise BreastvisionError(f"model file not found: {path}")
+    path = check_model_path(path)
+    if path.suffix.lower() == ".onnx":
         return OnnxPredictor(path)
     return TorchPredictor(ModelBundle.load(path), path)
 
