@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictInt,
@@ -41,21 +42,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMAT_VERSION = 1
 _META_KEY = "breastvision"
-#: Image sides a model file may ask for: below 16 no architecture here has a feature map left;
-#: above 4096 one 3-channel float image alone is 200 MB, a typo rather than a model.
+#: Image sides a model file may ask for: below 16 pixels no network here keeps a feature map (some
+#: need more, which ``build_model``'s trial forward pass reports); above 4096 one float image alone
+#: is 200 MB, a typo rather than a model.
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 4096
 #: The file name training writes into a run folder.
 MODEL_FILE_NAME = "model.safetensors"
 #: What ``torch.save`` files are usually called; a training run's are ``checkpoints/*.ckpt``.
 _CHECKPOINT_SUFFIXES = {".ckpt", ".pt", ".pth"}
 
-#: An image side in pixels (an integer: ``"224"`` or ``224.0`` in a file is refused, not coerced).
-ImageSide = Annotated[StrictInt, Field(ge=MIN_INPUT_SIZE, le=MAX_INPUT_SIZE)]
-_Finite = Annotated[float, Field(allow_inf_nan=False)]
-_Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-#: Per-channel normalisation statistics, one value per RGB channel.
-ChannelMeans = tuple[_Finite, _Finite, _Finite]
-ChannelStds = tuple[_Positive, _Positive, _Positive]
 
 
 def _three_values(value: Any) -> Any:
@@ -63,6 +58,15 @@ def _three_values(value: Any) -> Any:
     if not isinstance(value, (list, tuple)) or len(value) != 3:
         raise ValueError("needs 3 values, one per RGB channel")
     return value
+
+
+#: An image side in pixels (an integer: ``"224"`` or ``224.0`` in a file is refused, not coerced).
+ImageSide = Annotated[StrictInt, Field(ge=MIN_INPUT_SIZE, le=MAX_INPUT_SIZE)]
+_Finite = Annotated[float, Field(allow_inf_nan=False)]
+_Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+#: Per-channel normalisation statistics, one value per RGB channel.
+ChannelMeans = Annotated[tuple[_Finite, _Finite, _Finite], BeforeValidator(_three_values)]
+ChannelStds = Annotated[tuple[_Positive, _Positive, _Positive], BeforeValidator(_three_values)]
 
 
 def _validated(model: Any, raw: Any, what: str) -> Any:
@@ -87,8 +91,6 @@ class Preprocessing:
     mean: ChannelMeans = IMAGENET_MEAN
     std: ChannelStds = IMAGENET_STD
     stain: dict[str, Any] | None = None
-
-    _lengths = field_validator("mean", "std", mode="before")(_three_values)
 
     @field_validator("stain")
     @classmethod
@@ -126,7 +128,7 @@ def _unique(names: list[str]) -> list[str]:
 class ModelMetadata(BaseModel):
     """The JSON document of a model file (and of its ONNX export), as validated on load."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())  # a field is model_kwargs
 
     format_version: Literal[1]
     architecture: StrictStr = Field(min_length=1)
@@ -252,6 +254,11 @@ class ModelBundle:
             )
         except BreastvisionError as err:
             raise BreastvisionError(f"{where}{err}") from None
+        except Exception as err:  # the file's model_kwargs reach the architecture's code unchecked
+            raise BreastvisionError(
+                f"{where}model_kwargs {self.model_kwargs} cannot build '{self.architecture}' "
+                f"({type(err).__name__}: {one_line(err, 150)})"
+            ) from None
         mismatch = describe_mismatch(model.state_dict(), self.state_dict)
         if mismatch:
             raise BreastvisionError(
