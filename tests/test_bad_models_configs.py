@@ -131,6 +131,8 @@ SAFETENSORS_CASES: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
                   r"training checkpoint, not a model file; its run's model file is .*model\.safetensors"),
     "ckpt_renamed": (lambda g, d: _copy(g.parent / "checkpoints" / "best.ckpt", d / "m.safetensors"),
                      "training checkpoint, not a model file"),
+    "pth_weights": (lambda g, d: _copy(g.parent / "checkpoints" / "best.ckpt", d / "w.pth"),
+                    "is a PyTorch weights file .*, not a model file"),
     "no_metadata": (lambda g, d: _plain_safetensors(g, d / "m.safetensors"), "without breastvision metadata"),
     "bad_json": (_text("{not json"), "metadata is not JSON"),
     "json_list": (_text("[1, 2]"), "not a JSON object"),

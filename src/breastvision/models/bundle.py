@@ -337,7 +337,9 @@ def _checkpoint_message(path: Path) -> str:
         f"its run's model file is {run / MODEL_FILE_NAME}" if (run / MODEL_FILE_NAME).is_file()
         else f"training writes {MODEL_FILE_NAME} into the run folder when it finishes"
     )
-    return f"{path} is a training checkpoint, not a model file; {hint}"
+    weights = path.suffix.lower() in {".pt", ".pth"}
+    what = "a PyTorch weights file (usable as model.pretrained)" if weights else "a training checkpoint"
+    return f"{path} is {what}, not a model file; {hint}"
 
 
 def _not_a_model_file(path: Path, err: Exception) -> str:
