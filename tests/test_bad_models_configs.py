@@ -150,6 +150,9 @@ SAFETENSORS_CASES: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "resize_below_input": (_edited("preprocessing", "resize", 16), "resize 16 is smaller than"),
     "unknown_preprocessing_key": (_edited("preprocessing", "crop", 1), "crop: unknown key"),
     "stain_wrong_shape": (_edited("preprocessing", "stain", _BAD_STAIN), r"stain_matrix must be \(3, 2\)"),
+    "stain_not_finite": (_edited("preprocessing", "stain", _stain(
+        {"stain_matrix": [[0.6, 0.2], [0.7, 0.9], [0.3, float("inf")]], "max_concentrations": [1.9, 1.0]})),
+        "got NaN or infinity"),
     "stain_unknown_method": (_edited("preprocessing", "stain", {"method": "vahadane"}),
                              "unknown stain normalisation method 'vahadane'"),
     "no_class_names": (_edited("class_names", []), "class_names: List should have at least 2 items"),

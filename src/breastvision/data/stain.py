@@ -170,9 +170,10 @@ class StainNormalizer:
         for key, shape in zip(cls._target_keys, cls._target_shapes, strict=True):
             value = norm._target[key]
             if tuple(value.shape) != shape or not torch.isfinite(value).all():
+                got = f"shape {tuple(value.shape)}" if tuple(value.shape) != shape else "NaN or infinity"
                 raise BreastvisionError(
                     f"malformed {cls.method} stain normaliser state: target {key} must be {shape} "
-                    f"finite numbers, got shape {tuple(value.shape)}"
+                    f"finite numbers, got {got}"
                 )
         norm.reference = state.get("reference")
         return norm
