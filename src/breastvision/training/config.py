@@ -236,7 +236,10 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         raw = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise BreastvisionError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise BreastvisionError(f"config {path} is not valid YAML: {problem}{where}") from None
     if not isinstance(raw, dict):
         raise BreastvisionError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
     parent = raw.pop("extends", None)
