@@ -12,7 +12,8 @@ user hands the toolkit. ``test_bad_input_corpus`` runs every case through ``pred
   over a folder of good images (:data:`GOOD_ROWS`), and either the one-line error it must give or
   the reasons its bad rows must be listed with while the good rows are read.
 
-Config and model-file cases belong beside these, registered the same way.
+Model-file, checkpoint and config cases are in ``test_bad_models_configs`` (each is a good model
+file or config with one defect, so they start from one).
 """
 
 from __future__ import annotations
