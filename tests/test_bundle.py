@@ -66,3 +66,10 @@ def test_files_that_are_not_model_files(tmp_path):
     junk.write_bytes(b"\x00" * 16)
     with pytest.raises(BreastvisionError, match="not a breastvision model file"):
         ModelBundle.load(junk)
+
+
+def test_a_file_that_would_not_load_is_not_written(tmp_path):
+    bundle = ModelBundle("resnet18", ["tumour", "tumour"], {"w": torch.zeros(1)})
+    with pytest.raises(BreastvisionError, match="would not load: class_names: class names repeat: tumour"):
+        bundle.save(tmp_path / "model.safetensors")
+    assert not (tmp_path / "model.safetensors").exists()

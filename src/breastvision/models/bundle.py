@@ -190,9 +190,11 @@ class ModelBundle:
         from safetensors.torch import save_file
 
         path = Path(path)
+        meta = self.metadata()
+        _validated(ModelMetadata, meta, f"not writing {path}, its metadata would not load")
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict.items()}
-        save_file(tensors, str(path), metadata={_META_KEY: json.dumps(self.metadata())})
+        save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta)})
         return path
 
     @classmethod
