@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import ModelBundle, Preprocessing
-from breastvision.models.registry import create_model
+from breastvision.models.registry import create_model, data_config, list_models
 
 
 @pytest.mark.parametrize(
@@ -73,3 +73,18 @@ def test_a_file_that_would_not_load_is_not_written(tmp_path):
     with pytest.raises(BreastvisionError, match="would not load: class_names: class names repeat: tumour"):
         bundle.save(tmp_path / "model.safetensors")
     assert not (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_architecture_takes_the_input_size_check(name):
+    """build_model's input-size check runs the architecture on the meta device: each registered one
+    must run there at its own input size (a data-dependent forward would refuse every file), and
+    refuse a size it cannot take."""
+    with torch.device("meta"):
+        side = int(data_config(create_model(name, num_classes=2))["input_size"][-1])
+    bundle = ModelBundle(name, ["a", "b"], {}, preprocessing=Preprocessing(input_size=side))
+    bundle._check_input_size(lambda: create_model(name, num_classes=2), "")
+    if name.startswith(("vit", "fusion")):  # fixed patch grids
+        bundle.preprocessing = Preprocessing(input_size=side + 16)
+        with pytest.raises(BreastvisionError, match=f"cannot take the file's input_size {side + 16}"):
+            bundle._check_input_size(lambda: create_model(name, num_classes=2), "")

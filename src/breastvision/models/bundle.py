@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PureWindowsPath
 from typing import Annotated, Any, Literal
@@ -250,10 +251,14 @@ class ModelBundle:
         from breastvision.models.weights import describe_mismatch
 
         where = f"{self.source}: " if self.source else ""
-        try:
-            model = create_model(
+
+        def build() -> torch.nn.Module:
+            return create_model(
                 self.architecture, num_classes=len(self.class_names), pretrained=None, **self.model_kwargs
             )
+
+        try:
+            model = build()
         except BreastvisionError as err:
             raise BreastvisionError(f"{where}{err}") from None
         except Exception as err:  # the file's model_kwargs reach the architecture's code unchecked
@@ -267,18 +272,19 @@ class ModelBundle:
                 f"{where}the weights do not match architecture '{self.architecture}' with "
                 f"{len(self.class_names)} classes ({mismatch})"
             )
+        self._check_input_size(build, where)
         model.load_state_dict(self.state_dict)
-        self._check_forward(model.eval(), where)
-        return model
+        return model.eval()
 
-    def _check_forward(self, model: torch.nn.Module, where: str) -> None:
-        """One zero image through the model: an input size the architecture cannot take (a ViT's
-        fixed patch grid, a DenseNet's pooling below 32 pixels) fails here, once, in one line,
-        rather than on every batch later."""
+    def _check_input_size(self, build: Callable[[], torch.nn.Module], where: str) -> None:
+        """One image of the file's input size through the architecture built on the meta device
+        (shapes only: no memory, no arithmetic), so that a size it cannot take (a ViT's fixed patch
+        grid, a DenseNet's pooling below 32 pixels) fails here in one line rather than on every batch
+        later. Every registered architecture runs on the meta device (``tests/test_bundle.py``)."""
         side = self.preprocessing.input_size
         try:
-            with torch.inference_mode():
-                model(torch.zeros(1, 3, side, side))
+            with torch.device("meta"), torch.inference_mode():
+                build().eval()(torch.zeros(1, 3, side, side))
         except (RuntimeError, AssertionError, ValueError) as err:
             raise BreastvisionError(
                 f"{where}architecture '{self.architecture}' cannot take the file's input_size {side} "
