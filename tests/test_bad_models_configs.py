@@ -420,6 +420,9 @@ CHECKPOINT_CASES: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "not_a_dict": (lambda g, d: _saved([1, 2, 3], d / "last.ckpt"), "not a breastvision training checkpoint"),
     "foreign_dict": (lambda g, d: _saved({"model": {}, "epoch": 1, "optimizer": {}}, d / "last.ckpt"),
                      "lacks scheduler, history, best, config"),
+    "wrong_types": (lambda g, d: _saved({"model": {}, "optimizer": {}, "scheduler": {}, "epoch": "1",
+                                         "history": [], "best": None, "config": []}, d / "last.ckpt"),
+                    r"not a breastvision checkpoint \(epoch, config of the wrong type\)"),
     "model_file": (lambda g, d: g, "is a model file, not a training checkpoint"),
     "missing": (lambda g, d: d / "absent.ckpt", "checkpoint not found"),
 }

@@ -20,6 +20,9 @@ from breastvision.training.config import ExperimentConfig
 RESUME_KEYS = ("optimizer", "scheduler", "epoch", "history", "best", "config")
 #: What ``best.ckpt`` holds.
 BEST_KEYS = ("model", "epoch")
+#: The type of each part of ``last.ckpt`` (Fabric saves modules and optimizers as state dicts).
+_KINDS = {"model": dict, "optimizer": dict, "scheduler": dict, "epoch": int, "history": list,
+          "best": (dict, type(None)), "config": dict}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -50,6 +53,11 @@ def check_resumable(checkpoint: dict[str, Any], config: ExperimentConfig, path: 
         raise BreastvisionError(
             f"{path} is not a resumable breastvision checkpoint (it lacks {', '.join(missing)}); "
             "resume from a run's checkpoints/last.ckpt"
+        )
+    wrong = [key for key, kind in _KINDS.items() if not isinstance(checkpoint[key], kind)]
+    if wrong:
+        raise BreastvisionError(
+            f"{path} is not a breastvision checkpoint ({', '.join(wrong)} of the wrong type)"
         )
     saved, now = checkpoint["config"], config.to_dict()
     changed = [s for s in ("data", "model") if saved.get(s) != now[s]]
