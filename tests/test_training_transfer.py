@@ -62,7 +62,8 @@ def test_two_stage_chain(image_tree, tmp_path: Path) -> None:
 
 
 def _subset_manifest(source: Path, target: Path, per_group: int, groups_per_class: int, group: str) -> Path:
-    """A manifest listing a few groups per class of a real data set (absolute paths)."""
+    """A manifest listing a few groups per class of a real data set, through a link to its folder
+    (manifest rows must lie inside the manifest's folder)."""
     with source.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     by_class: dict[str, dict[str, list[dict]]] = {}
@@ -72,10 +73,12 @@ def _subset_manifest(source: Path, target: Path, per_group: int, groups_per_clas
     for groups in by_class.values():
         for name in random.Random(0).sample(sorted(groups), groups_per_class):
             chosen += groups[name][:per_group]
+    link = target.with_suffix("")
+    link.symlink_to(source.parent, target_is_directory=True)
     with target.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows({**r, "path": str(source.parent / r["path"])} for r in chosen)
+        writer.writerows({**r, "path": f"{link.name}/{r['path']}"} for r in chosen)
     return target
 
 
