@@ -143,3 +143,23 @@ def test_bad_arguments():
         next(resample_weights(10, n_resamples=0))
     with pytest.raises(BreastvisionError, match="confidence"):
         bootstrap(lambda w: w.sum(axis=1), 10, confidence=1.5)
+
+
+def test_macro_intervals_skip_classes_absent_from_the_data_and_from_a_resample():
+    # A three-class model on benign / malignant images only: the statistic's macro recall is the
+    # macro over present classes, also in resamples, which equal compute_metrics of the repeated data.
+    y, probs = _predictions(60, 2, seed=12)
+    probs3 = np.c_[probs * 0.8, np.full(60, 0.2)]
+    probs3[::7] = [0.1, 0.1, 0.8]  # a few "normal" predictions: errors of the classes present
+    names = ["benign", "malignant", "normal"]
+    statistic = classification_statistic(y, probs3, names)
+    assert statistic(np.ones((1, 60)))["recall_macro"][0] == pytest.approx(
+        compute_metrics(y, probs3, names)["recall_macro"])
+    assert "per_class.normal.recall" not in statistic(np.ones((1, 60)))
+    # A resample holding only benign images: macro over that one class, no malignant recall.
+    weights = (y == 0).astype(float)[None]
+    values = statistic(weights)
+    direct = compute_metrics(y[y == 0], probs3[y == 0], names)
+    assert values["recall_macro"][0] == pytest.approx(direct["recall_macro"])
+    assert values["precision_macro"][0] == pytest.approx(direct["precision_macro"])
+    assert np.isnan(values["per_class.malignant.recall"][0])

@@ -123,3 +123,40 @@ def test_single_class_binary_auc_is_none():
 def test_input_errors_are_user_errors(y, probs, names, message):
     with pytest.raises(BreastvisionError, match=message):
         compute_metrics(np.asarray(y), probs, names)
+
+
+def test_macro_over_present_classes_on_a_two_class_subset_of_a_three_class_model():
+    # The external folder: benign and malignant only, the model also knows "normal".
+    # Benign: 2 of 4 right (one called normal, one malignant) -> recall 0.5; malignant: 3 of 4
+    # right (one called normal) -> 0.75. Macro recall (0.5 + 0.75) / 2 = 0.625, not the
+    # (0.5 + 0.75 + 0) / 3 = 0.417 that counting the absent class gives.
+    names = ["benign", "malignant", "normal"]
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    pred = np.array([0, 0, 2, 1, 1, 1, 1, 2])
+    probs = np.eye(3)[pred] * 0.7 + 0.1
+    m = compute_metrics(y, probs, names)
+    assert m["recall_macro"] == pytest.approx(0.625)
+    assert recall_score(y, pred, labels=[0, 1, 2], average="macro", zero_division=0) == pytest.approx(5 / 12)
+    assert m["absent_classes"] == ["normal"]
+    assert m["macro_average"] == "over the 2 of 3 classes present in the true labels"
+    # Precision: benign 2/2, malignant 3/4; the two "normal" predictions are errors, not a class.
+    assert m["precision_macro"] == pytest.approx((1.0 + 0.75) / 2)
+    assert m["precision_macro"] == pytest.approx(precision_score(y, pred, labels=[0, 1], average="macro"))
+    assert m["f1_macro"] == pytest.approx(f1_score(y, pred, labels=[0, 1], average="macro"))
+    assert m["per_class"]["normal"]["recall"] is None and m["per_class"]["normal"]["f1"] is None
+    assert m["per_class"]["normal"]["precision"] == 0.0  # predicted twice, wrong both times
+    assert m["accuracy"] == pytest.approx(5 / 8)
+
+
+def test_nothing_absent_when_every_class_is_present(three_class):
+    y, probs = three_class
+    m = compute_metrics(y, probs, CLASSES3)
+    assert m["absent_classes"] == []
+    assert m["macro_average"] == "over the 3 of 3 classes present in the true labels"
+
+
+def test_single_class_binary_has_no_specificity():
+    probs = np.array([[0.2, 0.8], [0.7, 0.3]])
+    m = compute_metrics([1, 1], probs, ["benign", "malignant"])
+    assert m["specificity"] is None and m["absent_classes"] == ["benign"]
+    assert m["recall_macro"] == pytest.approx(0.5)

@@ -18,6 +18,7 @@ from breastvision.evaluation.report import (
     comparison_table,
     evaluate_predictions,
     format_value,
+    print_headline,
     with_interval,
     write_predictions_csv,
     write_report,
@@ -160,3 +161,14 @@ def test_with_interval_prefers_the_interval_then_the_value():
     assert with_interval(metrics, "patient.P_arp") == 0.75
     assert with_interval(metrics, "auc") is None
     assert with_interval({"auc": 0.9}, "auc") == 0.9  # no bootstrap at all (n_resamples 0)
+
+
+def test_report_names_absent_classes(tmp_path: Path, capsys):
+    probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
+    metrics = evaluate_predictions([0, 1, 1, 0], probs, ["benign", "malignant", "normal"], n_resamples=20)
+    text = write_report(tmp_path, metrics=metrics).read_text()
+    line = "classes absent from the true labels: normal (macro averages are over the 2 of 3 classes"
+    assert line in text
+    print_headline(metrics, tmp_path / "report.md")
+    assert line in capsys.readouterr().out
+    assert "normal | 0 | 0.000 | — | — | —" in text  # no recall, F1 or AUC for the absent class

@@ -135,6 +135,11 @@ def _ratio(num: np.ndarray, den: np.ndarray, empty: float) -> np.ndarray:
     return np.where(den > 0, num / safe, empty)
 
 
+def _present_mean(values: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Row means of ``values`` ``(B, C)`` over the classes ``present`` in each resample."""
+    return np.where(present, np.nan_to_num(values), 0.0).sum(axis=1) / present.sum(axis=1)
+
+
 def weighted_auc(target: np.ndarray, score: np.ndarray) -> Statistic:
     """Batched ROC AUC of ``score`` for the boolean ``target``, with ties counted one half.
 
@@ -183,6 +188,7 @@ def classification_statistic(
     hit = truth * guess
     aucs = {k: weighted_auc(y == k, p[:, k]) for k in range(n_classes) if 0 < (y == k).sum() < y.size}
     pos = positive_index(names, positive_class) if n_classes == 2 else None
+    absent = set(range(n_classes)) - set(np.unique(y).tolist())
     if g is not None:
         _, codes = np.unique(g, return_inverse=True)
         patient_sizes = np.bincount(codes).astype(np.float64)
@@ -194,14 +200,17 @@ def classification_statistic(
         tp = weights @ hit
         support = weights @ truth
         predicted = weights @ guess
+        # As in compute_metrics: macro over the classes present (in this resample), and no
+        # recall or F1 for a class absent from it.
+        present = support > 0
         precision = _ratio(tp, predicted, 0.0)
-        recall = _ratio(tp, support, 0.0)
-        f1 = _ratio(2 * tp, support + predicted, 0.0)
+        recall = _ratio(tp, support, np.nan)
+        f1 = np.where(present, _ratio(2 * tp, support + predicted, 0.0), np.nan)
         out = {
             "accuracy": weights @ correct / total,
-            "precision_macro": precision.mean(axis=1),
-            "recall_macro": recall.mean(axis=1),
-            "f1_macro": f1.mean(axis=1),
+            "precision_macro": _present_mean(precision, present),
+            "recall_macro": _present_mean(recall, present),
+            "f1_macro": _present_mean(f1, present),
         }
         class_auc = {k: fn(weights) for k, fn in aucs.items()}
         if pos is not None:
@@ -212,6 +221,8 @@ def classification_statistic(
             # Classes whose AUC is undefined on the full data are left out, as in compute_metrics.
             out["auc"] = np.mean(list(class_auc.values()), axis=0)
         for k, name in enumerate(names):
+            if k in absent:
+                continue  # no interval for a class the data does not hold
             out[f"per_class.{name}.precision"] = precision[:, k]
             out[f"per_class.{name}.recall"] = recall[:, k]
             out[f"per_class.{name}.f1"] = f1[:, k]

@@ -7,9 +7,12 @@ average they use (``precision_macro``), so no number is ambiguous in a report.
 
 Choices where the papers are vague, recorded here once:
 
-- Multi-class precision / recall / F1 are macro averages over *all* of the model's classes
-  (paper 003 does not say; macro is the standard reading and does not let the majority class
-  hide a poor minority class). Per-class values are always reported beside them.
+- Multi-class precision / recall / F1 are macro averages over the model's classes *present in
+  the ground truth* (paper 003 does not say; macro is the standard reading and does not let the
+  majority class hide a poor minority class). A class absent from ``y_true`` (an external folder
+  of benign and malignant images for a three-class model) has no recall, and counting it as 0
+  would pull every macro value down; it is named in ``absent_classes`` instead, and predictions
+  of it still count as errors of the classes present. Per-class values are reported beside them.
 - AUC is one-vs-rest per class. For two classes the AUC is the binary AUC of the positive class
   (one number, the usual one). The macro AUC averages the classes whose AUC is defined; a class
   absent from ``y_true`` (or present in every row) has AUC ``None`` with the reason, and the
@@ -137,44 +140,60 @@ def compute_metrics(
     labels = list(range(n_classes))
     pred = p.argmax(axis=1)
 
-    # zero_division=0: a class never predicted (or absent) scores 0 rather than raising a warning.
+    # zero_division=0: a class never predicted scores precision 0 rather than raising a warning.
     precision, recall, f1, support = precision_recall_fscore_support(
         y, pred, labels=labels, zero_division=0
     )
+    present = support > 0
     aucs = [one_vs_rest_auc(y, p, k) for k in labels]
-    per_class: dict[str, dict[str, Any]] = {}
-    for k, name in enumerate(names):
-        entry: dict[str, Any] = {
-            "precision": float(precision[k]),
-            "recall": float(recall[k]),
-            "f1": float(f1[k]),
-            "support": int(support[k]),
-            "auc": aucs[k][0],
-        }
-        if aucs[k][1]:
-            entry["auc_note"] = aucs[k][1]
-        per_class[name] = entry
+    per_class = {
+        name: _class_entry(k, precision, recall, f1, support, aucs[k]) for k, name in enumerate(names)
+    }
 
     out: dict[str, Any] = {
         "task": "binary" if n_classes == 2 else "multiclass",
         "class_names": names,
         "n_images": int(y.size),
         "accuracy": float((pred == y).mean()),
-        "precision_macro": float(precision.mean()),
-        "recall_macro": float(recall.mean()),
-        "f1_macro": float(f1.mean()),
+        "precision_macro": float(precision[present].mean()),
+        "recall_macro": float(recall[present].mean()),
+        "f1_macro": float(f1[present].mean()),
+        "macro_average": f"over the {int(present.sum())} of {n_classes} classes present in the true labels",
+        "absent_classes": [n for n, here in zip(names, present, strict=True) if not here],
     }
     pos = positive_index(names, positive_class) if n_classes == 2 else None
     out.update(_summary_auc(aucs, names, pos))
     if pos is not None:
         out["positive_class"] = names[pos]
-        out["sensitivity"] = float(recall[pos])
-        out["specificity"] = float(recall[1 - pos])
+        out["sensitivity"] = per_class[names[pos]]["recall"]
+        out["specificity"] = per_class[names[1 - pos]]["recall"]
     out["per_class"] = per_class
     out["confusion_matrix"] = confusion_matrix(y, pred, labels=labels).tolist()
     if g is not None:
         out["patient"] = patient_metrics(y, pred, g)
     return out
+
+
+def _class_entry(
+    k: int,
+    precision: np.ndarray,
+    recall: np.ndarray,
+    f1: np.ndarray,
+    support: np.ndarray,
+    auc: tuple[float | None, str | None],
+) -> dict[str, Any]:
+    """One class's row; recall and F1 are ``None`` for a class absent from the true labels."""
+    absent = support[k] == 0
+    entry: dict[str, Any] = {
+        "precision": float(precision[k]),
+        "recall": None if absent else float(recall[k]),
+        "f1": None if absent else float(f1[k]),
+        "support": int(support[k]),
+        "auc": auc[0],
+    }
+    if auc[1]:
+        entry["auc_note"] = auc[1]
+    return entry
 
 
 def _summary_auc(

@@ -107,7 +107,16 @@ def print_headline(metrics: Mapping[str, Any], report: Path) -> None:
         value = with_interval(metrics, key)
         if value is not None:
             print(f"{key:>16}: {format_value(value)}")
+    if metrics.get("absent_classes"):
+        print(absent_classes_line(metrics))
     print(f"report: {report}")
+
+
+def absent_classes_line(metrics: Mapping[str, Any]) -> str:
+    """The one line that says which of the model's classes the data lacks (macro averages skip them)."""
+    absent = ", ".join(metrics["absent_classes"])
+    return f"classes absent from the true labels: {absent} (macro averages are {metrics['macro_average']})"
+
 
 
 def print_run_headline(run_dir: Path) -> None:
@@ -349,6 +358,8 @@ def _metrics_section(metrics: Mapping[str, Any], names: Sequence[str]) -> str:
     boot = metrics.get("bootstrap")
     column = f"value ({boot['confidence']:.0%} CI)" if boot else "value"
     parts = ["## Metrics", "", markdown_table(["metric", column], rows)]
+    if metrics.get("absent_classes"):
+        parts += ["", absent_classes_line(metrics) + "."]
     if metrics.get("auc_average"):
         note = f" {metrics['auc_note']}." if metrics.get("auc_note") else ""
         parts += ["", f"AUC: {metrics['auc_average']}.{note}"]
