@@ -13,6 +13,7 @@ from breastvision.evaluation.bootstrap import (
     bootstrap,
     classification_statistic,
     resample_weights,
+    resampling_unit,
     weighted_auc,
     with_sample_weight,
 )
@@ -101,7 +102,8 @@ def test_patient_bootstrap_is_wider_when_errors_cluster_in_one_patient():
     probs = np.eye(2)[pred] * 0.9 + 0.05
     groups = np.repeat([f"p{i}" for i in range(10)], 20)
     statistic = classification_statistic(y, probs, ["benign", "malignant"], groups)
-    by_patient = bootstrap(statistic, 200, groups=groups, n_resamples=1000, seed=0)["accuracy"]
+    by_patient = bootstrap(statistic, 200, groups=groups, unit="patients", n_resamples=1000, seed=0)
+    by_patient = by_patient["accuracy"]
     by_image = bootstrap(statistic, 200, n_resamples=1000, seed=0)["accuracy"]
     assert by_patient["resampled"] == "patients" and by_image["resampled"] == "images"
     assert by_patient["value"] == by_image["value"] == pytest.approx(0.9)
@@ -163,3 +165,12 @@ def test_macro_intervals_skip_classes_absent_from_the_data_and_from_a_resample()
     assert values["recall_macro"][0] == pytest.approx(direct["recall_macro"])
     assert values["precision_macro"][0] == pytest.approx(direct["precision_macro"])
     assert np.isnan(values["per_class.malignant.recall"][0])
+
+
+def test_resampling_unit_names_what_was_drawn():
+    assert resampling_unit(None) == resampling_unit("image") == "images"
+    assert resampling_unit("slide") == resampling_unit("patient_id") == "patients"
+    assert resampling_unit("near_duplicate") == "near-duplicate groups"
+    assert resampling_unit("near_duplicate", patients=True) == "patients"  # --patient-level on
+    assert resampling_unit("slide", patients=False) == "groups (slide)"
+    assert resampling_unit("tile_group") == "groups (tile_group)" and resampling_unit("group") == "groups"

@@ -153,3 +153,21 @@ def test_evaluate_views_of_an_after_augmentation_split(tmp_path: Path, model_fil
     expected = {f"{catalog.relpath(r)}::{v}" for r, v in split.subset(catalog, "test")}
     assert {r["path"] for r in rows} == expected and len(rows) == len(expected)
     assert "leaky" in (out / "report.md").read_text()
+
+
+def test_evaluate_resamples_near_duplicate_groups(tmp_path: Path, model_file: Path, image_tree):
+    # BUSI's case: copies of one scan form a near-duplicate group, which the bootstrap draws whole.
+    tree = tmp_path / "tree"
+    for source in image_tree(per_class=4).rglob("*.png"):
+        (tree / source.parent.name).mkdir(parents=True, exist_ok=True)
+        for copy in ("a", "b"):
+            (tree / source.parent.name / f"{source.stem}_{copy}.png").write_bytes(source.read_bytes())
+    catalog = read_dataset(tree, near_duplicates=True)
+    assert catalog.grouping == "near_duplicate" and len(set(catalog.groups)) == 8
+    split_file = make_split(catalog, "group_kfold", seed=0, k=2).save(tmp_path / "split.json")
+    out = tmp_path / "out"
+    _evaluate(model_file, tree, "--split", split_file, "--fold", 0, "--out", out, "--n-resamples", 50)
+    metrics = _check_report(out)
+    assert metrics["bootstrap"]["resampled"] == "near-duplicate groups"
+    assert metrics["bootstrap"]["n_groups"] == metrics["n_images"] // 2
+    assert "patient" not in metrics

@@ -172,3 +172,31 @@ def test_report_names_absent_classes(tmp_path: Path, capsys):
     print_headline(metrics, tmp_path / "report.md")
     assert line in capsys.readouterr().out
     assert "normal | 0 | 0.000 | — | — | —" in text  # no recall, F1 or AUC for the absent class
+
+
+def test_near_duplicate_groups_are_resampled_whole_without_patient_metrics(tmp_path: Path):
+    # BUSI-like: copies of one scan share a group; the errors sit in two of twelve groups. An
+    # image bootstrap treats the 20 copies as independent and gives a narrower interval.
+    y = np.repeat([0, 1], 120)
+    groups = np.repeat([f"scan{i}" for i in range(12)], 20)
+    pred = y.copy()
+    pred[groups == "scan0"] = 1
+    pred[groups == "scan11"] = 0
+    probs = np.eye(2)[pred] * 0.8 + 0.1
+    by_group = evaluate_predictions(y, probs, CLASSES, groups, grouping="near_duplicate", n_resamples=500)
+    by_image = evaluate_predictions(y, probs, CLASSES, groups, grouping="image", n_resamples=500)
+    assert "patient" not in by_group and "patient.P_arp" not in by_group["intervals"]
+    assert by_group["bootstrap"]["resampled"] == "near-duplicate groups"
+    assert by_group["bootstrap"]["n_groups"] == 12
+    assert by_image["bootstrap"]["resampled"] == "images" and "n_groups" not in by_image["bootstrap"]
+    width = {name: m["intervals"]["accuracy"]["ci_high"] - m["intervals"]["accuracy"]["ci_low"]
+             for name, m in (("group", by_group), ("image", by_image))}
+    assert width["group"] > 2 * width["image"]
+    text = write_report(tmp_path, metrics=by_group).read_text()
+    assert "resamples of the 12 near-duplicate groups, each drawn with all of its images" in text
+    # Patients stay patients; --patient-level off keeps their grouping for the bootstrap.
+    as_slides = evaluate_predictions(y, probs, CLASSES, groups, grouping="slide", n_resamples=50)
+    assert as_slides["bootstrap"]["resampled"] == "patients" and as_slides["patient"]["n_patients"] == 12
+    off = evaluate_predictions(y, probs, CLASSES, groups, grouping="slide", patient_level=False,
+                               n_resamples=50)
+    assert off["bootstrap"]["resampled"] == "groups (slide)" and "patient" not in off

@@ -1,14 +1,15 @@
-"""Percentile bootstrap confidence intervals, resampling images or whole patients.
+"""Percentile bootstrap confidence intervals, resampling images or whole groups (patients, near-duplicates).
 
 A resample is represented by *weights*: how many times each image was drawn. Every metric here
 is a weighted sum over images, so a resample never copies data and a batch of resamples is one
 ``(B, N)`` array; the metrics below evaluate a whole batch with a few matrix products, which is
 what makes 1,000 resamples of ~700 images take well under a second.
 
-With ``groups`` (patient ids) the bootstrap draws *patients* with replacement and each drawn
-patient brings all of its images (a cluster bootstrap): images of one patient are correlated, so
-resampling them one by one would give intervals that are too narrow. A patient drawn twice counts
-as two patients, which is the standard cluster-bootstrap reading.
+With ``groups`` (patient ids, or BUSI's near-duplicate groups) the bootstrap draws *groups* with
+replacement and each drawn group brings all of its images (a cluster bootstrap): images of one
+patient, or copies of one scan, are correlated, so resampling them one by one would give intervals
+that are too narrow. A group drawn twice counts as two groups, which is the standard
+cluster-bootstrap reading. :func:`resampling_unit` names what was drawn, for the reports.
 
 Any other metric can be bootstrapped with :func:`bootstrap` through :func:`with_sample_weight`,
 which wraps a scikit-learn style ``metric(..., sample_weight=w)`` (a Python loop, slower).
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from breastvision.data.records import PATIENT_GROUPINGS
 from breastvision.errors import BreastvisionError
 from breastvision.evaluation.metrics import check_inputs, positive_index
 
@@ -64,18 +66,37 @@ def resample_weights(
         done += b
 
 
+def resampling_unit(grouping: str | None, patients: bool | None = None) -> str:
+    """What a bootstrap over the groups of a ``Catalog.grouping`` draws, as a report says it.
+
+    ``patients`` (default: whether the grouping is a patient grouping) says whether the groups are
+    taken as patients; ``None`` or ``"image"`` groups are single images.
+    """
+    if grouping is None or grouping == "image":
+        return "images"
+    if patients is None:
+        patients = grouping in PATIENT_GROUPINGS
+    if patients:
+        return "patients"
+    named = {"near_duplicate": "near-duplicate groups", "group": "groups"}
+    return named.get(grouping, f"groups ({grouping})")
+
+
 def bootstrap(
     statistic: Statistic,
     n: int,
     *,
     groups: Sequence[Any] | np.ndarray | None = None,
+    unit: str = "groups",
     n_resamples: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
 ) -> dict[str, Any]:
     """Point value and percentile interval of a batched ``statistic`` over ``n`` images.
 
-    Returns ``{"value", "ci_low", "ci_high", "n_resamples", "resampled", "confidence"}``, or a dict
+    ``unit`` names what a group is (``resampled``; see :func:`resampling_unit`); without ``groups``
+    images are resampled. Returns ``{"value", "ci_low", "ci_high", "n_resamples", "resampled",
+    "confidence"}``, or a dict
     of those keyed by name when the statistic returns several values. Resamples where a statistic
     is undefined (e.g. AUC when a resample holds one class only) are left out of its interval and
     counted in ``n_undefined``.
@@ -84,7 +105,7 @@ def bootstrap(
         raise BreastvisionError(f"confidence must lie strictly between 0 and 1, got {confidence}")
     point = statistic(np.ones((1, n)))
     chunks = [statistic(w) for w in resample_weights(n, groups, n_resamples=n_resamples, seed=seed)]
-    unit = "patients" if groups is not None else "images"
+    unit = unit if groups is not None else "images"
     if isinstance(point, dict):
         return {
             key: _interval(point[key][0], np.concatenate([c[key] for c in chunks]), unit, confidence)

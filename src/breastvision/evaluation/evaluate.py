@@ -10,10 +10,11 @@ an external folder listing its classes in another order still scores correctly, 
 model never learnt is refused. A dataset holding only some of the model's classes is fine (AUC
 of the missing ones is undefined and says so; patient-level metrics still apply).
 
-Patient-level metrics and the patient (cluster) bootstrap are used when the dataset's groups are
-patients or slides (BreakHis: one slide per patient; a manifest's ``patient`` / ``patient_id``
-column); other groupings, such as BUSI's near-duplicate groups, are not patients, so those runs
-report image-level metrics only unless ``--patient-level on`` says the groups are patients.
+Patient-level metrics are used when the dataset's groups are patients or slides (BreakHis: one
+slide per patient; a manifest's ``patient`` / ``patient_id`` column); other groupings, such as
+BUSI's near-duplicate groups, are not patients, so those runs report image-level metrics only
+unless ``--patient-level on`` says the groups are patients. The bootstrap resamples whole groups
+whatever they are (patients, near-duplicate groups); only image grouping resamples images.
 
 Files the readers skip, and images that pass their header check but cannot be decoded (truncated
 pixel data) or prepared, are listed in the report folder's ``skipped.csv`` and named in the log;
@@ -222,8 +223,9 @@ def run(args: argparse.Namespace) -> int:
     records, views = _without(records, failures), _without(views, failures)
     y_true = mapping[[r.label for r in records]]
     patients = _use_patients(args.patient_level, catalog.grouping)
-    groups = [r.group for r in records] if patients else None
-    metrics = evaluate_predictions(y_true, probs, bundle.class_names, groups, positive_class=args.positive,
+    groups = [r.group for r in records]
+    metrics = evaluate_predictions(y_true, probs, bundle.class_names, groups, grouping=catalog.grouping,
+                                   patient_level=patients, positive_class=args.positive,
                                    n_resamples=args.n_resamples, seed=args.seed)
 
     part = f"_{args.subset}" + (f"{args.fold}" if args.fold is not None else "") if args.split else ""

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from breastvision.data.records import Skipped
+from breastvision.data.records import PATIENT_GROUPINGS, Skipped
 from breastvision.errors import BreastvisionError
 from breastvision.evaluation import plots
-from breastvision.evaluation.bootstrap import bootstrap, classification_statistic
+from breastvision.evaluation.bootstrap import bootstrap, classification_statistic, resampling_unit
 from breastvision.evaluation.metrics import check_inputs, compute_metrics
 from breastvision.paths import file_sha256, printable
 
@@ -54,6 +54,8 @@ def evaluate_predictions(
     class_names: Sequence[str],
     groups: Sequence[Any] | np.ndarray | None = None,
     *,
+    grouping: str | None = "patient",
+    patient_level: bool | None = None,
     positive_class: str | None = None,
     n_resamples: int = 1000,
     seed: int = 0,
@@ -61,18 +63,26 @@ def evaluate_predictions(
 ) -> dict[str, Any]:
     """All metrics (:func:`metrics.compute_metrics`) plus bootstrap intervals of every scalar one.
 
-    ``groups`` are patient ids: they add the patient-level metrics and make the bootstrap resample
-    patients. ``intervals`` maps dotted metric paths (``accuracy``, ``patient.P_arp``,
-    ``per_class.benign.recall``) to ``{"value", "ci_low", "ci_high", ...}``; ``n_resamples=0``
-    leaves them out.
+    ``groups`` are the images' ``Record.group`` and ``grouping`` the catalog's ``grouping`` (what
+    they are; ``None``: unknown, taken as single images). The bootstrap resamples whole groups
+    (patients, near-duplicate groups) unless they are single images. ``patient_level`` (default:
+    whether ``grouping`` is a patient grouping) adds the patient-level metrics. ``intervals`` maps
+    dotted metric paths (``accuracy``, ``patient.P_arp``, ``per_class.benign.recall``) to
+    ``{"value", "ci_low", "ci_high", ...}``; ``n_resamples=0`` leaves them out.
     """
-    out = compute_metrics(y_true, probs, class_names, groups, positive_class=positive_class)
+    if groups is None or grouping in (None, "image"):
+        groups, grouping = None, None
+    if patient_level is None:
+        patient_level = grouping in PATIENT_GROUPINGS
+    patients = groups if patient_level else None
+    out = compute_metrics(y_true, probs, class_names, patients, positive_class=positive_class)
     if n_resamples > 0:
         statistic = classification_statistic(
-            y_true, probs, class_names, groups, positive_class=positive_class
+            y_true, probs, class_names, patients, positive_class=positive_class
         )
+        unit = resampling_unit(grouping, patient_level)
         out["intervals"] = bootstrap(
-            statistic, out["n_images"], groups=groups,
+            statistic, out["n_images"], groups=groups, unit=unit,
             n_resamples=n_resamples, seed=seed, confidence=confidence,
         )
         out["bootstrap"] = {
@@ -80,8 +90,10 @@ def evaluate_predictions(
             "n_resamples": n_resamples,
             "seed": seed,
             "confidence": confidence,
-            "resampled": "patients" if groups is not None else "images",
+            "resampled": unit,
         }
+        if groups is not None:
+            out["bootstrap"]["n_groups"] = len(set(np.asarray(groups).astype(str).tolist()))
     return out
 
 
@@ -346,8 +358,11 @@ def _data_section(metrics: Mapping[str, Any], split: Mapping[str, Any]) -> str:
         lines.append("- split file: none (evaluated on a whole dataset or external folder)")
     boot = metrics.get("bootstrap")
     if boot:
+        drawn = boot["resampled"]
+        if "n_groups" in boot:
+            drawn = f"the {boot['n_groups']} {drawn}, each drawn with all of its images"
         lines.append(f"- intervals: {boot['confidence']:.0%} percentile bootstrap, {boot['n_resamples']} "
-                     f"resamples of {boot['resampled']}, seed {boot['seed']}")
+                     f"resamples of {drawn}, seed {boot['seed']}")
     return "\n".join(lines)
 
 
