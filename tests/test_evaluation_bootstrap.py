@@ -61,7 +61,7 @@ def test_resampled_statistic_equals_metrics_of_the_resampled_data():
     repeated = np.repeat(np.arange(80), weights.astype(int))
     values = classification_statistic(y, probs, CLASSES3, groups)(weights[None])
     direct = compute_metrics(y[repeated], probs[repeated], CLASSES3)
-    for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
+    for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "brier", "ece"):
         assert values[key][0] == pytest.approx(direct[key]), key
     # P_arp over drawn patients, a patient drawn twice counting twice.
     _, codes = np.unique(groups, return_inverse=True)

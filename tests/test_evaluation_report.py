@@ -69,13 +69,15 @@ def test_write_report_folder(tmp_path: Path, predictions):
         run, metrics=metrics, config={"lr": 0.01, "input_size": (224, 224), "data": Path("/x")},
         split_info=split_file, weights_origin={"backbone": "imagenet (keras port)", "head": "random init"},
         lineage=[{"stage": "imagenet"}, {"stage": "lc25000", "checkpoint": "stage2.safetensors"}],
-        history=history, y_true=y, probs=probs, facts={"parameters": 7_000_000.0}, title="test run",
+        history=history, y_true=y, probs=probs, facts={"parameters": 7_000_000.0, "best_epoch": 2},
+        title="test run",
     )
     text = report.read_text()
     for name in ("metrics.json", "provenance.json", "config.yaml", "split.json", "predictions.csv"):
         assert (run / name).is_file(), name
     links = _links(text)
-    for plot in ("accuracy.png", "loss.png", "confusion_matrix.png", "roc.png", "patient_accuracy.png"):
+    for plot in ("accuracy.png", "loss.png", "confusion_matrix.png", "roc.png", "patient_accuracy.png",
+                 "precision_recall.png", "reliability.png"):
         assert f"plots/{plot}" in links, plot
     for link in links:
         target = run / link
@@ -88,6 +90,9 @@ def test_write_report_folder(tmp_path: Path, predictions):
     assert sha in text and "leaky" in text
     assert "imagenet (keras port)" in text and "stage2.safetensors" in text and "7,000,000" in text
     assert json.loads((run / "provenance.json").read_text())["split"]["sha256"] == sha
+    assert "loss per epoch (dotted: best epoch 2)" in text
+    for key in ("ece", "brier"):
+        assert re.search(rf"\| {key} \| \d\.\d{{3}} \(\d\.\d{{3}}–\d\.\d{{3}}\) \|", text), key
 
 
 def test_report_without_optional_parts(tmp_path: Path, predictions):
@@ -95,7 +100,7 @@ def test_report_without_optional_parts(tmp_path: Path, predictions):
     report = write_report(tmp_path, metrics=evaluate_predictions(y, probs, CLASSES, n_resamples=0))
     text = report.read_text()
     assert "split file: none" in text and "not recorded" in text
-    assert _links(text) == ["plots/confusion_matrix.png"]
+    assert _links(text) == ["plots/confusion_matrix.png", "plots/reliability.png"]
     assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "split.json").exists()
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from breastvision.data.records import PATIENT_GROUPINGS
 from breastvision.errors import BreastvisionError
+from breastvision.evaluation.calibration import brier_per_image, confidence_bins
 from breastvision.evaluation.metrics import check_inputs, positive_index
 
 #: A batched statistic: resample weights ``(B, N)`` -> one value per resample ``(B,)``, or several
@@ -207,6 +208,11 @@ def classification_statistic(
     truth = np.eye(n_classes)[y]  # (N, C) one-hot of the true class
     guess = np.eye(n_classes)[pred]
     hit = truth * guess
+    brier = brier_per_image(y, p)
+    # Signed gap (correct - confidence) of each image, placed in its confidence bin's column.
+    bins = confidence_bins(p)
+    gap = np.zeros((y.size, int(bins.max()) + 1))
+    gap[np.arange(y.size), bins] = correct - p.max(axis=1)
     aucs = {k: weighted_auc(y == k, p[:, k]) for k in range(n_classes) if 0 < (y == k).sum() < y.size}
     pos = positive_index(names, positive_class) if n_classes == 2 else None
     absent = set(range(n_classes)) - set(np.unique(y).tolist())
@@ -232,6 +238,8 @@ def classification_statistic(
             "precision_macro": _present_mean(precision, present),
             "recall_macro": _present_mean(recall, present),
             "f1_macro": _present_mean(f1, present),
+            "brier": weights @ brier / total,
+            "ece": np.abs(weights @ gap).sum(axis=1) / total,
         }
         class_auc = {k: fn(weights) for k, fn in aucs.items()}
         if pos is not None:

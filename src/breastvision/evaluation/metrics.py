@@ -17,7 +17,10 @@ Choices where the papers are vague, recorded here once:
   (one number, the usual one). The macro AUC averages the classes whose AUC is defined; a class
   absent from ``y_true`` (or present in every row) has AUC ``None`` with the reason, and the
   macro value says over how many classes it was taken.
-- The predicted class is the arg-max of ``probs`` (no threshold tuning).
+- The predicted class is the arg-max of ``probs``; thresholds for a clinical operating point are
+  :mod:`breastvision.evaluation.operating_points`'.
+- Calibration: top-label ECE over 15 equal-width confidence bins and the Brier score
+  (:mod:`breastvision.evaluation.calibration`); ``reliability`` holds the bins for the diagram.
 - Patient level (paper 000, eqs. 1-3): ``P_rp = N_rp / N_np`` per patient, ``P_arp`` the plain
   mean of ``P_rp`` over patients (each patient counts once, whatever its image count) and
   ``P_img = N_r / N_all`` over images, which equals the accuracy.
@@ -32,6 +35,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from breastvision.errors import BreastvisionError
+from breastvision.evaluation.calibration import brier_score, reliability
 
 #: Names taken as the positive class of a binary task, in order of preference.
 POSITIVE_NAMES = ("malignant", "cancer", "tumor", "tumour", "positive", "m")
@@ -160,7 +164,10 @@ def compute_metrics(
         "f1_macro": float(f1[present].mean()),
         "macro_average": f"over the {int(present.sum())} of {n_classes} classes present in the true labels",
         "absent_classes": [n for n, here in zip(names, present, strict=True) if not here],
+        "brier": brier_score(y, p),
     }
+    out["reliability"] = reliability(y, p)
+    out["ece"] = out["reliability"]["ece"]
     pos = positive_index(names, positive_class) if n_classes == 2 else None
     out.update(_summary_auc(aucs, names, pos))
     if pos is not None:

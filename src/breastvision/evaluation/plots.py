@@ -1,4 +1,5 @@
-"""PNG plots for a run's report: learning curves, confusion matrix, ROC curves, per-patient accuracy.
+"""PNG plots for a run's report: learning curves, confusion matrix, ROC and precision-recall curves,
+reliability diagram, per-patient accuracy.
 
 Matplotlib with the Agg backend through the object API (``Figure``), never ``pyplot``: no display
 is needed, and no global figure state leaks between plots or threads.
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from sklearn.metrics import roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
 
 from breastvision.errors import BreastvisionError
 
@@ -53,11 +54,12 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 def plot_learning_curves(
-    history: str | Path | Sequence[Mapping[str, Any]], out_dir: str | Path
+    history: str | Path | Sequence[Mapping[str, Any]], out_dir: str | Path, best_epoch: int | None = None
 ) -> dict[str, Path]:
     """``accuracy.png`` and ``loss.png``: every column ending in ``acc``/``accuracy`` or ``loss``
-    (``train_loss``, ``val_loss``, ...) against ``epoch`` (or the row number). Returns the files
-    written, keyed by panel; a panel without columns is skipped."""
+    (``train_loss``, ``val_loss``, ...) against ``epoch`` (or the row number), with a vertical
+    line at ``best_epoch`` (the epoch whose weights were kept). Returns the files written, keyed
+    by panel; a panel without columns is skipped."""
     rows = read_history(history)
     written: dict[str, Path] = {}
     for panel, suffixes in _CURVES.items():
@@ -70,6 +72,8 @@ def plot_learning_curves(
             points = [(r.get("epoch", i + 1), r[column]) for i, r in enumerate(rows) if column in r]
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker="o", markersize=3, label=column)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", ls=":", label=f"best epoch ({best_epoch})")
         ax.set_xlabel("epoch")
         ax.set_ylabel(panel)
         ax.set_title(f"{panel} per epoch")
@@ -137,6 +141,58 @@ def plot_roc(
     ax.set_ylabel("true positive rate")
     ax.set_title("ROC, one vs rest")
     ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_precision_recall(
+    y_true: Sequence[int] | np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: str | Path
+) -> Path:
+    """One-vs-rest precision-recall curve per class with its average precision, and the class's
+    prevalence (what a random ranking scores) as a dotted line of the same colour."""
+    y = np.asarray(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    fig = Figure(figsize=(5, 5))
+    ax = fig.add_subplot()
+    for k, name in enumerate(class_names):
+        is_k = y == k
+        if not 0 < is_k.sum() < y.size:
+            ax.plot([], [], " ", label=f"{name}: no curve (one class only)")
+            continue
+        precision, recall, _ = precision_recall_curve(is_k, p[:, k])
+        ap = average_precision_score(is_k, p[:, k])
+        (line,) = ax.plot(recall, precision, drawstyle="steps-post", label=f"{name} (AP {ap:.3f})")
+        ax.axhline(is_k.mean(), color=line.get_color(), ls=":", lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("precision-recall, one vs rest (dotted: prevalence)")
+    ax.legend(loc="lower left")
+    return _save(fig, path)
+
+
+def plot_reliability(bins: Mapping[str, Any], path: str | Path) -> Path:
+    """Reliability diagram of the top-label confidence: accuracy per confidence bin against the
+    diagonal of perfect calibration, the image count per bin below; ``bins`` is
+    :func:`calibration.reliability`'s dict (also ``compute_metrics``' ``reliability``)."""
+    edges = np.asarray(bins["edges"])
+    width = np.diff(edges)
+    filled = [i for i, n in enumerate(bins["count"]) if n]
+    fig = Figure(figsize=(5, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.bar(edges[filled], [bins["accuracy"][i] for i in filled], width=width[filled], align="edge",
+            edgecolor="black", color="tab:blue", label="accuracy")
+    top.plot([bins["confidence"][i] for i in filled], [bins["accuracy"][i] for i in filled], "o",
+             color="tab:red", markersize=3, label="(mean confidence, accuracy) per bin")
+    top.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+    top.set_ylim(0, 1.01)
+    top.set_ylabel("accuracy in bin")
+    top.set_title(f"reliability (ECE {bins['ece']:.3f})")
+    top.legend(loc="upper left")
+    bottom.bar(edges[:-1], bins["count"], width=width, align="edge", color="grey")
+    bottom.set_xlim(0, 1)
+    bottom.set_xlabel("confidence (highest probability)")
+    bottom.set_ylabel("images")
     return _save(fig, path)
 
 

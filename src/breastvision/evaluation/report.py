@@ -43,6 +43,8 @@ HEADLINE = (
     "auc",
     "sensitivity",
     "specificity",
+    "ece",
+    "brier",
     "patient.P_arp",
     "patient.P_img",
 )
@@ -291,12 +293,14 @@ def write_report(
     probs: np.ndarray | None = None,
     facts: Mapping[str, Any] | None = None,
     title: str = "breastvision run",
+    best_epoch: int | None = None,
 ) -> Path:
     """Write the report folder (layout in the module docstring) and return ``report.md``'s path.
 
-    ``metrics`` is :func:`evaluate_predictions`' dict. ``y_true`` / ``probs`` add the ROC plot;
-    ``history`` (per-epoch CSV or rows) adds the learning curves; ``facts`` are extra run facts
-    shown as a table (parameter count, model size, wall-clock time, device, ...).
+    ``metrics`` is :func:`evaluate_predictions`' dict. ``y_true`` / ``probs`` add the ROC and
+    precision-recall plots; ``history`` (per-epoch CSV or rows) adds the learning curves, marked
+    at ``best_epoch`` (default: ``facts["best_epoch"]``, which training records); ``facts`` are
+    extra run facts shown as a table (parameter count, model size, wall-clock time, device, ...).
     """
     run_dir = Path(run_dir)
     plot_dir = run_dir / "plots"
@@ -315,13 +319,21 @@ def write_report(
 
     figures: list[tuple[str, Path]] = []
     if history is not None:
-        figures += [(f"{k} per epoch", p) for k, p in plots.plot_learning_curves(history, plot_dir).items()]
+        best = best_epoch if best_epoch is not None else (facts or {}).get("best_epoch")
+        curves = plots.plot_learning_curves(history, plot_dir, best)
+        figures += [(f"{k} per epoch" + (f" (dotted: best epoch {best})" if best else ""), p)
+                    for k, p in curves.items()]
     if "confusion_matrix" in metrics:
         figures.append(("confusion matrix", plots.plot_confusion_matrix(
             metrics["confusion_matrix"], names, plot_dir / "confusion_matrix.png")))
     if y_true is not None and probs is not None:
         auc = {c: v.get("auc") for c, v in metrics.get("per_class", {}).items()}
         figures.append(("ROC curves", plots.plot_roc(y_true, probs, names, plot_dir / "roc.png", auc)))
+        figures.append(("precision-recall curves", plots.plot_precision_recall(
+            y_true, probs, names, plot_dir / "precision_recall.png")))
+    if metrics.get("reliability"):
+        figures.append(("reliability diagram", plots.plot_reliability(
+            metrics["reliability"], plot_dir / "reliability.png")))
     patient = metrics.get("patient")
     if patient:
         figures.append(("per-patient accuracy", plots.plot_patient_accuracy(
@@ -380,6 +392,11 @@ def _metrics_section(metrics: Mapping[str, Any], names: Sequence[str]) -> str:
         parts += ["", f"AUC: {metrics['auc_average']}.{note}"]
     if metrics.get("positive_class"):
         parts.append(f"Sensitivity and specificity take **{metrics['positive_class']}** as positive.")
+    if metrics.get("reliability"):
+        n_bins = len(metrics["reliability"]["count"])
+        parts.append(f"Calibration: ECE is the top-label expected calibration error over {n_bins} "
+                     "equal-width confidence bins (0 is perfect); Brier is the mean squared error of the "
+                     "probabilities against the one-hot truth (one class's probability for two classes).")
     per_class = metrics.get("per_class", {})
     if per_class:
         header = ["class", "support", "precision", "recall", "f1", "auc"]
