@@ -151,7 +151,7 @@ def with_sample_weight(metric: Callable[..., float], *arrays: Any) -> Statistic:
     return statistic
 
 
-def _ratio(num: np.ndarray, den: np.ndarray, empty: float) -> np.ndarray:
+def safe_ratio(num: np.ndarray, den: np.ndarray, empty: float) -> np.ndarray:
     """``num / den`` with ``empty`` where ``den`` is 0 (scikit-learn's ``zero_division``)."""
     safe = np.where(den > 0, den, 1.0)
     return np.where(den > 0, num / safe, empty)
@@ -180,7 +180,7 @@ def weighted_auc(target: np.ndarray, score: np.ndarray) -> Statistic:
         q = np.add.reduceat(w * (1.0 - pos), starts, axis=1)
         below = np.cumsum(q, axis=1) - q
         area = (p * (below + 0.5 * q)).sum(axis=1)
-        return _ratio(area, p.sum(axis=1) * q.sum(axis=1), np.nan)
+        return safe_ratio(area, p.sum(axis=1) * q.sum(axis=1), np.nan)
 
     return statistic
 
@@ -230,9 +230,9 @@ def classification_statistic(
         # As in compute_metrics: macro over the classes present (in this resample), and no
         # recall or F1 for a class absent from it.
         present = support > 0
-        precision = _ratio(tp, predicted, 0.0)
-        recall = _ratio(tp, support, np.nan)
-        f1 = np.where(present, _ratio(2 * tp, support + predicted, 0.0), np.nan)
+        precision = safe_ratio(tp, predicted, 0.0)
+        recall = safe_ratio(tp, support, np.nan)
+        f1 = np.where(present, safe_ratio(2 * tp, support + predicted, 0.0), np.nan)
         out = {
             "accuracy": weights @ correct / total,
             "precision_macro": _present_mean(precision, present),

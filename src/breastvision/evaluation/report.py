@@ -32,6 +32,7 @@ from breastvision.errors import BreastvisionError
 from breastvision.evaluation import plots
 from breastvision.evaluation.bootstrap import bootstrap, classification_statistic, resampling_unit
 from breastvision.evaluation.metrics import check_inputs, compute_metrics
+from breastvision.evaluation.operating_points import evaluate_operating_points
 from breastvision.paths import file_sha256, printable
 
 #: The headline rows of a report's metrics table, as dotted paths into the metrics dict.
@@ -59,6 +60,7 @@ def evaluate_predictions(
     grouping: str | None = "patient",
     patient_level: bool | None = None,
     positive_class: str | None = None,
+    thresholds: Mapping[str, float] | None = None,
     n_resamples: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
@@ -70,19 +72,27 @@ def evaluate_predictions(
     (patients, near-duplicate groups) unless they are single images. ``patient_level`` (default:
     whether ``grouping`` is a patient grouping) adds the patient-level metrics. ``intervals`` maps
     dotted metric paths (``accuracy``, ``patient.P_arp``, ``per_class.benign.recall``) to
-    ``{"value", "ci_low", "ci_high", ...}``; ``n_resamples=0`` leaves them out.
+    ``{"value", "ci_low", "ci_high", ...}``; ``n_resamples=0`` leaves them out. ``thresholds``
+    (name -> threshold, chosen on validation by :func:`operating_points.choose_operating_points`)
+    add ``operating_points``: sensitivity and specificity of the malignant-vs-rest reading at each,
+    with intervals from the same resampling.
     """
     if groups is None or grouping in (None, "image"):
         groups, grouping = None, None
     if patient_level is None:
         patient_level = grouping in PATIENT_GROUPINGS
     patients = groups if patient_level else None
+    unit = resampling_unit(grouping, patient_level)
     out = compute_metrics(y_true, probs, class_names, patients, positive_class=positive_class)
+    if thresholds:
+        out["operating_points"] = evaluate_operating_points(
+            y_true, probs, class_names, thresholds, positive_class=positive_class, groups=groups,
+            unit=unit, n_resamples=n_resamples, seed=seed, confidence=confidence,
+        )
     if n_resamples > 0:
         statistic = classification_statistic(
             y_true, probs, class_names, patients, positive_class=positive_class
         )
-        unit = resampling_unit(grouping, patient_level)
         out["intervals"] = bootstrap(
             statistic, out["n_images"], groups=groups, unit=unit,
             n_resamples=n_resamples, seed=seed, confidence=confidence,
@@ -405,11 +415,27 @@ def _metrics_section(metrics: Mapping[str, Any], names: Sequence[str]) -> str:
             for c in names if c in per_class
         ]
         parts += ["", "### Per class", "", markdown_table(header, table)]
+    if metrics.get("operating_points"):
+        parts += ["", _operating_points_section(metrics["operating_points"], column)]
     if "confusion_matrix" in metrics:
         matrix = [[f"true {c}", *row] for c, row in zip(names, metrics["confusion_matrix"], strict=True)]
         parts += ["", "### Confusion matrix (rows true, columns predicted)", "",
                   markdown_table(["", *(f"pred {c}" for c in names)], matrix)]
     return "\n".join(parts)
+
+
+def _operating_points_section(operating: Mapping[str, Any], column: str) -> str:
+    name = operating["positive_class"]
+    # Thresholds near 0 or 1 need more than the metrics' three decimals.
+    rows = [[point, f"{p['threshold']:.4g}", p["sensitivity"], p["specificity"]]
+            for point, p in operating["points"].items()]
+    return "\n".join([
+        f"### Operating points ({name} vs the rest)", "",
+        f"An image is called {name} when P({name}) ≥ the threshold; thresholds were chosen on validation "
+        "data and applied unchanged here.", "",
+        markdown_table(["operating point", "threshold", *(column.replace("value", m) for m in
+                                                          ("sensitivity", "specificity"))], rows),
+    ])
 
 
 def _provenance_section(provenance: Mapping[str, Any], config_name: str | None) -> str:
