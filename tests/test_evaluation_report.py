@@ -205,3 +205,11 @@ def test_near_duplicate_groups_are_resampled_whole_without_patient_metrics(tmp_p
     off = evaluate_predictions(y, probs, CLASSES, groups, grouping="slide", patient_level=False,
                                n_resamples=50)
     assert off["bootstrap"]["resampled"] == "groups (slide)" and "patient" not in off
+
+
+def test_patient_level_on_makes_any_groups_patients():
+    y, probs = np.array([0, 1, 1, 0]), np.eye(2)[[0, 1, 0, 0]] * 0.8 + 0.1
+    m = evaluate_predictions(y, probs, CLASSES, ["a", "a", "b", "b"], grouping="image", patient_level=True,
+                             n_resamples=20)
+    assert m["patient"]["n_patients"] == 2 and m["bootstrap"]["resampled"] == "patients"
+    assert "patient" not in evaluate_predictions(y, probs, CLASSES, None, patient_level=True, n_resamples=0)

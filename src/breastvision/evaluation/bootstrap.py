@@ -71,14 +71,14 @@ def resampling_unit(grouping: str | None, patients: bool | None = None) -> str:
     """What a bootstrap over the groups of a ``Catalog.grouping`` draws, as a report says it.
 
     ``patients`` (default: whether the grouping is a patient grouping) says whether the groups are
-    taken as patients; ``None`` or ``"image"`` groups are single images.
+    taken as patients; otherwise ``None`` or ``"image"`` groups are single images.
     """
-    if grouping is None or grouping == "image":
-        return "images"
     if patients is None:
         patients = grouping in PATIENT_GROUPINGS
     if patients:
         return "patients"
+    if grouping is None or grouping == "image":
+        return "images"
     named = {"near_duplicate": "near-duplicate groups", "group": "groups"}
     return named.get(grouping, f"groups ({grouping})")
 

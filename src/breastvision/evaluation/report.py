@@ -77,10 +77,10 @@ def evaluate_predictions(
     add ``operating_points``: sensitivity and specificity of the malignant-vs-rest reading at each,
     with intervals from the same resampling.
     """
-    if groups is None or grouping in (None, "image"):
-        groups, grouping = None, None
     if patient_level is None:
-        patient_level = grouping in PATIENT_GROUPINGS
+        patient_level = groups is not None and grouping in PATIENT_GROUPINGS
+    if groups is None or (grouping in (None, "image") and not patient_level):
+        groups, grouping = None, None  # single images: the plain image bootstrap
     patients = groups if patient_level else None
     unit = resampling_unit(grouping, patient_level)
     out = compute_metrics(y_true, probs, class_names, patients, positive_class=positive_class)
