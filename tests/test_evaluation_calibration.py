@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy.special import softmax
@@ -102,3 +104,15 @@ def test_brier_equals_sklearn(n_classes):
     only_first = np.zeros(50, dtype=int)
     assert brier_score(only_first, probs) == pytest.approx(
         brier_score_loss(only_first, probs, labels=list(range(n_classes))))
+
+
+def test_scaler_round_trips_through_a_dict():
+    logits, y = _overconfident(200, seed=5)
+    scaler = TemperatureScaler().fit(logits, y)
+    stored = json.loads(json.dumps(scaler.to_dict()))  # as a model file's JSON header holds it
+    again = TemperatureScaler.from_dict(stored)
+    np.testing.assert_allclose(again.transform(logits), scaler.transform(logits))
+    with pytest.raises(BreastvisionError, match="no usable temperature"):
+        TemperatureScaler.from_dict({"temperature": -1})
+    with pytest.raises(BreastvisionError, match="before fit"):
+        TemperatureScaler().to_dict()

@@ -58,8 +58,8 @@ class TemperatureScaler:
     """
 
     temperature_: float
-    nll_before_: float
-    nll_after_: float
+    nll_before_: float | None
+    nll_after_: float | None
 
     def fit(self, logits: np.ndarray, y: Sequence[int] | np.ndarray) -> TemperatureScaler:
         z = _check_logits(logits, y)
@@ -82,6 +82,24 @@ class TemperatureScaler:
 
     def fit_transform(self, logits: np.ndarray, y: Sequence[int] | np.ndarray) -> np.ndarray:
         return self.fit(logits, y).transform(logits)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a model file stores: the temperature and the fitting data's NLL before and after."""
+        if not hasattr(self, "temperature_"):
+            raise BreastvisionError("TemperatureScaler.to_dict called before fit")
+        return {"method": "temperature scaling", "temperature": self.temperature_,
+                "nll_before": self.nll_before_, "nll_after": self.nll_after_}
+
+    @classmethod
+    def from_dict(cls, stored: dict[str, Any]) -> TemperatureScaler:
+        """The scaler :meth:`to_dict` described, ready to ``transform``."""
+        temperature = stored.get("temperature")
+        if not isinstance(temperature, int | float) or not 0 < temperature < np.inf:
+            raise BreastvisionError(f"stored calibration has no usable temperature: {stored!r}")
+        scaler = cls()
+        scaler.temperature_ = float(temperature)
+        scaler.nll_before_, scaler.nll_after_ = stored.get("nll_before"), stored.get("nll_after")
+        return scaler
 
 
 def confidence_bins(probs: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
