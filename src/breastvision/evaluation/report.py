@@ -142,7 +142,6 @@ def absent_classes_line(metrics: Mapping[str, Any]) -> str:
     return f"classes absent from the true labels: {absent} (macro averages are {metrics['macro_average']})"
 
 
-
 def print_run_headline(run_dir: Path) -> None:
     """:func:`print_headline` of a finished run folder (training, cross-validation, a chain's last
     stage), so every command that trains ends by showing what it measured."""
