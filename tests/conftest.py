@@ -100,14 +100,14 @@ def make_model_file(tmp_path_factory: pytest.TempPathFactory):
 
     def make(architecture: str = "resnet18", input_size: int = 64, resize: int | None = None,
              stain: dict | None = None, class_names: tuple[str, ...] = ("benign", "malignant", "normal"),
-             **model_kwargs) -> Path:
-        key = repr((architecture, input_size, resize, stain, class_names, sorted(model_kwargs.items())))
+             mpp: tuple[float, float] | None = None, **model_kwargs) -> Path:
+        key = repr((architecture, input_size, resize, stain, class_names, mpp, sorted(model_kwargs.items())))
         if key not in made:
             torch.manual_seed(0)
             model = create_model(architecture, num_classes=len(class_names), **model_kwargs)
             bundle = ModelBundle(
                 architecture, list(class_names), model.state_dict(), model_kwargs=model.model_kwargs,
-                preprocessing=Preprocessing(input_size=input_size, resize=resize, stain=stain),
+                preprocessing=Preprocessing(input_size=input_size, resize=resize, stain=stain, mpp=mpp),
                 lineage=[{"stage": "random init", "weights": "random", "data": "none"}],
                 metrics={"val": {"accuracy": 0.5, "macro_recall": 0.4}},
             )

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "breastvision.training.cli",
     "breastvision.evaluation.cli",
     "breastvision.serving.cli",
+    "breastvision.slide.cli",
     "breastvision.reproduce.cli",
 )
 

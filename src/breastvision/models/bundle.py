@@ -49,6 +49,9 @@ _META_KEY = "breastvision"
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 4096
 #: The file name training writes into a run folder.
 MODEL_FILE_NAME = "model.safetensors"
+#: Pre-processing keys added after model files were first written: older files lack them, and
+#: read as their defaults (``mpp``: unknown scale).
+_ADDED_LATER = frozenset({"mpp"})
 #: What ``torch.save`` files are usually called; a training run's are ``checkpoints/*.ckpt``.
 _CHECKPOINT_SUFFIXES = {".ckpt", ".pt", ".pth"}
 
@@ -84,7 +87,10 @@ class Preprocessing:
 
     ``resize`` is the side the image is resized to before a centre crop of ``input_size``
     (``None``: resize straight to ``input_size``). ``stain`` is a fitted stain normaliser's state
-    (``{"method": "macenko", ...}``) or ``None``. Validated on construction (pydantic).
+    (``{"method": "macenko", ...}``) or ``None``. ``mpp`` is the physical scale the model was
+    trained at: micrometres per pixel (x, y) of its input tensor, after the resize (``None``:
+    unknown, as in model files written before the field); whole-slide prediction tiles slides so
+    that a tile reaches the model at this scale. Validated on construction (pydantic).
     """
 
     input_size: ImageSide = 224
@@ -92,6 +98,7 @@ class Preprocessing:
     mean: ChannelMeans = IMAGENET_MEAN
     std: ChannelStds = IMAGENET_STD
     stain: dict[str, Any] | None = None
+    mpp: tuple[_Positive, _Positive] | None = None
 
     @field_validator("stain")
     @classmethod
@@ -149,7 +156,8 @@ class ModelMetadata(BaseModel):
         """Every key spelled out, as ``save`` writes them: a missing ``mean`` must not quietly
         become ImageNet's."""
         if isinstance(value, dict):
-            missing = [f.name for f in fields(Preprocessing) if f.name not in value]
+            missing = [f.name for f in fields(Preprocessing)
+                       if f.name not in value and f.name not in _ADDED_LATER]
             if missing:
                 raise ValueError(f"lacks {', '.join(missing)}")
         return value

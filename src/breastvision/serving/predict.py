@@ -276,7 +276,8 @@ def _prepared(
         yield path, name, image, tensor
 
 
-def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of ``size`` items (the last may be shorter), drawn lazily: only one batch is held."""
     batch: list[Any] = []
     for item in items:
         batch.append(item)
@@ -322,7 +323,7 @@ def predict_paths(
     skipped = list(found.skipped)
     predictions: list[Prediction] = []
     used_stems: set[str] = set()
-    for batch in _batches(_prepared(predictor, found.images, skipped), batch_size):
+    for batch in batched(_prepared(predictor, found.images, skipped), batch_size):
         probs = predictor.probabilities(torch.stack([item[3] for item in batch]), tta=tta)
         for (path, name, image, tensor), row in zip(batch, probs, strict=True):
             best = int(np.argmax(row))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 from breastvision.errors import BreastvisionError, describe_validation_error
@@ -111,6 +111,9 @@ class DataConfig:
     #: Normalisation, one value per RGB channel; ``None``: what the model's pretrained weights expect.
     mean: ChannelMeans | None = None
     std: ChannelStds | None = None
+    #: µm per pixel (x, y) of the model input, recorded in the model file for whole-slide
+    #: prediction; ``None``: derived for BreakHis from the magnification, else unknown.
+    mpp: tuple[PositiveFloat, PositiveFloat] | None = None
     views: ViewConfig = Field(default_factory=ViewConfig)
     stain: StainConfig | None = None
     #: Test-time augmentation at evaluation: ``dihedral8`` averages the 8 dihedral views.

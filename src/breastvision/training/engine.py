@@ -336,19 +336,33 @@ def build_model(config: ExperimentConfig, num_classes: int) -> tuple[nn.Module, 
     return model, lineage
 
 
-def _preprocessing(config: ExperimentConfig, model: nn.Module) -> Preprocessing:
+def _preprocessing(config: ExperimentConfig, model: nn.Module, data: RunData) -> Preprocessing:
     from breastvision.models.registry import data_config
 
     expected = data_config(model)
+    input_size = config.data.input_size or int(expected["input_size"][-1])
     return Preprocessing.parse(
         {
-            "input_size": config.data.input_size or int(expected["input_size"][-1]),
+            "input_size": input_size,
             "resize": config.data.resize,
             "mean": tuple(config.data.mean or expected["mean"]),
             "std": tuple(config.data.std or expected["std"]),
+            "mpp": _training_scale(config, data, config.data.resize or input_size),
         },
         f"config {config.name}: data",
     )
+
+
+def _training_scale(config: ExperimentConfig, data: RunData, side: int) -> tuple[float, float] | None:
+    """µm per pixel of the model input: ``data.mpp`` when the config states it, else, for BreakHis,
+    the field of the training images' one magnification over the ``side`` it is resized to."""
+    if config.data.mpp is not None:
+        return (float(config.data.mpp[0]), float(config.data.mpp[1]))
+    if not str(data.catalog.meta.get("format", "")).startswith("breakhis"):
+        return None
+    from breastvision.data.readers.breakhis import input_mpp
+
+    return input_mpp([item.record for item in data.train], side)
 
 
 def _fit_stain(config: ExperimentConfig, data: RunData, fabric: Fabric) -> tuple[dict[str, Any] | None, dict]:
@@ -590,7 +604,7 @@ def _run(
         model.load_state_dict(checkpoint["model"])
     prefix, suffix = freeze_before(model, config.model.first_trainable_stage)
     model.to(fabric.device)
-    preprocessing = _preprocessing(config, model)
+    preprocessing = _preprocessing(config, model, data)
     preprocessing.stain, normalized = _fit_stain(config, data, fabric)
     renderer = ViewRenderer(config.data.views, preprocessing, normalized)
     datasets = {part: ViewDataset(getattr(data, part), renderer) for part in ("train", "val", "test")}

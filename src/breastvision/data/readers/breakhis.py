@@ -12,6 +12,26 @@ Grouping (what must not straddle a split):
 - ``patient`` (strict): the numeric part only, so ``29960AB`` and ``29960CD`` are one patient. The
   letters mark different slides of the same person (in the shared 200X copy 29960AB is a
   fibroadenoma and 29960CD an adenosis), so slide grouping can leave one person on both sides.
+
+Physical scale (what whole-slide prediction needs to tile a slide as the model saw BreakHis):
+BreakHis records no pixel size, so it is derived from the acquisition Spanhol et al. describe (A
+dataset for breast cancer histopathological image classification, IEEE TBME 63(7), 2016, section
+II): an Olympus BX-50 with a 3.3× relay lens onto a Samsung SCC-131AN camera whose CCD has
+6.5 µm × 6.25 µm pixels, magnifying factors 40X/100X/200X/400X from 4×/10×/20×/40× objectives.
+A pixel of an original 700×460 image therefore spans sensor pixel / (objective × 3.3):
+
+=====  ===================
+40X    0.4924 × 0.4735 µm
+100X   0.1970 × 0.1894 µm
+200X   0.0985 × 0.0947 µm
+400X   0.0492 × 0.0473 µm
+=====  ===================
+
+These are nominal: the paper does not say how the 752×582 CCD frame became 700×460, and other
+sources quote other values (kaiko-ai's eva documents 0.25 µm/px at 40X), so a config can state
+``data.mpp`` and ``predict-slide`` takes ``--mpp-model``. A resized copy (``breakhis_200x_224``:
+each 700×460 field squashed to 224×224) keeps the field but not the pixel, so the model's scale
+is computed from the field and the side the model input is resized to (:func:`input_mpp`).
 """
 
 from __future__ import annotations
@@ -47,6 +67,12 @@ BENIGN_SUBTYPES = frozenset({"A", "F", "PT", "TA"})
 MAGNIFICATIONS = (40, 100, 200, 400)
 GROUPINGS = ("slide", "patient")
 MANIFEST_COLUMNS = ("path", "label", "subtype", "patient_id", "magnification")
+#: Spanhol et al. 2016, section II: camera pixel (µm), relay lens, objective per magnifying factor.
+SENSOR_PIXEL_UM = (6.5, 6.25)
+RELAY_LENS = 3.3
+OBJECTIVES = {40: 4, 100: 10, 200: 20, 400: 40}
+#: Pixels (width, height) of an original BreakHis image: the field every copy of it shows.
+FIELD_PIXELS = (700, 460)
 
 NAME_PATTERN = re.compile(
     r"^(?P<biopsy>[A-Z]+)_(?P<tumour_class>[BM])_(?P<subtype>[A-Z]+)-(?P<year>\d{2})-"
@@ -129,6 +155,22 @@ def parse_magnification(value: int | str) -> int:
             f"magnification '{value}' is not one of {', '.join(f'{m}X' for m in MAGNIFICATIONS)}"
         )
     return int(text)
+
+
+def microns_per_pixel(magnification: int | str) -> tuple[float, float]:
+    """µm per pixel (x, y) of an original 700×460 BreakHis image (module docstring: source, caveats)."""
+    objective = OBJECTIVES[parse_magnification(magnification)]
+    return (SENSOR_PIXEL_UM[0] / (objective * RELAY_LENS), SENSOR_PIXEL_UM[1] / (objective * RELAY_LENS))
+
+
+def input_mpp(records: list[Record], side: int) -> tuple[float, float] | None:
+    """µm per pixel (x, y) of a model input of ``side``×``side`` pixels that the whole BreakHis
+    field is resized to, when every record has one magnification (else ``None``: no one scale)."""
+    magnifications = {r.meta.get("magnification") for r in records}
+    if len(magnifications) != 1 or None in magnifications:
+        return None
+    mpp = microns_per_pixel(magnifications.pop())
+    return (FIELD_PIXELS[0] * mpp[0] / side, FIELD_PIXELS[1] * mpp[1] / side)
 
 
 def _wanted_magnifications(group_by: str, value: int | str | list | tuple | None) -> frozenset[int] | None:

@@ -1,0 +1,39 @@
+"""A small pyramidal tiled TIFF made of real image patches and white glass, for whole-slide tests
+and the slide benchmark: what OpenSlide reads as a generic-tiff slide."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def mosaic(cells: Sequence[Sequence[Image.Image | None]], cell: int) -> np.ndarray:
+    """H×W×3 uint8: ``cells[row][column]`` pasted at ``cell``-pixel spacing; ``None`` is white glass."""
+    rows, columns = len(cells), max(len(r) for r in cells)
+    canvas = np.full((rows * cell, columns * cell, 3), 255, np.uint8)
+    for r, row in enumerate(cells):
+        for c, image in enumerate(row):
+            if image is not None:
+                canvas[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = np.asarray(image.convert("RGB"))
+    return canvas
+
+
+def write_pyramid(path: Path, pixels: np.ndarray, mpp: float | None, levels: int = 3) -> Path:
+    """``pixels`` as level 0 of a tiled, zlib-compressed TIFF pyramid halving per level, with
+    resolution tags for ``mpp`` µm per pixel (none when ``mpp`` is None)."""
+    import tifffile
+
+    image = Image.fromarray(pixels)
+    with tifffile.TiffWriter(path) as tif:
+        for level in range(levels):
+            scaled = image if level == 0 else image.reduce(2**level)
+            options = {}
+            if mpp is not None:
+                per_cm = 1e4 / (mpp * 2**level)
+                options = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
+            tif.write(np.asarray(scaled), tile=(128, 128), photometric="rgb", compression="zlib",
+                      subfiletype=0 if level == 0 else 1, **options)
+    return path
