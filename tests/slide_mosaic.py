@@ -10,14 +10,18 @@ import numpy as np
 from PIL import Image
 
 
-def mosaic(cells: Sequence[Sequence[Image.Image | None]], cell: int) -> np.ndarray:
-    """H×W×3 uint8: ``cells[row][column]`` pasted at ``cell``-pixel spacing; ``None`` is white glass."""
-    rows, columns = len(cells), max(len(r) for r in cells)
-    canvas = np.full((rows * cell, columns * cell, 3), 255, np.uint8)
+def mosaic(cells: Sequence[Sequence[Image.Image | None]], cell: tuple[int, int]) -> np.ndarray:
+    """H×W×3 uint8: ``cells[row][column]``, each resized to ``cell`` (width, height) when it is not
+    that size already, side by side; ``None`` is white glass."""
+    (w, h), rows, columns = cell, len(cells), max(len(r) for r in cells)
+    canvas = np.full((rows * h, columns * w, 3), 255, np.uint8)
     for r, row in enumerate(cells):
         for c, image in enumerate(row):
             if image is not None:
-                canvas[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = np.asarray(image.convert("RGB"))
+                image = image.convert("RGB")
+                if image.size != (w, h):
+                    image = image.resize((w, h), Image.Resampling.BICUBIC)
+                canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = np.asarray(image)
     return canvas
 
 

@@ -17,6 +17,7 @@ from breastvision.data.records import Record
 from breastvision.data.stain import make_normalizer
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import ModelBundle, Preprocessing
+from breastvision.slide.outputs import LEGEND_HEIGHT
 from breastvision.slide.scale import model_scale, tile_geometry
 from breastvision.slide.tissue import tissue_mask
 from slide_mosaic import mosaic, write_pyramid
@@ -48,7 +49,7 @@ def slide(patches: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path
     for (row, column), path in zip(PLACES, patches, strict=True):
         cells[row][column] = Image.open(path)
     out = tmp_path_factory.mktemp("slides") / "mosaic.tif"
-    return write_pyramid(out, mosaic(cells, CELL), SLIDE_MPP)
+    return write_pyramid(out, mosaic(cells, (CELL, CELL)), SLIDE_MPP)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,20 @@ def test_breakhis_scale_follows_spanhol_optics_and_the_resized_field() -> None:
     assert (x * 224, y * 224) == pytest.approx((700 * 6.5 / 66, 460 * 6.25 / 66))
     mixed = records + [Record(Path("m.png"), 0, "p", {"magnification": 40})]
     assert input_mpp(mixed, 224) is None
+
+
+def test_training_records_the_scale(breakhis_dir: Path, image_tree) -> None:
+    from breastvision.training.config import config_from_dict
+    from breastvision.training.engine import _training_scale, prepare_data
+
+    config = config_from_dict({"data": {"source": str(breakhis_dir)}})
+    data = prepare_data(config)
+    assert _training_scale(config, data, 224) == pytest.approx(input_mpp(data.catalog.records, 224))
+    stated = config_from_dict({"data": {"source": str(breakhis_dir), "mpp": [0.5, 0.4]}})
+    assert _training_scale(stated, data, 224) == (0.5, 0.4)
+    split = {"protocol": "group_holdout", "options": {"fractions": [0.5, 0.25, 0.25]}}
+    generic = config_from_dict({"data": {"source": str(image_tree()), "split": split}})
+    assert _training_scale(generic, prepare_data(generic), 224) is None
 
 
 def test_tile_geometry_reads_the_model_field_from_the_right_level() -> None:
@@ -143,7 +158,7 @@ def test_outputs_parse_and_agree(slide: Path, model_file: Path, tmp_path: Path) 
     assert summary["slide"]["mpp_source"] == "slide metadata"
     assert summary["tiling"]["level"] == 0 and summary["tiling"]["tile_level0_px"] == [CELL, CELL]
 
-    heat = np.asarray(Image.open(summary["files"]["heatmap"]).convert("RGB")).astype(int)
+    heat = np.asarray(Image.open(summary["files"]["heatmap"]).convert("RGB")).astype(int)[:-LEGEND_HEIGHT]
     assert heat.shape[1] / heat.shape[0] == pytest.approx(4 / 3, rel=0.02)
     # Glass cells stay white; tissue cells are tinted.
     h, w = heat.shape[0] // 3, heat.shape[1] // 4

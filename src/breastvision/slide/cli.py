@@ -61,7 +61,7 @@ def _predict_slide(args: argparse.Namespace) -> int:
             try:
                 run = predict_slide(
                     predictor, path, model_mpp, slide_mpp=slide_mpp, min_tissue=args.min_tissue,
-                    batch_size=args.batch_size, tta=args.tta,
+                    batch_size=args.batch_size, tta=args.tta, thumbnail_side=args.heatmap_size,
                     on_start=lambda name, n: progress.update(task, description=name, completed=0, total=n),
                     on_batch=lambda n: progress.advance(task, n),
                 )

@@ -27,6 +27,8 @@ from breastvision.slide.predict import SlideRun
 CLASS_COLORS = {"malignant": (200, 0, 0), "benign": (0, 150, 0), "normal": (0, 90, 200)}
 #: Heat-map colour map and opacity over the tissue.
 HEATMAP_CMAP, HEATMAP_ALPHA = "inferno", 0.55
+#: Pixels below the overlay for the colour bar.
+LEGEND_HEIGHT = 28
 
 
 def _stem(run: SlideRun) -> str:
@@ -87,8 +89,28 @@ def write_heatmap(run: SlideRun, positive: str, path: Path, max_side: int) -> Pa
         x0, y0 = round(tile.x / fx), round(tile.y / fy)
         x1, y1 = round((tile.x + tile.width) / fx), round((tile.y + tile.height) / fy)
         heat[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)] = (*color[:3], round(255 * HEATMAP_ALPHA))
-    Image.alpha_composite(base.convert("RGBA"), Image.fromarray(heat, "RGBA")).convert("RGB").save(path)
+    overlay = Image.alpha_composite(base.convert("RGBA"), Image.fromarray(heat, "RGBA")).convert("RGB")
+    _with_legend(overlay, f"p({positive})").save(path)
     return path
+
+
+def _with_legend(image: Image.Image, label: str) -> Image.Image:
+    """``image`` above a colour bar of the heat-map's scale, 0 on the left and 1 on the right."""
+    from matplotlib import colormaps
+    from PIL import ImageDraw
+
+    bar = np.linspace(0, 1, max(image.width // 2, 2))
+    canvas = Image.new("RGB", (image.width, image.height + LEGEND_HEIGHT), "white")
+    canvas.paste(image, (0, 0))
+    strip = colormaps[HEATMAP_CMAP](np.tile(bar, (10, 1)), bytes=True)[..., :3]
+    left = image.width // 4
+    canvas.paste(Image.fromarray(np.ascontiguousarray(strip)), (left, image.height + 4))
+    draw = ImageDraw.Draw(canvas)
+    y = image.height + 15
+    draw.text((left - 12, y - 11), "0", fill="black")
+    draw.text((left + len(bar) + 4, y - 11), "1", fill="black")
+    draw.text((left, y), f"{label}, tissue tiles; glass and edge tiles uncoloured", fill="black")
+    return canvas
 
 
 def write_outputs(run: SlideRun, out_dir: Path, summary: dict[str, Any], positive: str,

@@ -33,7 +33,7 @@ from breastvision.slide.scale import TileGeometry, tile_geometry
 from breastvision.slide.tiling import Grid, tissue_grid
 from breastvision.slide.tissue import tissue_mask
 
-#: Thumbnail (tissue mask, heat-map) side bounds, and the mask pixels wanted across one tile.
+#: Tissue-mask thumbnail side bounds, and the mask pixels wanted across one tile.
 _MASK_MIN_SIDE, _MASK_MAX_SIDE, _MASK_PIXELS_PER_TILE = 512, 4096, 8
 
 
@@ -55,9 +55,11 @@ class SlideRun:
     tta: bool
 
 
-def _mask_side(dimensions: tuple[int, int], size0: tuple[int, int]) -> int:
-    side = max(dimensions) * _MASK_PIXELS_PER_TILE / min(size0)
-    return int(min(max(side, _MASK_MIN_SIDE), _MASK_MAX_SIDE))
+def _thumbnail_side(dimensions: tuple[int, int], size0: tuple[int, int], wanted: int) -> int:
+    """Fine enough for the tissue mask (a few mask pixels per tile) and for a ``wanted``-pixel
+    heat-map, never finer than level 0."""
+    mask_side = min(max(max(dimensions) * _MASK_PIXELS_PER_TILE / min(size0), _MASK_MIN_SIDE), _MASK_MAX_SIDE)
+    return int(min(max(mask_side, wanted), max(dimensions)))
 
 
 def predict_slide(
@@ -69,13 +71,15 @@ def predict_slide(
     min_tissue: float = 0.5,
     batch_size: int = 16,
     tta: bool = False,
+    thumbnail_side: int = 2048,
     on_start: Callable[[str, int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> SlideRun:
     """Predict every tissue tile of the slide at ``path`` (``SlideReadError`` if it cannot be read).
 
-    ``on_start(name, n_tiles)`` is called once the tissue tiles are known, ``on_batch(n)`` after
-    each batch, for progress bars.
+    The thumbnail kept for the heat-map is about ``thumbnail_side`` pixels (more when the tissue
+    mask needs it). ``on_start(name, n_tiles)`` is called once the tissue tiles are known,
+    ``on_batch(n)`` after each batch, for progress bars.
     """
     if not 0.0 <= min_tissue <= 1.0:
         raise BreastvisionError(f"--min-tissue must be in [0, 1], got {min_tissue}")
@@ -85,7 +89,8 @@ def predict_slide(
         geometry = tile_geometry(
             predictor.preprocessing, model_mpp, slide.mpp, slide.downsamples, slide.dimensions
         )
-        thumbnail, downsample = slide.thumbnail(_mask_side(slide.dimensions, geometry.size0))
+        side = _thumbnail_side(slide.dimensions, geometry.size0, thumbnail_side)
+        thumbnail, downsample = slide.thumbnail(side)
         grid = tissue_grid(slide.dimensions, geometry.size0, tissue_mask(thumbnail), downsample, min_tissue)
         name = Path(path).name
         if on_start:
