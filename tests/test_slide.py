@@ -18,6 +18,7 @@ from breastvision.data.stain import make_normalizer
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import ModelBundle, Preprocessing
 from breastvision.slide.outputs import LEGEND_HEIGHT
+from breastvision.slide.reader import SlideError
 from breastvision.slide.scale import model_scale, tile_geometry
 from breastvision.slide.tissue import tissue_mask
 from slide_mosaic import mosaic, write_pyramid
@@ -104,6 +105,8 @@ def test_tile_geometry_reads_the_model_field_from_the_right_level() -> None:
     g = tile_geometry(pre, mpp, (0.05, 0.05), (1.0, 2.0, 4.0), (10_000, 10_000))
     assert g.level == 1 and g.read_size == (round(g.size0[0] / 2), round(g.size0[1] / 2))
     assert min(g.zoom) >= 1
+    with pytest.raises(SlideError, match="does not fit"):
+        tile_geometry(pre, mpp, (0.25, 0.25), (1.0,), (200, 200))
     with pytest.raises(BreastvisionError, match="--mpp-model"):
         model_scale(Preprocessing(), None)
     assert model_scale(Preprocessing(), (0.5, 0.5)) == (0.5, 0.5)

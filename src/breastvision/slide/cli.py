@@ -43,7 +43,7 @@ def _predict_slide(args: argparse.Namespace) -> int:
     from breastvision.serving.predict import load_predictor
     from breastvision.slide.outputs import write_outputs
     from breastvision.slide.predict import positive_class, predict_slide, summarize
-    from breastvision.slide.reader import SlideReadError, parse_mpp
+    from breastvision.slide.reader import SlideError, parse_mpp
     from breastvision.slide.scale import model_scale
 
     if args.batch_size < 1:
@@ -65,7 +65,7 @@ def _predict_slide(args: argparse.Namespace) -> int:
                     on_start=lambda name, n: progress.update(task, description=name, completed=0, total=n),
                     on_batch=lambda n: progress.advance(task, n),
                 )
-            except SlideReadError as err:
+            except SlideError as err:
                 skipped.append(Skipped(path, str(err).removeprefix(f"{path}: ")))
                 continue
             summary = summarize(run, predictor, model_mpp, positive, args.threshold)

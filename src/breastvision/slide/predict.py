@@ -75,7 +75,7 @@ def predict_slide(
     on_start: Callable[[str, int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> SlideRun:
-    """Predict every tissue tile of the slide at ``path`` (``SlideReadError`` if it cannot be read).
+    """Predict every tissue tile of the slide at ``path`` (``SlideError`` if it cannot be used).
 
     The thumbnail kept for the heat-map is about ``thumbnail_side`` pixels (more when the tissue
     mask needs it). ``on_start(name, n_tiles)`` is called once the tissue tiles are known,

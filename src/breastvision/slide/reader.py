@@ -7,7 +7,7 @@ show the model cells of the wrong size without saying so. Regions come back as R
 parts outside the scanned area (transparent in OpenSlide) made white, like glass.
 
 OpenSlide errors are sticky: after a failed read the handle refuses every later read, so a read
-failure is a :class:`SlideReadError` and ends the slide rather than skipping one tile.
+failure is a :class:`SlideError` and ends the slide rather than skipping one tile.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from breastvision.errors import BreastvisionError
 _THUMBNAIL_STRIP_PIXELS = 2**24
 
 
-class SlideReadError(BreastvisionError):
-    """A slide that cannot be opened or read (damaged, truncated, unsupported)."""
+class SlideError(BreastvisionError):
+    """A slide that cannot be used: unreadable (damaged, truncated, unsupported), without a pixel
+    size, or smaller than one tile. ``predict-slide`` lists it as skipped and goes on."""
 
 
 def parse_mpp(text: str | None) -> tuple[float, float] | None:
@@ -72,7 +73,7 @@ class Slide:
         try:
             rgba = self.handle.read_region(location, level, size)
         except openslide.OpenSlideError as err:
-            raise SlideReadError(f"{self.path}: reading the slide failed ({err})") from None
+            raise SlideError(f"{self.path}: reading the slide failed ({err})") from None
         return _on_white(rgba)
 
     def thumbnail(self, max_side: int) -> tuple[Image.Image, tuple[float, float]]:
@@ -112,22 +113,22 @@ def open_slide(path: str | os.PathLike, mpp: tuple[float, float] | None = None) 
 
     path = Path(path)
     if not path.is_file():
-        raise SlideReadError(f"{path}: no such file")
+        raise SlideError(f"{path}: no such file")
     try:
         handle = openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
-        raise SlideReadError(
+        raise SlideError(
             f"{path}: not a whole-slide image OpenSlide can read (truncated or damaged, or not a "
             "tiled pyramidal TIFF / SVS / NDPI / MRXS / DICOM-WSI / other OpenSlide format)"
         ) from None
     except openslide.OpenSlideError as err:
-        raise SlideReadError(f"{path}: opening the slide failed ({err})") from None
+        raise SlideError(f"{path}: opening the slide failed ({err})") from None
     if mpp is not None:
         return Slide(path, handle, mpp, "--mpp")
     found = _slide_mpp(handle)
     if found is None:
         handle.close()
-        raise SlideReadError(
+        raise SlideError(
             f"{path}: the slide does not record its pixel size (µm per pixel); pass --mpp "
             "(e.g. --mpp 0.25 for a 40x scan)"
         )

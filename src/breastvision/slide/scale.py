@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import Preprocessing
+from breastvision.slide.reader import SlideError
 
 #: A level whose downsample exceeds the wanted one by at most this factor still counts as fine
 #: enough (downsamples stored as 3.9999 for 4).
@@ -62,7 +63,7 @@ def tile_geometry(
     field = (side * model_mpp[0], side * model_mpp[1])
     size0 = (round(field[0] / slide_mpp[0]), round(field[1] / slide_mpp[1]))
     if min(size0) < 1 or size0[0] > dimensions[0] or size0[1] > dimensions[1]:
-        raise BreastvisionError(
+        raise SlideError(
             f"one tile ({field[0]:.1f}×{field[1]:.1f} µm = {size0[0]}×{size0[1]} level-0 pixels) "
             f"does not fit the slide ({dimensions[0]}×{dimensions[1]} pixels)"
         )

@@ -6,7 +6,8 @@ alone loses pale, greyish tissue (some BreakHis fibroadenoma fields have a media
 12 of 255 but a grey level near 180) and brightness alone loses bright eosin, so either counts.
 Fixed thresholds rather than Otsu's: Otsu splits whatever two populations a thumbnail has, the
 two stains when a slide is nearly all tissue, sensor noise when it is all glass; the values are
-set so that the pale BreakHis fields count as tissue and white glass does not. A tile's tissue
+set so that the pale BreakHis fields count as tissue and white glass does not (glass scanned
+darker than ``MAX_GREY`` would count as tissue: every tile would be predicted). A tile's tissue
 fraction is the share of tissue pixels under its footprint, summed from an integral image so
 that every tile costs four look-ups.
 """
@@ -18,7 +19,7 @@ from PIL import Image
 
 #: Thresholds (0–255) of the tissue rule in the module docstring.
 MIN_SATURATION = 20
-MAX_GREY = 215
+MAX_GREY = 225
 
 
 def tissue_mask(thumbnail: Image.Image) -> np.ndarray:
