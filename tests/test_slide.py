@@ -177,6 +177,10 @@ def test_bad_slides_are_clear_errors_or_listed_skips(
     truncated.write_bytes(data[: len(data) // 2])
     assert main(["predict-slide", str(model_file), str(truncated), "--out", str(tmp_path)]) == 2
     assert "truncated or damaged" in capsys.readouterr().err
+    Image.new("RGB", (64, 64), "pink").save(tmp_path / "patch.png")
+    assert main(["predict-slide", str(model_file), str(tmp_path / "patch.png"), "--out", str(tmp_path)]) == 2
+    message = "an ordinary image (64×64), not a whole-slide image: use 'breastvision predict'"
+    assert message in capsys.readouterr().err
 
     # Damaged tile data: opens, then fails on a read; the good slide beside it is still predicted.
     import tifffile
@@ -208,3 +212,18 @@ def test_unknown_scales_need_mpp_flags(slide: Path, model_file: Path, make_model
     old = make_model_file("resnet18", input_size=MODEL_SIDE, class_names=CLASSES)
     assert main(["predict-slide", str(old), str(slide), "--out", str(tmp_path)]) == 2
     assert "--mpp-model" in capsys.readouterr().err
+
+
+def test_every_bad_input_case_is_a_listed_skip(slide: Path, model_file: Path, tmp_path: Path, capsys) -> None:
+    """The standing bad-input corpus: none of its files is a slide (the usable ones are plain images,
+    which ``predict`` takes), so each is one listed skip, and the good slide beside them is predicted."""
+    from badinput import write_image_corpus
+
+    made = write_image_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    slides = [*map(str, made.values()), str(slide)]
+    assert main(["predict-slide", str(model_file), *slides, "--out", str(out)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    skipped = [line for line in lines if line.startswith("skipped ")]
+    assert len(skipped) == len(made), "\n".join(lines)
+    assert (out / "mosaic_tiles.csv").is_file()

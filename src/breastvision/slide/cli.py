@@ -40,6 +40,7 @@ def _predict_slide(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from breastvision.data.records import Skipped
+    from breastvision.paths import printable
     from breastvision.serving.predict import load_predictor
     from breastvision.slide.outputs import write_outputs
     from breastvision.slide.predict import positive_class, predict_slide, summarize
@@ -66,14 +67,14 @@ def _predict_slide(args: argparse.Namespace) -> int:
                     on_batch=lambda n: progress.advance(task, n),
                 )
             except SlideError as err:
-                skipped.append(Skipped(path, str(err).removeprefix(f"{path}: ")))
+                skipped.append(Skipped(path, str(err).removeprefix(f"{printable(path)}: ")))
                 continue
             summary = summarize(run, predictor, model_mpp, positive, args.threshold)
             files = write_outputs(run, args.out, summary, positive, args.heatmap_size)
             progress.console.print(_headline(summary, files), soft_wrap=True, markup=False, highlight=False)
             done += 1
     for s in skipped:
-        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+        print(f"skipped {printable(s.path)}: {s.reason}", file=sys.stderr)
     if not done:
         raise BreastvisionError("no slide could be predicted")
     return 0

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from breastvision.errors import BreastvisionError
+from breastvision.paths import printable
 from breastvision.serving.predict import Predictor, batched
 from breastvision.slide.reader import Slide, open_slide
 from breastvision.slide.scale import TileGeometry, tile_geometry
@@ -92,7 +93,7 @@ def predict_slide(
         side = _thumbnail_side(slide.dimensions, geometry.size0, thumbnail_side)
         thumbnail, downsample = slide.thumbnail(side)
         grid = tissue_grid(slide.dimensions, geometry.size0, tissue_mask(thumbnail), downsample, min_tissue)
-        name = Path(path).name
+        name = printable(Path(path).name)
         if on_start:
             on_start(name, len(grid.tiles))
         rows = []
@@ -143,8 +144,8 @@ def summarize(run: SlideRun, predictor: Predictor, model_mpp: tuple[float, float
     """The JSON summary of one slide: what was read, how it was tiled, the score, the throughput."""
     g = run.geometry
     return {
-        "slide": {"file": str(run.path), **run.slide},
-        "model": {"file": str(predictor.source), "architecture": predictor.info.architecture,
+        "slide": {"file": printable(run.path), **run.slide},
+        "model": {"file": printable(predictor.source), "architecture": predictor.info.architecture,
                   "backend": predictor.backend, "mpp": list(model_mpp), "tta": run.tta},
         "tiling": {"field_um": [round(v, 3) for v in g.field_um], "tile_level0_px": list(g.size0),
                    "level": g.level, "read_px": list(g.read_size), "model_px": g.side,

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from breastvision.data.io import BadImageError, file_problem, load_image
 from breastvision.errors import BreastvisionError
+from breastvision.paths import printable
 
 #: Pixels of a level read at once when a thumbnail is built (a strip of rows), so memory stays
 #: bounded on a slide whose pyramid has no small level.
@@ -73,7 +75,7 @@ class Slide:
         try:
             rgba = self.handle.read_region(location, level, size)
         except openslide.OpenSlideError as err:
-            raise SlideError(f"{self.path}: reading the slide failed ({err})") from None
+            raise SlideError(f"{printable(self.path)}: reading the slide failed ({err})") from None
         return _on_white(rgba)
 
     def thumbnail(self, max_side: int) -> tuple[Image.Image, tuple[float, float]]:
@@ -112,27 +114,38 @@ def open_slide(path: str | os.PathLike, mpp: tuple[float, float] | None = None) 
     import openslide
 
     path = Path(path)
-    if not path.is_file():
-        raise SlideError(f"{path}: no such file")
+    problem = file_problem(path)
+    if problem is not None:
+        raise SlideError(f"{printable(path)}: {problem}")
     try:
         handle = openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
-        raise SlideError(
-            f"{path}: not a whole-slide image OpenSlide can read (truncated or damaged, or not a "
-            "tiled pyramidal TIFF / SVS / NDPI / MRXS / DICOM-WSI / other OpenSlide format)"
-        ) from None
+        raise SlideError(f"{printable(path)}: {_unsupported(path)}") from None
     except openslide.OpenSlideError as err:
-        raise SlideError(f"{path}: opening the slide failed ({err})") from None
+        raise SlideError(f"{printable(path)}: opening the slide failed ({err})") from None
     if mpp is not None:
         return Slide(path, handle, mpp, "--mpp")
     found = _slide_mpp(handle)
     if found is None:
         handle.close()
         raise SlideError(
-            f"{path}: the slide does not record its pixel size (µm per pixel); pass --mpp "
+            f"{printable(path)}: the slide does not record its pixel size (µm per pixel); pass --mpp "
             "(e.g. --mpp 0.25 for a 40x scan)"
         )
     return Slide(path, handle, found, "slide metadata")
+
+
+def _unsupported(path: Path) -> str:
+    """Why OpenSlide refused ``path``: an ordinary image (which ``predict`` takes: it decodes, not
+    just its header, as a truncated slide's does), or not a slide."""
+    try:
+        with load_image(path) as image:
+            size = image.size
+    except BadImageError:
+        return ("not a whole-slide image OpenSlide can read (truncated or damaged, or not a tiled "
+                "pyramidal TIFF / SVS / NDPI / MRXS / DICOM-WSI / other OpenSlide format)")
+    return (f"an ordinary image ({size[0]}×{size[1]}), not a whole-slide image: use 'breastvision "
+            "predict' for it")
 
 
 def _slide_mpp(handle: object) -> tuple[float, float] | None:
