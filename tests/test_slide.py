@@ -208,6 +208,10 @@ def test_unknown_scales_need_mpp_flags(slide: Path, model_file: Path, make_model
     flags = ["--out", str(tmp_path), "--mpp", str(SLIDE_MPP)]
     assert main(["predict-slide", str(model_file), str(plain), *flags]) == 0
     assert json.loads((tmp_path / "plain_summary.json").read_text())["slide"]["mpp_source"] == "--mpp"
+    # Stated coarser than the model's scale: predicted, with the enlargement said.
+    flags = ["--out", str(tmp_path / "coarse"), "--mpp", "2"]
+    assert main(["predict-slide", str(model_file), str(plain), *flags]) == 0
+    assert "coarser than the model's training scale: tiles were enlarged 2.29×" in capsys.readouterr().err
 
     old = make_model_file("resnet18", input_size=MODEL_SIDE, class_names=CLASSES)
     assert main(["predict-slide", str(old), str(slide), "--out", str(tmp_path)]) == 2

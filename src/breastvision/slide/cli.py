@@ -72,6 +72,9 @@ def _predict_slide(args: argparse.Namespace) -> int:
             summary = summarize(run, predictor, model_mpp, positive, args.threshold)
             files = write_outputs(run, args.out, summary, positive, args.heatmap_size)
             progress.console.print(_headline(summary, files), soft_wrap=True, markup=False, highlight=False)
+            if min(run.geometry.zoom) < 1:
+                print(f"warning: {run.name} is coarser than the model's training scale: tiles were enlarged "
+                      f"{1 / min(run.geometry.zoom):.2f}× to reach it", file=sys.stderr)
             done += 1
     for s in skipped:
         print(f"skipped {printable(s.path)}: {s.reason}", file=sys.stderr)

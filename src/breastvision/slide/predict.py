@@ -149,7 +149,7 @@ def summarize(run: SlideRun, predictor: Predictor, model_mpp: tuple[float, float
                   "backend": predictor.backend, "mpp": list(model_mpp), "tta": run.tta},
         "tiling": {"field_um": [round(v, 3) for v in g.field_um], "tile_level0_px": list(g.size0),
                    "level": g.level, "read_px": list(g.read_size), "model_px": g.side,
-                   "min_tissue": run.min_tissue},
+                   "slide_px_per_model_px": [round(z, 3) for z in g.zoom], "min_tissue": run.min_tissue},
         "tiles": {"grid": run.grid.total, "tissue": len(run.grid.tiles),
                   "background_skipped": run.grid.background},
         **aggregate(run, positive, threshold),
