@@ -116,6 +116,10 @@ def test_model_scale_survives_the_model_file(make_model_file) -> None:
     path = make_model_file("resnet18", input_size=32, class_names=CLASSES, mpp=(0.3, 0.2))
     assert ModelBundle.load(path).preprocessing.mpp == (0.3, 0.2)
     assert ModelBundle.load(make_model_file("resnet18", input_size=32)).preprocessing.mpp is None
+    # A file written before the field existed (no "mpp" key) still loads, as an unknown scale.
+    meta = ModelBundle.load(path).metadata()
+    del meta["preprocessing"]["mpp"]
+    assert ModelBundle.from_metadata(meta, {}).preprocessing.mpp is None
 
 
 def test_tiles_equal_patch_predictions_and_background_is_skipped(
