@@ -7,7 +7,7 @@ user hands the toolkit. ``test_bad_input_corpus`` runs every case through ``pred
   are unusual but valid images (odd modes, 16 bits, animation, EXIF rotation, a non-UTF-8 name) that
   every command must process; all others must end as a listed skip. A case that cannot be made here
   (unreadable permissions when running as root, a file system refusing a name) returns None.
-  DICOM cases go here too, once ``data.io`` reads DICOM: a usable ``.dcm`` and truncated ones.
+  DICOM cases (made by ``dicom_factory``, so they carry its sentinel patient attributes) are here too.
 - **Manifest cases** (:data:`MANIFEST_CASES`, :func:`manifest_case`): the bytes of a ``manifest.csv``
   over a folder of good images (:data:`GOOD_ROWS`), and either the one-line error it must give or
   the reasons its bad rows must be listed with while the good rows are read.
@@ -288,6 +288,67 @@ def _unreadable(folder: Path) -> Path | None:
     if os.access(path, os.R_OK):  # root reads anything: the case cannot be made
         path.unlink()
         return None
+    return path
+
+
+# DICOM: usable ones (one frame each: every case is one sample) and bad ones, each a listed skip.
+def _dicom_case(name: str, file_name: str, build: Callable[[Path], None], *, usable: bool = False) -> None:
+    def make(folder: Path) -> Path:
+        path = folder / file_name
+        build(path)
+        return path
+
+    image_case(name, usable=usable)(make)
+
+
+def _grey(seed: int, size: tuple[int, int] = (SIDE, SIDE + 8)) -> np.ndarray:
+    return np.asarray(noise(size, seed=seed, mode="L"))
+
+
+def _dicom_bytes(**options) -> bytes:
+    """A DICOM file's bytes (written through a temporary file: pydicom writes paths)."""
+    import tempfile
+
+    from dicom_factory import make_dicom
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pixels = options.pop("pixels", _grey(30))
+        return make_dicom(Path(tmp) / "x.dcm", pixels, **options).read_bytes()
+
+
+def _edited_dicom(path: Path, edit: Callable, **options) -> None:
+    from pydicom import dcmread
+
+    path.write_bytes(_dicom_bytes(**options))
+    ds = dcmread(path)
+    edit(ds)
+    ds.save_as(path)
+
+
+_dicom_case("dicom_good", "scan.dcm", lambda p: p.write_bytes(_dicom_bytes()), usable=True)
+_dicom_case("dicom_rle_rgb", "scan_rle_rgb.dcm", lambda p: p.write_bytes(
+    _dicom_bytes(pixels=np.asarray(noise(seed=31)), photometric="RGB", encoding="rle")), usable=True)
+_dicom_case("dicom_named_png", "dicom_inside.png", lambda p: p.write_bytes(_dicom_bytes()), usable=True)
+_dicom_case("dicom_zero_byte", "zero_byte.dcm", lambda p: p.write_bytes(b""))
+_dicom_case("dicom_text", "text.dcm", lambda p: p.write_text("a report, not a DICOM file\n"))
+_dicom_case("dicom_cut_in_header", "cut_in_header.dcm", lambda p: p.write_bytes(_dicom_bytes()[:300]))
+_dicom_case("dicom_cut_in_pixels", "cut_in_pixels.dcm", lambda p: p.write_bytes(cut(_dicom_bytes(), 0.8)))
+_dicom_case("dicom_rle_cut", "rle_cut.dcm", lambda p: p.write_bytes(cut(_dicom_bytes(encoding="rle"), 0.8)))
+_dicom_case("dicom_no_pixel_data", "no_pixels.dcm",
+            lambda p: _edited_dicom(p, lambda ds: delattr(ds, "PixelData")))
+_dicom_case("dicom_unknown_syntax", "unknown_syntax.dcm", lambda p: p.write_bytes(
+    _dicom_bytes().replace(b"1.2.840.10008.1.2.1\0", b"1.2.840.99999.9.9.9\0")))
+_dicom_case("dicom_tiny", "tiny.dcm", lambda p: p.write_bytes(_dicom_bytes(pixels=_grey(32, (16, 12)))))
+_dicom_case("dicom_bomb_header", "bomb.dcm", lambda p: _edited_dicom(
+    p, lambda ds: setattr(ds, "Rows", 20000) or setattr(ds, "Columns", 20000), encoding="rle"))
+_dicom_case("dicom_unsupported_photometric", "ybr_partial_420.dcm", lambda p: _edited_dicom(
+    p, lambda ds: setattr(ds, "PhotometricInterpretation", "YBR_PARTIAL_420")))
+
+
+@image_case("dicom_fifo")
+def _dicom_fifo(folder: Path) -> Path:
+    path = folder / "fifo.dcm"
+    os.mkfifo(path)
     return path
 
 

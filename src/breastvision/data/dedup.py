@@ -33,6 +33,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from breastvision.data.dicom import split_frame
 from breastvision.data.io import BadImageError, load_image
 from breastvision.data.records import Record, Skipped
 from breastvision.paths import cache_dir
@@ -69,7 +70,7 @@ class HashCache:
 
     @staticmethod
     def _key(path: Path) -> tuple[str, int, int]:
-        stat = path.stat()
+        stat = split_frame(path)[0].stat()  # a DICOM frame: its file's
         return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
     def get(self, path: Path) -> ImageHashes | str | None:

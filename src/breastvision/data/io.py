@@ -16,6 +16,8 @@ Choices the papers leave open, recorded here:
   [min, max] to [0, 255]. Pillow's own conversion clips at 255 (a 12-bit scan becomes almost all
   white), and a fixed ÷257 would leave a 12-bit scan stored in 16 bits nearly black; min–max
   stretching is what medical viewers do without a window setting.
+- **DICOM** (``.dcm`` / ``.dicom``, or the ``DICM`` marker at byte 128) is decoded by
+  ``data.dicom``, whose docstring records its own choices (frames, windows, regions, identifiers).
 - **Decompression bombs**: Pillow's ``MAX_IMAGE_PIXELS`` is respected; its warning (over the limit)
   and its error (over twice the limit) both become ``BadImageError``.
 - **Formats** are an allow-list, :data:`IMAGE_FORMATS`, judged by the content (Pillow is only offered
@@ -37,6 +39,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -45,7 +48,9 @@ from PIL import Image, UnidentifiedImageError
 from breastvision.errors import BreastvisionError
 
 #: File extensions treated as images when scanning folders (lower case).
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"})
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom"}
+)
 
 #: Pillow format names accepted as images (see the module docstring). A format Pillow does not read
 #: (DICOM) is dispatched before Pillow is asked.
@@ -176,8 +181,18 @@ def _open(path: Path) -> Image.Image:
     return image
 
 
+def _dicom(path: str | os.PathLike) -> ModuleType | None:
+    """``data.dicom`` when ``path`` is a DICOM file (pydicom itself is imported only then)."""
+    from breastvision.data import dicom
+
+    return dicom if dicom.is_dicom(path) else None
+
+
 def read_header(path: str | os.PathLike) -> ImageHeader:
     """Size, mode and format from the header alone; raises ``BadImageError`` like :func:`load_image`."""
+    if dicom := _dicom(path):
+        info = dicom.read_info(path)
+        return ImageHeader(info.width, info.height, info.mode, "DICOM")
     with _open(Path(path)) as image:
         return ImageHeader(image.width, image.height, image.mode, image.format or "?")
 
@@ -192,13 +207,17 @@ def _decode(path: Path) -> Image.Image:
         return image.copy()
 
 
-def _rescale_to_8bit(image: Image.Image) -> Image.Image:
-    values = np.asarray(image, dtype=np.float64)
+def stretch_to_8bit(values: np.ndarray) -> np.ndarray:
+    """Values rescaled linearly from their own [min, max] to uint8 [0, 255] (a flat array gives 0)."""
+    values = np.asarray(values, dtype=np.float64)
     low, high = float(values.min()), float(values.max())
     if high == low:
-        return Image.new("L", image.size, 0)
-    scaled = np.round((values - low) * (255.0 / (high - low)))
-    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _rescale_to_8bit(image: Image.Image) -> Image.Image:
+    return Image.fromarray(stretch_to_8bit(np.asarray(image)), mode="L")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -230,6 +249,8 @@ def _rgb(image: Image.Image, path: Path) -> Image.Image:
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Decode a whole image file and return it in RGB, or raise ``BadImageError`` with the reason."""
+    if dicom := _dicom(path):
+        return dicom.load_dicom(path)
     path = Path(path)
     return _rgb(_decode(path), path)
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from breastvision.data.dicom import split_frame
 from breastvision.data.io import BadImageError, load_image
 from breastvision.data.stain import StainNormalizer
 
@@ -82,7 +83,7 @@ class NormalizedImageCache:
         """Where the normalised copy of ``source`` is (or will be) stored."""
         path = Path(source).resolve()
         try:
-            stat = path.stat()
+            stat = split_frame(path)[0].stat()  # a DICOM frame: its file's
         except OSError as err:
             raise BadImageError(f"cannot be read ({err.strerror})", path) from None
         key = hashlib.sha256(f"{path}\0{stat.st_mtime_ns}\0{stat.st_size}".encode()).hexdigest()[:32]

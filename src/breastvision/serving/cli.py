@@ -29,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--target-layer", action="append", metavar="MODULE",
                          help="dotted module path to explain instead of the default (repeatable)")
     predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    predict.add_argument("--frame", default="all", metavar="K|all",
+                         help="multi-frame DICOM: predict frame K (from 1) of each, or all (default); "
+                         "rows name frames file.dcm#frame=K")
     predict.set_defaults(func=_predict)
 
     export = subparsers.add_parser(
@@ -65,6 +68,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise BreastvisionError("--batch-size must be at least 1")
+    frame = _frame(args.frame)
     if args.explain:
         from breastvision.explanation.gradcam import METHODS
 
@@ -74,8 +78,8 @@ def _predict(args: argparse.Namespace) -> int:
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("predicting", total=None)
         run = predict_paths(
-            predictor, args.paths, tta=args.tta, batch_size=args.batch_size, explain_dir=args.explain,
-            explain_method=args.method, target_layers=args.target_layer,
+            predictor, args.paths, tta=args.tta, batch_size=args.batch_size, frame=frame,
+            explain_dir=args.explain, explain_method=args.method, target_layers=args.target_layer,
             on_batch=lambda n: progress.advance(task, n),
         )
     if args.out:
@@ -89,6 +93,14 @@ def _predict(args: argparse.Namespace) -> int:
     if not run.predictions:
         raise BreastvisionError("no image could be predicted")
     return 0
+
+
+def _frame(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise BreastvisionError(f"--frame must be 'all' or a frame number from 1, not '{text}'")
+    return int(text)
 
 
 def _print_table(run) -> None:  # noqa: ANN001 - a PredictionRun

@@ -16,6 +16,10 @@ Choices recorded here:
   extension, and reported if it is not an image.
 - **File names that are not valid UTF-8** are written to the CSV and JSON results with those bytes
   as ``\\xNN`` escapes (``paths.printable``), so the results stay valid UTF-8 whatever the disk holds.
+- **Frames.** A multi-frame DICOM (cine) file is predicted frame by frame, each reported as
+  ``name.dcm#frame=K`` (frames from 1, ``data.dicom``); ``frame=K`` predicts only frame K of each
+  such file (one with fewer frames is a listed skip), and an input may name one frame itself
+  (``cine.dcm#frame=3``). Single-frame images are predicted as they are.
 - **Bad files** (unreadable, not an image, truncated, too small, a decompression bomb, a stain
   normaliser failure) become ``Skipped(path, reason)`` entries, listed with the results.
 - **Test-time augmentation** averages the softmax probabilities over the 8 dihedral views
@@ -42,7 +46,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from breastvision.data.io import file_problem, is_image_file, load_image
+from breastvision.data import dicom
+from breastvision.data.io import BadImageError, file_problem, is_image_file, load_image
 from breastvision.data.readers._common import walk_files
 from breastvision.data.records import Skipped
 from breastvision.data.transforms import dihedral_tta, preprocess_image
@@ -71,8 +76,26 @@ class Discovery:
     masks: int = 0
 
 
-def discover_images(inputs: Iterable[str | os.PathLike]) -> Discovery:
-    """Image files under files and folders, by the rules in the module docstring.
+def _frames(path: Path, name: str, frame: int | None, skipped: list[Skipped]) -> list[tuple[Path, str]]:
+    """The (path, name) of each frame to predict of one image file (see the module docstring)."""
+    if dicom.split_frame(path)[1] is not None or not dicom.is_dicom(path):
+        return [(path, name)]
+    try:
+        frames = dicom.read_info(path).frames
+    except BadImageError:
+        return [(path, name)]  # loading it says why
+    if frames == 1:
+        return [(path, name)]
+    if frame is not None and frame > frames:
+        skipped.append(Skipped(path, f"frame {frame} asked for, but the file has {frames}"))
+        return []
+    chosen = range(1, frames + 1) if frame is None else [frame]
+    return [(dicom.frame_path(path, k), f"{name}{dicom.FRAME_MARK}{k}") for k in chosen]
+
+
+def discover_images(inputs: Iterable[str | os.PathLike], frame: int | None = None) -> Discovery:
+    """Image files under files and folders, by the rules in the module docstring; ``frame``: the
+    frame of multi-frame DICOM files to predict (None: every frame).
 
     The reported name of a file found in a folder is its path relative to that folder's parent
     (``benign/benign (1).png``), unique across inputs; an explicit file keeps its own name.
@@ -84,7 +107,7 @@ def discover_images(inputs: Iterable[str | os.PathLike]) -> Discovery:
         if root.is_dir():
             candidates = _folder_candidates(root, found.skipped)
             base = Path(os.path.abspath(root)).parent
-        elif root.exists() or root.is_symlink():
+        elif root.exists() or root.is_symlink() or dicom.split_frame(root)[0].exists():
             candidates, base = [root], None
         else:
             found.skipped.append(Skipped(root, "no such file or folder"))
@@ -103,7 +126,7 @@ def discover_images(inputs: Iterable[str | os.PathLike]) -> Discovery:
                 continue
             # Named by where it was found, not where a link points (possibly outside the folder).
             name = str(Path(os.path.abspath(path)).relative_to(base)) if base else str(path)
-            found.images.append((path, name))
+            found.images.extend(_frames(path, name, frame, found.skipped))
     return found
 
 
@@ -291,8 +314,9 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 def _overlay_stem(name: str, used: set[str]) -> str:
     """A file name for an image's overlays: its path below the folder given, or, for a file given
     by absolute path, its own stem (a repeat gets ``-2``, ``-3`` …)."""
-    path = Path(name)
+    path, frame = dicom.split_frame(name)
     stem = path.stem if path.is_absolute() else path.with_suffix("").as_posix().replace("/", "__")
+    stem += f"_frame{frame}" if frame is not None else ""
     unique, n = stem, 1
     while unique in used:
         n += 1
@@ -307,6 +331,7 @@ def predict_paths(
     *,
     tta: bool = False,
     batch_size: int = 8,
+    frame: int | None = None,
     explain_dir: Path | None = None,
     explain_method: str = "gradcam",
     target_layers: Sequence[str] | None = None,
@@ -314,12 +339,13 @@ def predict_paths(
 ) -> PredictionRun:
     """Predict every image under ``inputs``; with ``explain_dir``, save Grad-CAM overlays there.
 
-    Heat-maps explain the predicted class (after TTA when it is on). ``on_batch`` is told how many
-    images each finished batch held, for progress bars.
+    Heat-maps explain the predicted class (after TTA when it is on). ``frame`` picks one frame of
+    multi-frame DICOM files (None: all). ``on_batch`` is told how many images each finished batch
+    held, for progress bars.
     """
     if explain_dir is not None and not predictor.can_explain:
         raise BreastvisionError("--explain needs the .safetensors model file (Grad-CAM needs PyTorch)")
-    found = discover_images(inputs)
+    found = discover_images(inputs, frame)
     skipped = list(found.skipped)
     predictions: list[Prediction] = []
     used_stems: set[str] = set()

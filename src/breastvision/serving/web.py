@@ -14,12 +14,19 @@ Uploads are judged by content, never by their name or declared type:
 - the request body is capped (``max_upload_bytes``) → 413, from the declared Content-Length before
   anything is read, else while a chunked body streams in (FastAPI's own ``max_body_size`` answers
   the first case in plain text, not JSON, hence :class:`UploadLimit`);
-- Pillow must recognise one of :data:`ACCEPTED_FORMATS` from the magic bytes → otherwise 415;
+- Pillow must recognise one of :data:`ACCEPTED_FORMATS` from the magic bytes, or the body must be a
+  DICOM Part 10 file (``DICM`` at byte 128) → otherwise 415;
 - the header's pixel count must not exceed ``max_pixels`` (checked before any pixel is decoded, so
   a small compressed file that would inflate to gigabytes is refused) → 413; Pillow's own bomb
   limit (``Image.MAX_IMAGE_PIXELS``, 89 MP) caps it whatever ``max_pixels`` says;
 - the file is then decoded by ``data.io.load_image``, the loader every other command uses, which
   also rejects truncated data and tiny images → 400.
+
+A DICOM upload is checked by ``data.dicom`` (no pixel data, an unknown transfer syntax → 400); for a
+multi-frame file ``frame`` (form field or query parameter, from 1; default 1) picks the frame. Its
+answer carries the frame, the frame count, the pixel spacing (mm, when the file says) and a PNG
+preview (browsers cannot show DICOM), and never an attribute of the file beyond the image's own (no
+patient, institution or UID).
 
 Concurrency: requests run in the thread pool. Prediction only reads the shared model (under
 ``torch.inference_mode``), so it needs no lock for correctness; a semaphore of
@@ -60,6 +67,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from breastvision.data import dicom
 from breastvision.data.io import IMAGE_FORMATS, load_image
 from breastvision.errors import BreastvisionError
 from breastvision.serving.predict import Predictor, load_predictor
@@ -148,10 +156,13 @@ class InferenceService:
         self._explain_lock = threading.Lock()
         self._explainer: Any = None
 
-    def decode(self, data: bytes) -> tuple[Image.Image, str]:
-        """The upload as an RGB image and its format, or an ``UploadError`` (see module docstring)."""
+    def decode(self, data: bytes, frame: int = 1) -> tuple[Image.Image, dict[str, Any]]:
+        """The upload as an RGB image and facts for the answer (format, and a DICOM's frame), or an
+        ``UploadError`` (see module docstring)."""
         if not data:
             raise UploadError(400, "the uploaded file is empty")
+        if data[128:132] == b"DICM":
+            return self._decode_dicom(data, frame)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -159,30 +170,34 @@ class InferenceService:
                     width, height, image_format = header.width, header.height, header.format
         except UnidentifiedImageError:
             raise UploadError(
-                415, f"not an image: the content is none of {', '.join(ACCEPTED_FORMATS)}"
+                415, f"not an image: the content is none of {', '.join(ACCEPTED_FORMATS)} or DICOM"
             ) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise UploadError(413, "image refused as a possible decompression bomb") from None
         except _HEADER_ERRORS as err:
             raise UploadError(400, f"unreadable image header ({err})") from None
+        self._check_size(width, height)
+        with _upload_file(data, "upload") as path:
+            return load_image(path), {"format": image_format}
+
+    def _decode_dicom(self, data: bytes, frame: int) -> tuple[Image.Image, dict[str, Any]]:
+        with _upload_file(data, "upload.dcm") as path:
+            info = dicom.read_info(path)
+            self._check_size(*info.stored_size)
+            image = load_image(dicom.frame_path(path, frame) if info.frames > 1 or frame != 1 else path)
+        facts = {"format": "DICOM", "frames": info.frames, "frame": frame, "spacing_mm": info.spacing_mm}
+        return image, {**facts, "preview": _png_base64(image)}
+
+    def _check_size(self, width: int, height: int) -> None:
         if width * height > self.max_pixels:
             size = f"{width}×{height} = {width * height:,} pixels"
             raise UploadError(413, f"image is {size}, over the limit of {self.max_pixels:,}")
-        # load_image reads paths; a private temporary file keeps one loader for CLI and web.
-        with tempfile.TemporaryDirectory(prefix="breastvision-upload-") as tmp:
-            path = Path(tmp) / "upload"
-            path.write_bytes(data)
-            try:
-                image = load_image(path)
-            except BreastvisionError as err:
-                raise UploadError(400, str(err).removeprefix(f"{path}: ")) from None
-        return image, image_format
 
-    def predict(self, data: bytes, explain: bool = False) -> dict[str, Any]:
+    def predict(self, data: bytes, explain: bool = False, frame: int = 1) -> dict[str, Any]:
         started = time.perf_counter()
         if explain and not self.predictor.can_explain:
             raise UploadError(400, "explanations need the .safetensors model file, not an ONNX export")
-        image, image_format = self.decode(data)
+        image, facts = self.decode(data, frame)
         with self._slots:
             try:
                 tensor = self.predictor.preprocess(image)
@@ -197,7 +212,7 @@ class InferenceService:
             "probabilities": {name: float(p) for name, p in zip(names, probs, strict=True)},
             "class_names": names,
             "tta": self.tta,
-            "image": {"width": image.width, "height": image.height, "format": image_format},
+            "image": {"width": image.width, "height": image.height, **facts},
         }
         if explain:
             result["explanation"] = self._explain(image, tensor, best)
@@ -272,12 +287,17 @@ def create_app(
         file: Annotated[UploadFile | None, File(description="the image, judged by content")] = None,
         explain: Annotated[bool, Form(description="add Grad-CAM overlays (base64 PNG)")] = False,
         explain_query: Annotated[bool, Query(alias="explain", description="same as the form field")] = False,
+        frame: Annotated[int | None, Form(ge=1, description="frame of a multi-frame DICOM, from 1")] = None,
+        frame_query: Annotated[
+            int | None, Query(alias="frame", ge=1, description="same as the form field")
+        ] = None,
     ) -> JSONResponse:
         if file is None:
             return JSONResponse({"detail": "no image: send it as multipart field 'file'"}, status_code=400)
         data = await file.read()
         try:
-            result = await run_in_threadpool(service.predict, data, explain or explain_query)
+            result = await run_in_threadpool(service.predict, data, explain or explain_query,
+                                             frame or frame_query or 1)
         except UploadError as err:
             return JSONResponse({"detail": err.message}, status_code=err.status)
         return JSONResponse(result)
@@ -292,6 +312,19 @@ def serve(
     import uvicorn
 
     uvicorn.run(create_app(model, **options), host=host, port=port, log_level="info")
+
+
+@contextmanager
+def _upload_file(data: bytes, name: str) -> Iterator[Path]:
+    """The upload as a private temporary file (``data.io`` reads paths: one loader for CLI and web);
+    a ``BreastvisionError`` inside becomes a 400 that does not name the temporary path."""
+    with tempfile.TemporaryDirectory(prefix="breastvision-upload-") as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        try:
+            yield path
+        except BreastvisionError as err:
+            raise UploadError(400, str(err).removeprefix(f"{path}: ")) from None
 
 
 @contextmanager

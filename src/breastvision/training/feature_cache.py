@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from breastvision.data.dicom import split_frame
 from breastvision.training.progress import progress_bar
 
 
@@ -46,7 +47,7 @@ def module_hash(module: nn.Module) -> str:
 
 
 def _file_identity(path: Path) -> str:
-    stat = path.stat()
+    stat = split_frame(path)[0].stat()  # a DICOM frame: its file's
     return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 

@@ -8,7 +8,8 @@ a path (an existing path wins over a known name), whose format is detected in th
    columns ``path,label,subtype,patient_id,magnification``, otherwise a generic manifest
    ``path,label[,group]`` (``tile_group`` also names the group column);
 2. a folder whose sub-folders are LC25000 classes (``lung_aca``, ``lung_n``, ``lung_scc``);
-3. a BUSI Kaggle tree: ``*_mask*`` files in its class folders, or all of normal/benign/malignant;
+3. a BUSI Kaggle tree: ``*_mask*`` files in its class folders, or all of normal/benign/malignant
+   holding no DICOM file (DICOM class folders are a hospital's own data: step 5, grouped by patient);
 4. a folder holding any file with an official BreakHis name (a flat folder or the official tree);
 5. otherwise a generic class-per-folder tree.
 
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from breastvision.data.dicom import DICOM_EXTENSIONS
 from breastvision.data.io import is_image_file
 from breastvision.data.readers import breakhis, busi, generic, lc25000
 from breastvision.data.readers._common import MANIFEST_NAME, walk_files
@@ -68,10 +70,10 @@ def detect_format(path: Path) -> tuple[str, Callable[..., Catalog], Path]:
     folders = {p.name for p in entries if p.is_dir()}
     if folders & set(lc25000.CLASS_NAMES):
         return "lc25000", lc25000.read_lc25000, path
-    has_masks = any(
-        busi.is_mask_name(f) for name in folders & set(busi.CLASS_NAMES) for f in (path / name).iterdir()
-    )
-    if has_masks or set(busi.CLASS_NAMES) <= folders:
+    busi_files = [f for name in folders & set(busi.CLASS_NAMES) for f in (path / name).iterdir()]
+    has_masks = any(busi.is_mask_name(f) for f in busi_files)
+    has_dicom = any(f.suffix.lower() in DICOM_EXTENSIONS for f in busi_files)
+    if has_masks or (set(busi.CLASS_NAMES) <= folders and not has_dicom):
         return "busi", busi.read_busi, path
     if any(breakhis.NAME_PATTERN.match(f.name) for f in walk_files(path)):
         return "breakhis-names", breakhis.read_breakhis_names, path

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from breastvision.data import dedup
+from breastvision.data import dedup, dicom
 from breastvision.data.io import (
     BadImageError,
     file_problem,
@@ -65,6 +65,43 @@ def header_meta(path: Path, skipped: list[Skipped]) -> dict[str, Any] | None:
         skipped.append(Skipped(path, err.reason))
         return None
     return {"width": header.width, "height": header.height, "mode": header.mode}
+
+
+#: ``Catalog.grouping`` of data whose groups all come from DICOM Patient IDs (so they are patients),
+#: or from Patient IDs and Study Instance UIDs, or from DICOM identifiers for some images only.
+DICOM_GROUPINGS = ("patient", "patient_or_study", "dicom_or_image")
+
+
+def image_records(
+    path: Path, label: int, group: str, meta: dict[str, Any], skipped: list[Skipped], *, dicom_group: bool
+) -> list[Record]:
+    """The records of one image file, its header facts added to ``meta``; a bad file is appended to
+    ``skipped`` and gives none. A multi-frame DICOM gives one record per frame (``file.dcm#frame=K``),
+    all in one group; with ``dicom_group`` a DICOM's group is its patient (else study) hash."""
+    if not dicom.is_dicom(path):
+        header = header_meta(path, skipped)
+        return [] if header is None else [Record(path, label, group, {**meta, **header})]
+    try:
+        info = dicom.read_info(path)
+    except BadImageError as err:
+        skipped.append(Skipped(path, err.reason))
+        return []
+    meta = {**meta, "width": info.width, "height": info.height, "mode": info.mode, **info.meta()}
+    group = (info.group if dicom_group else None) or group
+    if dicom.split_frame(path)[1] is not None or info.frames == 1:
+        return [Record(path, label, group, {**meta, "frame": dicom.split_frame(path)[1] or 1})]
+    return [Record(dicom.frame_path(path, k), label, group, {**meta, "frame": k})
+            for k in range(1, info.frames + 1)]
+
+
+def dicom_grouping(records: Sequence[Record], default: str) -> str:
+    """How the groups of records from :func:`image_records` were formed (:data:`DICOM_GROUPINGS`)."""
+    kinds = {r.group.split(":", 1)[0] if r.group.startswith(("patient:", "study:")) else "" for r in records}
+    if not kinds - {""}:
+        return default
+    if kinds == {"patient"}:
+        return DICOM_GROUPINGS[0]
+    return DICOM_GROUPINGS[1] if "" not in kinds else DICOM_GROUPINGS[2]
 
 
 def scan_class_tree(
@@ -174,16 +211,23 @@ def read_manifest_listing(
         detail = f" it can use ({len(refused)} refused, e.g. {first.path}: {first.reason})" if first else ""
         raise BreastvisionError(f"{manifest}: manifest lists no images{detail}")
     root = common_root([row.path for row in rows])
-    return rows, columns, root, refused + unlisted_images(root, {row.path for row in rows}, manifest)
+    listed = {dicom.split_frame(row.path)[0] for row in rows}
+    return rows, columns, root, refused + unlisted_images(root, listed, manifest)
+
+
+def listed_on_disk(row: ManifestRow, manifest: Path, skipped: list[Skipped]) -> bool:
+    """Whether a manifest row's file exists (a frame of a DICOM file: that file); one missing is
+    appended to ``skipped``, naming the manifest."""
+    if dicom.split_frame(row.path)[0].is_file():
+        return True
+    skipped.append(Skipped(row.path, f"listed in {manifest.name} but missing on disk"))
+    return False
 
 
 def listed_header(row: ManifestRow, manifest: Path, skipped: list[Skipped]) -> dict[str, Any] | None:
     """:func:`header_meta` of a manifest row's file; one missing on disk is appended to ``skipped``
     (naming the manifest) and gives None."""
-    if not row.path.is_file():
-        skipped.append(Skipped(row.path, f"listed in {manifest.name} but missing on disk"))
-        return None
-    return header_meta(row.path, skipped)
+    return header_meta(row.path, skipped) if listed_on_disk(row, manifest, skipped) else None
 
 
 def unlisted_images(root: Path, listed: set[Path], manifest: Path) -> list[Skipped]:

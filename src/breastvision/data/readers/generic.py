@@ -3,6 +3,10 @@
 This is how a hospital's external validation set comes in. Without a group column every image is
 its own group (say so in reports); ``near_duplicates=True`` groups copies of one scan by perceptual
 hash instead, as for BUSI. Columns other than ``path`` and ``label`` go into ``Record.meta``.
+
+DICOM files are grouped by patient (a hash of Patient ID, else of Study Instance UID; see
+``data.dicom``) unless a manifest's group column says otherwise; every frame of a multi-frame file
+is a record named ``file.dcm#frame=K``, and a manifest row may name one frame that way.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from typing import Any
 
 from breastvision.data import dedup
 from breastvision.data.readers._common import (
+    dicom_grouping,
     finish_catalog,
-    header_meta,
-    listed_header,
+    image_records,
+    listed_on_disk,
     read_manifest_listing,
     scan_class_tree,
 )
@@ -30,6 +35,9 @@ def _catalog_meta(fmt: str, grouping: str, near_duplicates: bool, **extra: str) 
     notes = []
     if grouping == "image" and not near_duplicates:
         notes.append("no groups given: each image is its own group, so related images can straddle a split")
+    if grouping in ("patient_or_study", "dicom_or_image"):
+        notes.append("DICOM groups are hashed Patient IDs, else Study Instance UIDs, else the file: "
+                     "not all groups are patients, so patient-level metrics are off by default")
     return {"format": fmt, **extra, "read_options": {"near_duplicates": near_duplicates}, "notes": notes}
 
 
@@ -52,21 +60,31 @@ def read_class_tree(
     records = []
     for label, class_name in enumerate(names):
         for path in per_class.get(class_name, []):
-            header = header_meta(path, skipped)
-            if header is not None:
-                records.append(Record(path, label, path.relative_to(folder).as_posix(), header))
+            group = path.relative_to(folder).as_posix()
+            records.extend(image_records(path, label, group, {}, skipped, dicom_group=True))
+    grouping = _checked_grouping(records, near_duplicates, folder)
     return finish_catalog(
         name=name or folder.name,
         root=folder,
         class_names=names,
         records=records,
         skipped=skipped,
-        grouping="image",
-        meta=_catalog_meta(fmt, "image", near_duplicates),
+        grouping=grouping,
+        meta=_catalog_meta(fmt, grouping, near_duplicates),
         near_duplicates=near_duplicates,
         verify=verify,
         cache=cache,
     )
+
+
+def _checked_grouping(records: Sequence[Record], near_duplicates: bool, source: Path) -> str:
+    grouping = dicom_grouping(records, "image")
+    if near_duplicates and grouping != "image":
+        raise BreastvisionError(
+            f"{source}: DICOM patient / study identifiers already give the groups; "
+            "near-duplicate grouping would replace them (leave it off for DICOM data)"
+        )
+    return grouping
 
 
 def manifest_group_column(columns: Sequence[str]) -> str | None:
@@ -103,13 +121,13 @@ def read_manifest(
         if group_column and not row.fields[group_column]:
             skipped.append(Skipped(row.path, f"empty '{group_column}' in {manifest.name}"))
             continue
-        header = listed_header(row, manifest, skipped)
-        if header is None:
+        if not listed_on_disk(row, manifest, skipped):
             continue
         extra = {k: v for k, v in row.fields.items() if k not in ("path", "label")}
         group = row.fields[group_column] if group_column else row.path.relative_to(root).as_posix()
-        records.append(Record(row.path, names.index(row.label), group, {**extra, **header}))
-    grouping = group_column or "image"
+        records.extend(image_records(row.path, names.index(row.label), group, extra, skipped,
+                                     dicom_group=group_column is None))
+    grouping = group_column or _checked_grouping(records, near_duplicates, manifest)
     return finish_catalog(
         name=name or manifest.parent.name,
         root=root,

@@ -91,6 +91,11 @@ function renderResult(result) {
     row.append(el("span", { class: "bar-label" }, name), track, el("span", { class: "bar-value" }, `${(100 * p).toFixed(1)} %`));
     bars.append(row);
   }
+  if (result.image && result.image.preview) {
+    // A DICOM upload: the browser cannot show the file, so the server sends the decoded frame.
+    $("preview").src = `data:image/png;base64,${result.image.preview}`;
+    $("preview").hidden = false;
+  }
   const overlays = $("overlays");
   overlays.replaceChildren();
   const explanation = result.explanation;
@@ -138,7 +143,8 @@ function chooseFile(file) {
   const preview = $("preview");
   if (preview.src) URL.revokeObjectURL(preview.src);
   preview.src = URL.createObjectURL(file);
-  preview.hidden = false;
+  // DICOM is shown once the server has decoded it (renderResult).
+  preview.hidden = /\.(dcm|dicom)$/i.test(file.name);
   $("predict-button").disabled = false;
 }
 
