@@ -316,6 +316,14 @@ def _dicom_bytes(**options) -> bytes:
         return make_dicom(Path(tmp) / "x.dcm", pixels, **options).read_bytes()
 
 
+def rle_bad_offset() -> bytes:
+    """An RLE DICOM whose header puts its one segment beyond the data: found only when decoded."""
+    data = bytearray(_dicom_bytes(encoding="rle"))
+    fragment = data.rfind(b"\xfe\xff\x00\xe0") + 8  # after the last item tag and its length
+    data[fragment : fragment + 8] = struct.pack("<II", 1, 99_999)
+    return bytes(data)
+
+
 def _edited_dicom(path: Path, edit: Callable, **options) -> None:
     from pydicom import dcmread
 
@@ -334,6 +342,7 @@ _dicom_case("dicom_text", "text.dcm", lambda p: p.write_text("a report, not a DI
 _dicom_case("dicom_cut_in_header", "cut_in_header.dcm", lambda p: p.write_bytes(_dicom_bytes()[:300]))
 _dicom_case("dicom_cut_in_pixels", "cut_in_pixels.dcm", lambda p: p.write_bytes(cut(_dicom_bytes(), 0.8)))
 _dicom_case("dicom_rle_cut", "rle_cut.dcm", lambda p: p.write_bytes(cut(_dicom_bytes(encoding="rle"), 0.8)))
+_dicom_case("dicom_rle_bad_offset", "rle_bad_offset.dcm", lambda p: p.write_bytes(rle_bad_offset()))
 _dicom_case("dicom_no_pixel_data", "no_pixels.dcm",
             lambda p: _edited_dicom(p, lambda ds: delattr(ds, "PixelData")))
 _dicom_case("dicom_unknown_syntax", "unknown_syntax.dcm", lambda p: p.write_bytes(

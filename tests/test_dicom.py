@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import JPEGLossless
 
+from badinput import rle_bad_offset
 from breastvision.cli import main
 from breastvision.data import dicom
 from breastvision.data.io import BadImageError, load_image, read_header
@@ -178,6 +179,10 @@ def _bad_files(folder: Path, grey: np.ndarray) -> dict[str, tuple[Path, str]]:
     truncated = folder / "truncated.dcm"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size * 2 // 3])
     (folder / "text.dcm").write_text("not a DICOM file at all, though named like one")
+    rle = make_dicom(folder / "rle.dcm", grey, encoding="rle").read_bytes()
+    (folder / "cut_rle.dcm").write_bytes(rle[: len(rle) * 4 // 5])
+    (folder / "bad_rle.dcm").write_bytes(rle_bad_offset())
+    (folder / "rle.dcm").unlink()
     cases = {
         "no pixel data": (folder / "nopixels.dcm", "DICOM file has no pixel data"),
         "unknown transfer syntax": (
@@ -186,6 +191,8 @@ def _bad_files(folder: Path, grey: np.ndarray) -> dict[str, tuple[Path, str]]:
         ),
         "truncated": (truncated, "truncated DICOM file"),
         "not DICOM": (folder / "text.dcm", r"not a DICOM file \(no 'DICM' marker at byte 128\)"),
+        "cut in compressed data": (folder / "cut_rle.dcm", r"truncated DICOM file \(it ends inside"),
+        "corrupt compressed data": (folder / "bad_rle.dcm", "corrupt or truncated DICOM pixel data .*RLE"),
     }
     bomb = dcmread(make_dicom(folder / "bomb.dcm", grey, encoding="rle"))
     bomb.Rows = bomb.Columns = 20000  # 400 megapixels from a few hundred kilobytes
@@ -201,11 +208,16 @@ def _bad_files(folder: Path, grey: np.ndarray) -> dict[str, tuple[Path, str]]:
     return cases
 
 
-def test_bad_inputs_give_one_line_reasons(busi_grey: list[np.ndarray], tmp_path: Path) -> None:
+def test_bad_inputs_give_one_line_reasons(
+    busi_grey: list[np.ndarray], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     for name, (path, reason) in _bad_files(tmp_path, busi_grey[0]).items():
         with pytest.raises(BadImageError, match=reason) as caught:
             load_image(path)
         assert "\n" not in str(caught.value), name
+    # pydicom logs what it met (values included) on damaged files: none of it is let through.
+    assert not [r for r in caplog.records if r.name.startswith("pydicom")]
 
 
 def test_web_pixel_limit_counts_stored_pixels(
@@ -341,7 +353,7 @@ def test_no_patient_attribute_reaches_any_output(
     out.mkdir()
     config.write_text(json.dumps({
         "name": "tiny", "output_dir": str(out / "runs"),
-        "data": {"source": str(root), "input_size": 32, "resize": 36,
+        "data": {"source": str(root), "input_size": 32, "resize": 36, "options": {"verify": True},
                  "split": {"protocol": "group_holdout", "options": {"fractions": [0.5, 0.25, 0.25]}}},
         "model": {"name": "resnet18", "first_trainable_stage": "layer4"},
         "train": {"epochs": 1, "batch_size": 4, "cache_dir": None, "progress": "none"},

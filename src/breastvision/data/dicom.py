@@ -71,20 +71,13 @@ _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, AttributeError, TypeErr
                 NotImplementedError, RuntimeError)
 
 
-class _DropAll(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return False
-
-
-# pydicom logs what it warns about, element values included, to the "pydicom" logger.
-logging.getLogger("pydicom").addFilter(_DropAll())
-
 
 @contextmanager
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+def _quiet() -> Iterator[list[warnings.WarningMessage]]:
+    """pydicom's warnings caught, never shown: the caller may read them, none is passed on."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
 
 
 @dataclass(frozen=True)
@@ -145,6 +138,11 @@ def is_dicom(path: str | os.PathLike) -> bool:
         return False
 
 
+def _one_line(err: Exception) -> str:
+    # pydicom lists each decoder plugin's failure on its own line; a reason is one line.
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
 def _hash(kind: str, value: Any) -> str:
     return f"{kind}:{hashlib.sha256(f'breastvision-dicom:{value}'.encode()).hexdigest()[:16]}"
 
@@ -162,6 +160,10 @@ def _read(file: Path) -> Any:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    # pydicom logs what it warns about, element values included, to "pydicom" and its children.
+    # Above CRITICAL no record is even made; set after pydicom's import, which sets WARNING.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
+
     # As data.io does for every image: a FIFO would block the reader, links get their own reasons.
     problem = file_problem(file)
     if problem is not None:
@@ -169,12 +171,16 @@ def _read(file: Path) -> Any:
     if file.stat().st_size == 0:
         raise BadImageError("empty file (0 bytes)", file)
     try:
-        with _quiet():
-            return pydicom.dcmread(file, defer_size="64 KB")
+        with _quiet() as caught:
+            ds = pydicom.dcmread(file, defer_size="64 KB")
     except InvalidDicomError:
         raise BadImageError("not a DICOM file (no 'DICM' marker at byte 128)", file) from None
     except _READ_ERRORS as err:
-        raise BadImageError(f"unreadable DICOM file ({type(err).__name__}: {err})", file) from None
+        raise BadImageError(f"unreadable DICOM file ({_one_line(err)})", file) from None
+    if any(str(w.message).startswith("End of file reached") for w in caught):
+        # pydicom keeps what it read of a file cut short inside encapsulated (compressed) pixel data.
+        raise BadImageError("truncated DICOM file (it ends inside its compressed pixel data)", file)
+    return ds
 
 
 def _check_decodable(ds: Any, file: Path) -> str:
@@ -182,8 +188,10 @@ def _check_decodable(ds: Any, file: Path) -> str:
     from pydicom.pixels import get_decoder
 
     if "PixelData" not in ds:
-        raise BadImageError("DICOM file has no pixel data (not an image: a report, a structured document?)",
-                            file)
+        raise BadImageError(
+            "DICOM file has no pixel data (a report or structured document, or a file cut short before it)",
+            file,
+        )
     raw = ds.get_item("PixelData", keep_deferred=True)
     length = getattr(raw, "length", 0xFFFFFFFF)
     if length != 0xFFFFFFFF and raw.value_tell + length > file.stat().st_size:
@@ -324,7 +332,7 @@ def load_dicom(path: str | os.PathLike) -> Image.Image:
             arr = pixel_array(file, index=(frame or 1) - 1 if info.frames > 1 else None)
             pixels = _grey_to_8bit(arr, ds) if info.mode == "L" else _colour_to_8bit(arr, ds)
     except _READ_ERRORS as err:
-        reason = f"corrupt or truncated DICOM pixel data ({type(err).__name__}: {err})"
+        reason = f"corrupt or truncated DICOM pixel data ({_one_line(err)})"
         raise BadImageError(reason, file) from None
     if info.region is not None:
         left, top, right, bottom = info.region
