@@ -81,13 +81,28 @@ def test_tiles_without_tissue_fall_back_and_are_counted(method: str, batch: torc
     white = torch.full((3, 40, 40), 250, dtype=torch.uint8)
     black = torch.zeros((3, 40, 40), dtype=torch.uint8)  # all "tissue", but one flat colour
     mixed = torch.stack([batch[0], white, black, batch[1]])
+    state = norm.state_dict()
     out, fallback = norm.transform(mixed, return_fallback=True)
     assert fallback.tolist() == [False, True, True, False]
-    assert norm.fallbacks == 2
     assert torch.equal(out[1], white) and torch.equal(out[2], black)
-    as_float, _ = norm.transform(mixed.float(), return_fallback=True)
-    assert torch.isfinite(as_float).all()
-    assert norm.fallbacks == 4
+    as_float, fallback_float = norm.transform(mixed.float(), return_fallback=True)
+    assert torch.isfinite(as_float).all() and torch.equal(fallback_float, fallback)
+    assert norm.state_dict() == state  # transform leaves the fitted normaliser as it was
+
+
+@pytest.mark.parametrize("q", [0, 1, 50, 99, 100])
+def test_percentiles_are_torchstains_nearest_rank_on_both_paths(q: float) -> None:
+    """The CPU path (numpy partition) and the other devices' path (topk) pick the same element:
+    rank round(q / 100 · (n − 1)) of the masked values; rows with nothing masked give 0."""
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(3, 5000, generator=gen)
+    mask = torch.rand(3, 5000, generator=gen) < torch.tensor([[0.9], [0.1], [0.0]])
+    kept = [sorted(values[i][mask[i]].tolist()) for i in range(3)]
+    expected = [row[round(q / 100 * (len(row) - 1))] if row else 0.0 for row in kept]
+    assert stain._percentiles(values, (q,), mask)[:, 0].tolist() == expected
+    assert stain._select_topk(values, q, mask).tolist() == expected
+    unmasked = stain._percentiles(values, (q, 100 - q))[:, 1]
+    assert unmasked.tolist() == stain._select_topk(values, 100 - q, None).tolist()
 
 
 def test_single_stain_tile_is_degenerate_for_macenko() -> None:
@@ -102,11 +117,57 @@ def test_state_round_trip_gives_identical_output(method: str, batch: torch.Tenso
     norm = make_normalizer(method).fit(he_tile(10), name="tile 10")
     state = json.loads(json.dumps(norm.state_dict()))
     again = make_normalizer(state)
-    assert type(again) is type(norm) and again.reference == "tile 10"
+    assert type(again) is type(norm) and again.reference_ == "tile 10"
     assert again.state_hash == norm.state_hash
     assert torch.equal(again.transform(batch), norm.transform(batch))
     assert make_normalizer(method, beta=0.2).fit(he_tile(10)).state_hash != norm.state_hash
     assert make_normalizer(method).fit(he_tile(11)).state_hash != norm.state_hash
+
+
+# State dicts as the previous release wrote them into model files (fitted on he_tile(10), 6 decimals).
+_LEGACY_STATES = {
+    "macenko": {
+        "method": "macenko", "version": 1,
+        "params": {"io": 240.0, "beta": 0.15, "min_tissue_fraction": 0.02, "alpha": 1.0},
+        "target": {"stain_matrix": [[0.644939, 0.264889], [0.70908, 0.949137], [0.28506, 0.170211]],
+                   "max_concentrations": [1.110475, 1.083967]},
+        "reference": "tile 10",
+    },
+    "reinhard": {
+        "method": "reinhard", "version": 1,
+        "params": {"io": 240.0, "beta": 0.15, "min_tissue_fraction": 0.02},
+        "target": {"lab_means": [59.384247, 31.638227, -32.018436],
+                   "lab_stds": [16.814106, 15.863256, 14.083394]},
+        "reference": "tile 10",
+    },
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_model_files_of_the_previous_release_still_load(method: str, batch: torch.Tensor) -> None:
+    legacy = make_normalizer(_LEGACY_STATES[method])
+    fitted = make_normalizer(method).fit(he_tile(10), name="tile 10")
+    assert legacy.reference_ == "tile 10" and legacy.get_params() == fitted.get_params()
+    for key, value in _LEGACY_STATES[method]["target"].items():
+        torch.testing.assert_close(getattr(fitted, f"{key}_"), torch.tensor(value), atol=2e-4, rtol=0)
+    assert (legacy.transform(batch).int() - fitted.transform(batch).int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_scikit_learn_conventions(method: str, batch: torch.Tensor) -> None:
+    norm = make_normalizer(method, beta=0.2)
+    assert norm.get_params()["beta"] == 0.2 and not norm.__sklearn_is_fitted__()
+    assert norm.fit(he_tile(10)) is norm and norm.__sklearn_is_fitted__()
+    learned = {name for name in vars(norm) if name not in norm.get_params()}
+    assert learned == {"reference_", *(f"{key}_" for key in norm._target_keys)}
+    copy = type(norm)(**norm.get_params())  # what sklearn.base.clone does: same parameters, unfitted
+    assert copy.get_params() == norm.get_params() and not copy.__sklearn_is_fitted__()
+    assert torch.equal(copy.fit(he_tile(10)).transform(batch), norm.transform(batch))
+    bad = make_normalizer(method).set_params(min_tissue_fraction=1.5)  # accepted until fit, as in sklearn
+    with pytest.raises(BreastvisionError, match="out of range"):
+        bad.fit(he_tile(10))
+    with pytest.raises(BreastvisionError, match="no parameter 'gamma'"):
+        norm.set_params(gamma=1.0)
 
 
 def test_user_errors_are_breastvision_errors(batch: torch.Tensor) -> None:
@@ -145,8 +206,8 @@ def test_typical_reference_is_chosen_and_recorded(tmp_path: Path) -> None:
     for method in METHODS:
         assert choose_reference(files[::-1], method).name == "b_typical.png"
     norm = fit_normalizer("macenko", candidates=files)
-    assert norm.reference == "b_typical.png (most typical of 5 training images)"
-    assert fit_normalizer("macenko", reference=files[0]).reference == "a_light.png"
+    assert norm.reference_ == "b_typical.png (most typical of 5 training images)"
+    assert fit_normalizer("macenko", reference=files[0]).reference_ == "a_light.png"
     with pytest.raises(BreastvisionError, match="none of the 1 candidate"):
         choose_reference([files[-1]])
 
@@ -260,8 +321,9 @@ def test_cache_remembers_tiles_left_unnormalised(tmp_path: Path, sources: list[P
     blank = tmp_path / "src" / "blank.png"
     Image.new("RGB", (40, 40), (250, 250, 250)).save(blank)
     norm = MacenkoNormalizer().fit(he_tile(10))
-    NormalizedImageCache(norm, tmp_path / "cache").ensure([*sources, blank])
-    assert norm.fallbacks == 1
+    first = NormalizedImageCache(norm, tmp_path / "cache")
+    first.ensure([*sources, blank])
+    assert first.left_unnormalized([*sources, blank]) == [blank]
     later = NormalizedImageCache(MacenkoNormalizer().fit(he_tile(10)), tmp_path / "cache")
     later.ensure([*sources, blank])
     assert later.misses == 0 and later.left_unnormalized([*sources, blank]) == [blank]

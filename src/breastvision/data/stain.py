@@ -9,9 +9,13 @@ statistics transfer, 2001) are the two standard ones, so both are offered, sciki
     bundle.preprocessing.stain = norm.state_dict()      # JSON-able; saved in the model file
     same = make_normalizer(bundle.preprocessing.stain)  # re-created at prediction time
 
-**Batching.** Every step is a batched torch op — optical densities, masked covariances, batched
-``torch.linalg.eigh`` on B 3×3 matrices, per-image percentiles by one sort, batched pseudo-inverse —
-so a batch costs one pass whatever its size, and the device follows the input tensor.
+**Batching.** Every step is a batched torch op over a chunk of images — optical densities, masked
+covariances, batched ``torch.linalg.eigh`` on 3×3 matrices, per-image percentiles, batched
+pseudo-inverse — so Python overhead is paid per chunk, not per image, and the device follows the
+input tensor. Per-pixel work is kept to few passes: the tissue mask is a threshold on the pixel
+values themselves, the output is one ``baddbmm`` and one ``exp`` (Macenko) or one affine map in
+CIE ``f`` space (Reinhard: the LAB statistics are a linear function of its covariance), and
+percentiles are exact selections (numpy's ``partition`` on CPU).
 
 **Agreement with the reference implementation.** The Macenko arithmetic follows torchstain's torch
 backend (itself a port of the original Macenko code): transmitted light ``io=240``, transparency
@@ -26,13 +30,13 @@ round ±π. ``tests/test_stain.py`` checks the outputs agree within a mean absol
 **Tiles without tissue.** A tile whose tissue fraction is below ``min_tissue_fraction``, or whose
 fitted statistics are degenerate (stain vectors nearly parallel, non-positive maximum concentration,
 zero LAB spread, anything non-finite), is returned unchanged instead of being amplified into noise
-or NaN. Such tiles are counted in ``normalizer.fallbacks`` and reported per image by
-``transform(..., return_fallback=True)``. Tissue means what each method estimates from: for Macenko
-the pixels it fits its plane to (every channel's optical density ≥ ``beta``), for Reinhard any
-non-white pixel (some channel's optical density ≥ ``beta``). The default 2 % leaves Macenko ≥ 1,000
-pixels of a 224×224 tile, so that its 1st/99th angle percentiles rest on ≥ 10 order statistics;
-bright eosin-rich BreakHis tiles transmit almost all red light and have few such pixels — on the
-714 shared 200X tiles, 1.7 % fall back at 2 % (5.2 % would at 5 %), and torchstain's output for
+or NaN; ``transform(..., return_fallback=True)`` also returns which images were. Tissue means
+what each method estimates from: for Macenko the pixels it fits its plane to (every channel's
+optical density ≥ ``beta``), for Reinhard any non-white pixel (some channel's optical density
+≥ ``beta``). The default 2 % leaves Macenko ≥ 1,000 pixels of a 224×224 tile, so that its 1st/99th
+angle percentiles rest on ≥ 10 order statistics; bright eosin-rich BreakHis tiles transmit almost
+all red light and have few such pixels — on the 714 shared 200X tiles, 1.7 % fall back at 2 %
+(5.2 % would at 5 %), and torchstain's output for
 tiles below that threshold is visibly washed out.
 
 **Reference image.** A user-given reference is used as is (``fit_normalizer(method, reference=...)``).
@@ -48,7 +52,9 @@ and other machines pick the same one.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -70,20 +76,25 @@ _MIN_TISSUE_PIXELS = 16
 #: Stain vectors with a larger |cos| are treated as one stain: the 3×2 inverse would blow up noise.
 _MAX_STAIN_COSINE = 0.995
 _EPS = 1e-6
-#: Pixels per chunk on CPU (about 2.6 tiles of 224×224; larger chunks measured no faster): see
-#: ``StainNormalizer.transform``.
+#: Pixels per chunk on CPU (a few 224×224 tiles): whole-batch temporaries of tens of MB are
+#: page-faulted in afresh by every op; see ``StainNormalizer.transform``.
 _CPU_CHUNK_PIXELS = 1 << 17
 
 
 class StainNormalizer:
-    """Common machinery: input conversion, fallback bookkeeping, state, hashing.
+    """Common machinery: input conversion, fallbacks, parameters, state, hashing.
 
-    Subclasses implement ``_fit_batch(x) -> (stats, ok)`` (the method's statistics of each image of
-    a float B×3×H×W batch in [0, 255], and whether they are usable) and ``_normalize(x, stats, target)``.
+    scikit-learn's conventions without depending on it (its import would slow down every
+    prediction's start-up): ``__init__`` only stores its keyword arguments, ``get_params`` /
+    ``set_params`` expose them, ``fit`` validates them, learns the
+    target stain into attributes ending in ``_`` and returns ``self``, and ``transform`` changes
+    nothing on the normaliser. Subclasses implement ``_statistics(x) -> (stats, ok)`` (the method's
+    statistics of each image of a float B×3×N batch in [0, 255], and whether they are usable) and
+    ``_normalize(x, stats) -> B×3×N float``, using the fitted ``<key>_`` attributes.
     """
 
     method: ClassVar[str] = ""
-    #: The statistics of ``_fit_batch`` that make up the fitted target (the rest are per-image work).
+    #: The statistics of ``_statistics`` that make up the fitted target, each stored as ``<key>_``.
     _target_keys: ClassVar[tuple[str, ...]] = ()
     #: The shape of each target statistic, which a state read from a file must have.
     _target_shapes: ClassVar[tuple[tuple[int, ...], ...]] = ()
@@ -91,64 +102,67 @@ class StainNormalizer:
     _tissue_in_every_channel: ClassVar[bool] = True
 
     def __init__(self, io: float = 240.0, beta: float = 0.15, min_tissue_fraction: float = 0.02) -> None:
-        if not 0 < beta or not 0 < io <= 255 or not 0 <= min_tissue_fraction < 1:
-            raise BreastvisionError(
-                f"stain normaliser parameters out of range: io={io} (0, 255], beta={beta} > 0, "
-                f"min_tissue_fraction={min_tissue_fraction} [0, 1)"
-            )
-        self.io = float(io)
-        self.beta = float(beta)
-        self.min_tissue_fraction = float(min_tissue_fraction)
-        self.reference: str | None = None
-        #: Images returned unnormalised (too little tissue or degenerate statistics), since creation.
-        self.fallbacks = 0
-        self._target: dict[str, torch.Tensor] | None = None
+        self.io = io
+        self.beta = beta
+        self.min_tissue_fraction = min_tissue_fraction
 
     # -- the public, scikit-learn-style interface -------------------------------------------------
 
-    def fit(self, reference: ImageLike, name: str | None = None) -> StainNormalizer:
-        """Learn the target stain from one reference image; ``name`` is recorded in the state."""
-        x, _ = _as_batch(reference)
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's keyword arguments as currently set (``deep`` is accepted and unused)."""
+        names = inspect.signature(type(self).__init__).parameters
+        return {name: getattr(self, name) for name in names if name != "self"}
+
+    def set_params(self, **params: Any) -> StainNormalizer:
+        valid = self.get_params()
+        for name, value in params.items():
+            if name not in valid:
+                raise BreastvisionError(f"{type(self).__name__} has no parameter '{name}'")
+            setattr(self, name, value)
+        return self
+
+    def fit(self, X: ImageLike, y: None = None, name: str | None = None) -> StainNormalizer:  # noqa: N803
+        """Learn the target stain from one reference image; ``name`` is recorded as ``reference_``."""
+        self._validate_params()
+        x, _ = _as_batch(X)
         if x.shape[0] != 1:
             raise BreastvisionError(f"fit takes one reference image, got a batch of {x.shape[0]}")
-        stats, ok = self._fit_batch(_to_float(x))
+        stats, ok = self._statistics(_pixels(x))
         if not bool(ok[0]):
             raise BreastvisionError(
                 f"the stain reference image{f' {name}' if name else ''} has too little tissue or a "
                 "degenerate stain distribution; choose an image well covered by stained tissue"
             )
-        self._target = {k: stats[k][0].detach().to("cpu", torch.float32) for k in self._target_keys}
-        self.reference = name
+        self._set_target({k: stats[k][0] for k in self._target_keys})
+        self.reference_ = name
         return self
 
-    def transform(self, images: ImageLike, return_fallback: bool = False) -> Any:
+    def transform(self, X: ImageLike, return_fallback: bool = False) -> Any:  # noqa: N803
         """Normalise one image or a batch; the output has the input's type, dtype, layout and device.
 
         Tensors may be CHW or B×3×H×W, uint8 or float in [0, 255]; a PIL image gives a PIL image
         and an HWC uint8 array an HWC uint8 array. With ``return_fallback`` also returns a bool
         tensor (one per image) that is true where the image was returned unnormalised.
         """
-        target = self._require_fitted()
-        x, restore = _as_batch(images)
-        target = {k: v.to(x.device) for k, v in target.items()}
+        self._require_fitted()
+        x, restore = _as_batch(X)
         # On CPU, chunks of bounded size: whole-batch temporaries of tens of MB are page-faulted in
         # afresh by every op and ran at half the speed; CUDA's caching allocator has no such cost.
         step = len(x) if x.device.type != "cpu" else max(1, _CPU_CHUNK_PIXELS // x[0, 0].numel())
-        chunks = [self._transform_chunk(chunk, target) for chunk in x.split(step)]
+        chunks = [self._transform_chunk(chunk) for chunk in x.split(step)]
         fallback = ~torch.cat([ok for _, ok in chunks])
-        self.fallbacks += int(fallback.sum())
-        result = restore(torch.cat([out for out, _ in chunks]))
+        result = restore(torch.cat([out for out, _ in chunks]) if len(chunks) > 1 else chunks[0][0])
         return (result, fallback) if return_fallback else result
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state that ``from_state`` turns back into an identical normaliser."""
-        target = self._require_fitted()
+        self._require_fitted()
         return {
             "method": self.method,
             "version": STATE_VERSION,
-            "params": self._params(),
-            "target": {k: v.tolist() for k, v in target.items()},
-            "reference": self.reference,
+            "params": {k: float(v) for k, v in self.get_params().items()},
+            "target": {k: getattr(self, f"{k}_").tolist() for k in self._target_keys},
+            "reference": self.reference_,
         }
 
     @classmethod
@@ -163,19 +177,20 @@ class StainNormalizer:
             )
         try:
             norm = cls(**state["params"])
-            target = state["target"]
-            norm._target = {k: torch.tensor(target[k], dtype=torch.float32) for k in cls._target_keys}
+            target = {k: torch.tensor(state["target"][k], dtype=torch.float32) for k in cls._target_keys}
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise BreastvisionError(f"malformed {cls.method} stain normaliser state: {err!r}") from None
+        norm._validate_params()
         for key, shape in zip(cls._target_keys, cls._target_shapes, strict=True):
-            value = norm._target[key]
+            value = target[key]
             if tuple(value.shape) != shape or not torch.isfinite(value).all():
                 got = f"shape {tuple(value.shape)}" if tuple(value.shape) != shape else "NaN or infinity"
                 raise BreastvisionError(
                     f"malformed {cls.method} stain normaliser state: target {key} must be {shape} "
                     f"finite numbers, got {got}"
                 )
-        norm.reference = state.get("reference")
+        norm._set_target(target)
+        norm.reference_ = state.get("reference")
         return norm
 
     @property
@@ -185,48 +200,65 @@ class StainNormalizer:
         state.pop("reference")
         return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
-    @property
-    def is_fitted(self) -> bool:
-        return self._target is not None
+    def __sklearn_is_fitted__(self) -> bool:
+        return all(hasattr(self, f"{k}_") for k in self._target_keys)
 
     def __repr__(self) -> str:
-        fitted = f"fitted on {self.reference or 'an image'}" if self.is_fitted else "not fitted"
-        return f"{type(self).__name__}({self._params()}, {fitted})"
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        fitted = f", fitted on {self.reference_ or 'an image'}" if self.__sklearn_is_fitted__() else ""
+        return f"{type(self).__name__}({params}){fitted}"
 
-    def _transform_chunk(self, x: torch.Tensor, target: Stats) -> tuple[torch.Tensor, torch.Tensor]:
+    def _transform_chunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised chunk (uint8 for uint8 input, else float32) and which images are usable."""
-        xf = _to_float(x)
-        stats, ok = self._fit_batch(xf)
-        out = self._normalize(xf, stats, target)
+        pixels = _pixels(x)
+        stats, ok = self._statistics(pixels)
+        out = self._normalize(pixels, stats).clamp_(0, 255)
         # Only finite, usable results replace the input: the contract is "never NaN, never crash".
         # A sum is finite exactly when every (bounded) term is: one reduction, no full-size mask.
-        ok = ok & torch.isfinite(out.flatten(1).sum(dim=1))
-        out = torch.where(ok[:, None, None, None], out.clamp(0, 255), xf)
-        return (_to_uint8(out) if x.dtype == torch.uint8 else out), ok
+        ok = ok & torch.isfinite(out.sum(dim=(1, 2)))
+        if not bool(ok.all()):
+            out[~ok] = pixels[~ok].to(out.dtype)
+        out = out.view(x.shape)
+        return (out.round_().to(torch.uint8) if x.dtype == torch.uint8 else out), ok
 
     # -- for subclasses ----------------------------------------------------------------------------
 
-    def _params(self) -> dict[str, float]:
-        return {"io": self.io, "beta": self.beta, "min_tissue_fraction": self.min_tissue_fraction}
+    def _validate_params(self) -> None:
+        io, beta, fraction = self.io, self.beta, self.min_tissue_fraction
+        if not 0 < beta or not 0 < io <= 255 or not 0 <= fraction < 1:
+            raise BreastvisionError(
+                f"stain normaliser parameters out of range: io={io} (0, 255], beta={beta} > 0, "
+                f"min_tissue_fraction={fraction} [0, 1)"
+            )
 
-    def _require_fitted(self) -> dict[str, torch.Tensor]:
-        if self._target is None:
+    def _set_target(self, target: Stats) -> None:
+        for key, value in target.items():
+            setattr(self, f"{key}_", value.detach().to("cpu", torch.float32).clone())
+
+    def _target(self, device: torch.device) -> Stats:
+        return {k: getattr(self, f"{k}_").to(device) for k in self._target_keys}
+
+    def _require_fitted(self) -> None:
+        if not self.__sklearn_is_fitted__():
             raise BreastvisionError(f"the {self.method} stain normaliser is not fitted: call fit(reference)")
-        return self._target
 
-    def _optical_density(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(od B×3×N, tissue mask B×N, enough tissue B)`` of a float batch in [0, 255]."""
-        od = -torch.log((x.flatten(2) + 1) / self.io)
-        dense = od >= self.beta
-        tissue = dense.all(dim=1) if self._tissue_in_every_channel else dense.any(dim=1)
+    def _tissue(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tissue mask B×N, enough tissue B)`` of a B×3×N batch (see ``_pixels``).
+
+        Optical density ``-log((x + 1) / io) ≥ beta`` is ``x ≤ io·exp(-beta) − 1``: a threshold on
+        the pixels, so the mask needs no logarithm and one channel reduction.
+        """
+        threshold = self.io * math.exp(-self.beta) - 1
+        channels = x.amax(dim=1) if self._tissue_in_every_channel else x.amin(dim=1)
+        tissue = channels <= threshold
         count = tissue.sum(dim=1)
         enough = (count >= _MIN_TISSUE_PIXELS) & (count >= self.min_tissue_fraction * tissue.shape[1])
-        return od, tissue, enough
+        return tissue, enough
 
-    def _fit_batch(self, x: torch.Tensor) -> tuple[Stats, torch.Tensor]:
+    def _statistics(self, x: torch.Tensor) -> tuple[Stats, torch.Tensor]:
         raise NotImplementedError
 
-    def _normalize(self, x: torch.Tensor, stats: Stats, target: Stats) -> torch.Tensor:
+    def _normalize(self, x: torch.Tensor, stats: Stats) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -236,6 +268,7 @@ class MacenkoNormalizer(StainNormalizer):
     ``alpha`` is the percentile of the angle distribution taken as each stain's direction (robust
     extremes); ``io`` the transmitted light intensity; ``beta`` the optical density below which a
     pixel counts as background. Defaults are those of the original implementation and torchstain.
+    Fitted: ``stain_matrix_`` (3×2, haematoxylin first) and ``max_concentrations_`` (2).
     """
 
     method = "macenko"
@@ -246,44 +279,38 @@ class MacenkoNormalizer(StainNormalizer):
         self, io: float = 240.0, alpha: float = 1.0, beta: float = 0.15, min_tissue_fraction: float = 0.02
     ) -> None:
         super().__init__(io=io, beta=beta, min_tissue_fraction=min_tissue_fraction)
-        if not 0 <= alpha < 50:
-            raise BreastvisionError(f"Macenko alpha must be a percentile in [0, 50), got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = alpha
 
-    def _params(self) -> dict[str, float]:
-        return {**super()._params(), "alpha": self.alpha}
+    def _validate_params(self) -> None:
+        super()._validate_params()
+        if not 0 <= self.alpha < 50:
+            raise BreastvisionError(f"Macenko alpha must be a percentile in [0, 50), got {self.alpha}")
 
-    def _fit_batch(self, x: torch.Tensor) -> tuple[Stats, torch.Tensor]:
-        od, tissue, ok = self._optical_density(x)
-        count = tissue.sum(dim=1, keepdim=True).clamp(min=2)
-        w = tissue.unsqueeze(1).to(od.dtype)
-        centred = (od - (od * w).sum(dim=2, keepdim=True) / count.unsqueeze(1)) * w
-        cov = centred @ centred.transpose(1, 2) / (count.unsqueeze(2) - 1)
+    def _statistics(self, x: torch.Tensor) -> tuple[Stats, torch.Tensor]:
+        # Optical density is od = log(io) − log1p(x); only log1p(x) is materialised, and the
+        # constant enters the two projections below as a bias (``_project_od``).
+        log_x = torch.log1p(x)
+        tissue, ok = self._tissue(x)
+        count = tissue.sum(dim=1).clamp(min=2)[:, None, None]
+        w = tissue.unsqueeze(1).to(log_x.dtype)
+        centred = log_x.sub((log_x * w).sum(dim=2, keepdim=True) / count).mul_(w)
+        cov = centred @ centred.mT / (count - 1)  # the covariance of od: a sign and shift away
         # Images without tissue get an identity covariance so eigh sees no NaN; they fall back anyway.
-        eye = torch.eye(3, dtype=od.dtype, device=od.device).expand_as(cov)
+        eye = torch.eye(3, dtype=cov.dtype, device=cov.device).expand_as(cov)
         cov = torch.where(ok[:, None, None] & torch.isfinite(cov), cov, eye)
-        _, eigvecs = torch.linalg.eigh(cov)
-        plane = eigvecs[:, :, 1:3]
-        # eigh's sign is arbitrary: point the principal axis into positive OD (else the angles wrap
-        # round ±π) and the second axis by its largest component, so CPU and GPU pick the same sign.
-        second = plane[:, :, 0]
-        signs = torch.stack(
-            [second.gather(1, second.abs().argmax(1, keepdim=True)).squeeze(1), plane[:, :, 1].sum(dim=1)], 1
-        )
-        plane = plane * torch.where(signs < 0, -1.0, 1.0).unsqueeze(1)
+        plane = _oriented_plane(torch.linalg.eigh(cov)[1])
 
-        proj = plane.transpose(1, 2) @ od
+        proj = self._project_od(plane.mT, log_x)
         phi = torch.atan2(proj[:, 1], proj[:, 0])
-        phi_min = _percentile(phi, self.alpha, tissue)
-        phi_max = _percentile(phi, 100 - self.alpha, tissue)
+        phi_min, phi_max = _percentiles(phi, (self.alpha, 100 - self.alpha), tissue).unbind(-1)
         v_min = plane @ torch.stack([torch.cos(phi_min), torch.sin(phi_min)], dim=1).unsqueeze(2)
         v_max = plane @ torch.stack([torch.cos(phi_max), torch.sin(phi_max)], dim=1).unsqueeze(2)
         # Haematoxylin first: it absorbs red more than eosin does (the original heuristic).
         h_first = (v_min[:, 0] > v_max[:, 0]).unsqueeze(1)
         stains = torch.where(h_first, torch.cat([v_min, v_max], 2), torch.cat([v_max, v_min], 2))
 
-        conc = torch.linalg.pinv(stains) @ od
-        max_conc = _percentile(conc, 99)
+        conc = self._project_od(torch.linalg.pinv(stains), log_x)
+        max_conc = _percentiles(conc, (99,))[..., 0]
         cosine = (stains[:, :, 0] * stains[:, :, 1]).sum(1) / (stains.norm(dim=1).prod(dim=1).clamp(min=_EPS))
         ok = (
             ok
@@ -293,11 +320,32 @@ class MacenkoNormalizer(StainNormalizer):
         )
         return {"stain_matrix": stains, "max_concentrations": max_conc, "concentrations": conc}, ok
 
-    def _normalize(self, x: torch.Tensor, stats: Stats, target: Stats) -> torch.Tensor:
+    def _project_od(self, matrix: torch.Tensor, log_x: torch.Tensor) -> torch.Tensor:
+        """``matrix @ od`` (B×k×N) for od = log(io) − log_x, in one pass over the pixels."""
+        bias = matrix.sum(dim=2, keepdim=True) * math.log(self.io)
+        return torch.baddbmm(bias, matrix, log_x, alpha=-1)
+
+    def _normalize(self, x: torch.Tensor, stats: Stats) -> torch.Tensor:
+        target = self._target(x.device)
         scale = target["max_concentrations"] / stats["max_concentrations"].clamp(min=_EPS)
-        conc = stats["concentrations"] * scale.unsqueeze(2)
-        out = self.io * torch.exp(-target["stain_matrix"] @ conc)
-        return out.reshape(x.shape)
+        # io·exp(−S_target · (scale ⊙ C)) with the scale folded into the stain matrix: one pass.
+        mixing = target["stain_matrix"] * scale.unsqueeze(1)
+        log_io = torch.tensor(math.log(self.io), dtype=mixing.dtype, device=x.device)
+        return torch.baddbmm(log_io, mixing, stats["concentrations"], alpha=-1).exp_()
+
+
+def _oriented_plane(eigvecs: torch.Tensor) -> torch.Tensor:
+    """The two principal eigenvectors (B×3×2, ascending eigenvalues) with a reproducible sign.
+
+    eigh's sign is arbitrary: the principal axis is pointed into positive OD (else the angles wrap
+    round ±π) and the second axis by its largest component, so CPU and GPU pick the same sign.
+    """
+    plane = eigvecs[:, :, 1:3]
+    second = plane[:, :, 0]
+    signs = torch.stack(
+        [second.gather(1, second.abs().argmax(1, keepdim=True)).squeeze(1), plane[:, :, 1].sum(dim=1)], 1
+    )
+    return plane * torch.where(signs < 0, -1.0, 1.0).unsqueeze(1)
 
 
 class ReinhardNormalizer(StainNormalizer):
@@ -305,6 +353,7 @@ class ReinhardNormalizer(StainNormalizer):
 
     Statistics are over all pixels with the unbiased standard deviation, as torchstain and
     StainTools compute them, so results are comparable; the tissue check only decides fallbacks.
+    Fitted: ``lab_means_`` and ``lab_stds_`` (3 each, L*, a*, b*).
     """
 
     method = "reinhard"
@@ -312,18 +361,30 @@ class ReinhardNormalizer(StainNormalizer):
     _target_shapes = ((3,), (3,))
     _tissue_in_every_channel = False
 
-    def _fit_batch(self, x: torch.Tensor) -> tuple[Stats, torch.Tensor]:
-        _, _, ok = self._optical_density(x)
-        lab = rgb_to_lab(x / 255).flatten(2)
-        means, stds = lab.mean(dim=2), lab.std(dim=2)
+    def _statistics(self, x: torch.Tensor) -> tuple[Stats, torch.Tensor]:
+        _, ok = self._tissue(x)
+        # L*a*b* = P·f + q is linear in CIE f, so its means and spreads follow from f's mean and
+        # covariance; f is kept centred for ``_normalize``.
+        f = _cie_f(x, peak=255.0)
+        mean = f.mean(dim=2, keepdim=True)
+        centred = f.sub_(mean)
+        cov = centred @ centred.mT / (x.shape[2] - 1)
+        lab_f = _LAB_FROM_F.to(x.device)
+        means = (lab_f @ mean).squeeze(2) + _LAB_OFFSET.to(x.device)
+        stds = torch.einsum("ij,bjk,ik->bi", lab_f, cov, lab_f).clamp(min=0).sqrt()
         ok = ok & (stds > 1e-3).all(dim=1) & torch.isfinite(stds).all(dim=1)
-        return {"lab_means": means, "lab_stds": stds, "lab": lab}, ok
+        return {"lab_means": means, "lab_stds": stds, "centred_f": centred}, ok
 
-    def _normalize(self, x: torch.Tensor, stats: Stats, target: Stats) -> torch.Tensor:
-        gain = target["lab_stds"][None] / stats["lab_stds"].clamp(min=_EPS)
-        lab = (stats["lab"] - stats["lab_means"].unsqueeze(2)) * gain.unsqueeze(2)
-        lab = lab + target["lab_means"][:, None]
-        return lab_to_rgb(lab.reshape(x.shape)) * 255
+    def _normalize(self, x: torch.Tensor, stats: Stats) -> torch.Tensor:
+        # lab' = D·(lab − mean) + target mean with D = diag(target std / std) is, in f space,
+        # f' = P⁻¹·D·P·(f − mean f) + P⁻¹·(target mean − q): one batched affine map.
+        target = self._target(x.device)
+        lab_f = _LAB_FROM_F.to(x.device)
+        f_lab = torch.linalg.inv(lab_f)
+        gain = target["lab_stds"] / stats["lab_stds"].clamp(min=_EPS)
+        affine = f_lab @ (gain.unsqueeze(2) * lab_f)
+        shift = (f_lab @ (target["lab_means"] - _LAB_OFFSET.to(x.device))).view(1, 3, 1)
+        return _rgb_from_f(torch.baddbmm(shift, affine, stats["centred_f"]), peak=255.0)
 
 
 _METHODS: dict[str, type[StainNormalizer]] = {
@@ -379,7 +440,7 @@ def choose_reference(
     features: list[torch.Tensor] = []
     for path in candidates:
         x, _ = _as_batch(load_image(path))
-        stats, ok = probe._fit_batch(_to_float(x))
+        stats, ok = probe._statistics(_pixels(x))
         if bool(ok[0]):
             usable.append(path)
             features.append(torch.cat([stats[k][0].flatten() for k in probe._target_keys]))
@@ -445,54 +506,109 @@ def _as_batch(images: ImageLike) -> tuple[torch.Tensor, Any]:
     raise BreastvisionError(f"cannot stain-normalise a {type(images).__name__}; give a PIL image or a tensor")
 
 
-def _to_float(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float32)
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    """B×3×H×W → B×3×N, uint8 kept (torch ops promote it to float32 where needed, which saves a
+    float copy) and anything else as float32; a view where possible, so never modified in place."""
+    return x.flatten(2) if x.dtype == torch.uint8 else x.flatten(2).to(torch.float32)
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.round().clamp(0, 255).to(torch.uint8) if x.dtype != torch.uint8 else x
 
 
-def _percentile(values: torch.Tensor, q: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Nearest-rank ``q``-th percentile along the last dim, over the masked entries if a mask is given.
+def _percentiles(values: torch.Tensor, qs: Sequence[float], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Nearest-rank ``qs``-th percentiles along the last dim (a new last dim of ``len(qs)``), over
+    the masked entries if a mask is given; rows with nothing masked give 0.
 
-    The rank is torchstain's (``round(q / 100 · (n − 1))``, 0-based); it is read off a partial sort
-    (``topk`` from the nearer end), several times faster than a full sort or ``kthvalue`` on CPU.
-    Rows with nothing masked give 0.
+    The rank is torchstain's (``round(q / 100 · (n − 1))``, 0-based). On CPU each row is compacted
+    to its masked entries once and read off by numpy's ``partition`` (a vectorised selection, many
+    times faster than ``topk`` or a mask-filled tensor); elsewhere ``topk`` from the nearer end.
     """
-    count = torch.as_tensor(values.shape[-1] if mask is None else mask.sum(-1), device=values.device)
+    shape = values.shape[:-1]
+    rows = values.reshape(-1, values.shape[-1])
+    masks = None if mask is None else mask.reshape(rows.shape)
+    if rows.device.type != "cpu":
+        found = torch.stack([_select_topk(rows, q, masks) for q in qs], dim=-1)
+        return found.view(*shape, len(qs))
+    keep = None if masks is None else masks.numpy()
+    found_rows = []
+    for i, row in enumerate(rows.numpy()):
+        row = row if keep is None else row[keep[i]]
+        ranks = [round(0.01 * q * (len(row) - 1)) for q in qs]
+        found_rows.append([float(np.partition(row, r)[r]) if len(row) else 0.0 for r in ranks])
+    return torch.tensor(found_rows, dtype=values.dtype).view(*shape, len(qs))
+
+
+def _select_topk(rows: torch.Tensor, q: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """``_percentiles`` of one ``q`` by one partial sort per row (``topk`` from the nearer end)."""
+    count = mask.sum(-1) if mask is not None else torch.full_like(rows[:, 0], rows.shape[1]).long()
     last = (count - 1).clamp(min=0)
     rank = torch.round(0.01 * q * last.to(torch.float64)).long()
     largest = q > 50
-    index = (last - rank if largest else rank).expand(values.shape[:-1])
+    k = last - rank if largest else rank  # 0-based position counted from the nearer end
     if mask is not None:
-        values = torch.where(mask, values, float("-inf") if largest else float("inf"))
-    nearest = values.topk(int(index.max()) + 1, dim=-1, largest=largest).values
-    return nearest.gather(-1, index.unsqueeze(-1)).squeeze(-1).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+        rows = rows.masked_fill(~mask, float("-inf") if largest else float("inf"))
+    nearest = rows.topk(int(k.max()) + 1, dim=-1, largest=largest).values
+    return torch.where(count > 0, nearest.gather(-1, k.unsqueeze(-1)).squeeze(-1), 0.0)
 
 
-# -- CIE LAB (sRGB, D65), the conversion Reinhard needs, batched over B×3×H×W in [0, 1] ------------
+# -- CIE LAB (sRGB, D65), the conversion Reinhard needs, batched over B×3×N --------------------------
 
 _RGB_TO_XYZ = torch.tensor(
     [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
 )
 _WHITE = torch.tensor([0.95047, 1.0, 1.08883])
+_XYZ_FROM_RGB = _RGB_TO_XYZ / _WHITE[:, None]  # XYZ relative to the white point
+_RGB_FROM_XYZ = torch.linalg.inv(_XYZ_FROM_RGB)
+#: L*a*b* = _LAB_FROM_F · (f(X/Xn), f(Y/Yn), f(Z/Zn)) + _LAB_OFFSET.
+_LAB_FROM_F = torch.tensor([[0.0, 116.0, 0.0], [500.0, -500.0, 0.0], [0.0, 200.0, -200.0]])
+_LAB_OFFSET = torch.tensor([-16.0, 0.0, 0.0])
+
+
+# The sRGB and CIE curves are a power law joined continuously to a line below a knee, so each is
+# ``power(max(v, knee)) + slope · min(v − knee, 0)``: the same values as a ``torch.where`` of the two
+# pieces, without a full-size mask or computing both pieces everywhere (``where`` is slow on CPU).
+
+
+def _srgb_to_linear(rgb: torch.Tensor, peak: float) -> torch.Tensor:
+    """Linear RGB in [0, 1] of sRGB values in [0, ``peak``] (uint8 values: in [0, 255])."""
+    if rgb.dtype == torch.uint8:  # 256 possible values: a table beats the power law
+        return _linear_table(rgb.device).index_select(0, rgb.flatten().int()).view(rgb.shape)
+    knee = 0.04045 * peak
+    linear = rgb.clamp(min=knee).mul_(1 / (1.055 * peak)).add_(0.055 / 1.055).pow_(2.4)
+    return linear.add_(rgb.clamp(max=knee).sub_(knee), alpha=1 / (12.92 * peak))
+
+
+@lru_cache(maxsize=4)
+def _linear_table(device: torch.device) -> torch.Tensor:
+    return _srgb_to_linear(torch.arange(256.0, device=device), 255.0)
+
+
+def _cie_f(rgb: torch.Tensor, peak: float) -> torch.Tensor:
+    """CIE f of X/Xn, Y/Yn, Z/Zn (B×3×N) of sRGB pixels in [0, ``peak``] (B×3×N); a new tensor."""
+    xyz = _XYZ_FROM_RGB.to(rgb.device) @ _srgb_to_linear(rgb, peak)
+    knee = (6 / 29) ** 3
+    f = xyz.clamp(min=knee).pow_(1 / 3)
+    return f.add_(xyz.clamp_(max=knee).sub_(knee), alpha=1 / (3 * knee ** (2 / 3)))
+
+
+def _rgb_from_f(f: torch.Tensor, peak: float) -> torch.Tensor:
+    """sRGB in [0, ``peak``] (clipped) of CIE f values (B×3×N): the inverse of ``_cie_f``."""
+    knee = 6 / 29
+    xyz = f.clamp(min=knee).pow_(3).add_(f.clamp(max=knee).sub_(knee), alpha=3 * knee**2)
+    linear = (_RGB_FROM_XYZ.to(f) @ xyz).clamp_(min=0)
+    knee = 0.0031308
+    srgb = linear.clamp(min=knee).pow_(1 / 2.4).mul_(1.055 * peak).sub_(0.055 * peak)
+    return srgb.add_(linear.clamp_(max=knee).sub_(knee), alpha=12.92 * peak).clamp_(0, peak)
 
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
-    """sRGB in [0, 1] → CIE L*a*b* (L in [0, 100]), channels in dim 1."""
-    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    matrix = (_RGB_TO_XYZ / _WHITE[:, None]).to(rgb)
-    xyz = torch.einsum("ij,bjhw->bihw", matrix, linear)
-    f = torch.where(xyz > 0.008856, xyz.clamp(min=0) ** (1 / 3), 7.787 * xyz + 16 / 116)
-    return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], dim=1)
+    """sRGB in [0, 1] → CIE L*a*b* (L in [0, 100]), B×3×H×W, channels in dim 1."""
+    f = _cie_f(rgb.flatten(2), peak=1.0)
+    return (_LAB_FROM_F.to(f) @ f + _LAB_OFFSET.to(f)[:, None]).view(rgb.shape)
 
 
 def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
-    """CIE L*a*b* → sRGB clipped to [0, 1], channels in dim 1 (inverse of ``rgb_to_lab``)."""
-    fy = (lab[:, 0] + 16) / 116
-    f = torch.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], dim=1)
-    xyz = torch.where(f > 0.2068966, f**3, (f - 16 / 116) / 7.787)
-    matrix = torch.linalg.inv(_RGB_TO_XYZ / _WHITE[:, None]).to(lab)
-    linear = torch.einsum("ij,bjhw->bihw", matrix, xyz).clamp(min=0)
-    return torch.where(linear > 0.0031308, 1.055 * linear ** (1 / 2.4) - 0.055, 12.92 * linear).clamp(0, 1)
+    """CIE L*a*b* → sRGB clipped to [0, 1], B×3×H×W (inverse of ``rgb_to_lab``)."""
+    f = torch.linalg.inv(_LAB_FROM_F).to(lab) @ (lab.flatten(2) - _LAB_OFFSET.to(lab)[:, None])
+    return _rgb_from_f(f, peak=1.0).view(lab.shape)

@@ -60,8 +60,8 @@ def _atomic_write(target: Path, write: Callable[[IO[bytes]], object]) -> None:
 class NormalizedImageCache:
     """Stain-normalised copies of image files, computed in batches on ``device`` on first request.
 
-    ``hits`` and ``misses`` count requests served from disk and images normalised; the normaliser's
-    own ``fallbacks`` counts tiles that were stored unnormalised for lack of tissue.
+    ``hits`` and ``misses`` count requests served from disk and images normalised;
+    ``left_unnormalized`` lists the tiles stored unnormalised for lack of tissue.
     """
 
     def __init__(
