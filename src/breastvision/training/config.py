@@ -172,6 +172,9 @@ class TrainConfig:
     #: Where cached features persist between runs (``auto``: ``$BREASTVISION_CACHE/features``,
     #: else ``~/.cache/breastvision/features``); ``None``: memory only.
     cache_dir: str | None = "auto"
+    #: How the cache computes the prefix: ``onnxruntime`` on CPU in float32 (checked against eager
+    #: on every run, else eager: see ``training.feature_cache``), ``eager``: PyTorch always.
+    cache_backend: Literal["onnxruntime", "eager"] = "onnxruntime"
     #: Validation metric that picks the best checkpoint (higher is better).
     monitor: Literal["val_acc", "val_loss"] = "val_acc"
     progress: Literal["auto", "rich", "none"] = "auto"

@@ -38,7 +38,10 @@ log = logging.getLogger(__name__)
 FOLD_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auc", "patient.P_arp")
 #: Settings that may differ between a finished fold and the rest of the cross-validation: they
 #: change speed and display, not results.
-_FREE_KEYS = {"train": ("threads", "progress", "num_workers"), "data": ("fold", "num_workers")}
+_FREE_KEYS = {
+    "train": ("threads", "progress", "num_workers", "cache_backend"),
+    "data": ("fold", "num_workers"),
+}
 
 
 def fold_overrides(folds: int, fold: int) -> list[str]:

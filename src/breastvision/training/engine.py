@@ -552,7 +552,9 @@ def _cache_features(
         "architecture": getattr(model, "architecture", type(model).__name__),
         "first_trainable_stage": config.model.first_trainable_stage,
     }
-    cache = FeatureCache(prefix, _feature_cache_dir(config.train.cache_dir), context, progress=show)
+    # ONNX Runtime computes float32 CPU prefixes (see feature_cache); autocast ones stay eager.
+    backend = config.train.cache_backend if context["precision"] == "32-true" else "eager"
+    cache = FeatureCache(prefix, _feature_cache_dir(config.train.cache_dir), context, show, backend)
     hits = computed = 0
     for part, dataset in list(datasets.items()):
         items = dataset.items
@@ -562,7 +564,10 @@ def _cache_features(
         datasets[part] = FeatureDataset(features, [i.record.label for i in items])
         hits, computed = hits + cache.hits, computed + cache.computed
     shape = list(datasets["train"].features.shape[1:])
-    return {"used": True, "entries_reused": hits, "entries_computed": computed, "feature_shape": shape}
+    return {
+        "used": True, "entries_reused": hits, "entries_computed": computed, "feature_shape": shape,
+        "backend": cache.backend, "backend_note": cache.backend_note, "onnx_max_abs_diff": cache.max_abs_diff,
+    }
 
 
 def _feature_cache_dir(setting: str | None) -> Path | None:

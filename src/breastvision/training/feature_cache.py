@@ -7,7 +7,7 @@ trainable suffix on the cached tensors. On a 2-core CPU this is what turns hours
 The cache is exact, not approximate: a view is a deterministic function of (image, view, seed)
 (``training.views``), the prefix is in eval mode (BatchNorm uses its fixed running statistics) and
 runs under the same autocast as the uncached path, so training on cached features gives the same
-result as running the prefix every step (``tests/test_training_cache.py``).
+result as running the prefix every step (``tests/test_training_engine.py``).
 
 On disk each entry is one safetensors file, named by the SHA-256 of everything its value depends
 on: the prefix's weights and buffers (``module_hash``), the run's pre-processing and view recipe
@@ -15,15 +15,30 @@ on: the prefix's weights and buffers (``module_hash``), the run's pre-processing
 file (path, size, modification time) and the view name. Change any of them and the entry is simply
 not found. One file per image view rather than one per run so that the folds of a cross-validation,
 or a second run with another split, reuse what the first computed.
+
+**Compute backend.** Computing the prefix is the cost of a cold run. On CPU in float32 the prefix
+is exported to ONNX (TorchScript exporter, dynamic batch) and run by ONNX Runtime, whose fused
+kernels run DenseNet or ViT prefixes several times faster than eager PyTorch; ``bench/bench_cache.py``
+measures both. Before ORT computes anything, its output for the first images is compared with the
+eager prefix's; beyond ``ONNX_TOLERANCE`` (max absolute difference), or if the export or the
+session fails, the run computes eagerly and ``backend_note`` says why. Elsewhere (CUDA, autocast) the
+prefix runs eagerly. The backend is deliberately *not* part of the cache key: entries from either
+backend agree within ``ONNX_TOLERANCE`` — checked on every run that computes — which is orders of
+magnitude below what training can tell apart (the engine's cached-equals-uncached test trains on
+both), so a cache filled by one backend is reused by the other rather than recomputed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +49,16 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from breastvision.data.dicom import split_frame
 from breastvision.training.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+#: Largest |ONNX Runtime − eager| output difference accepted before ORT computes a run's features.
+ONNX_TOLERANCE = 1e-4
+#: Images per ONNX Runtime call: activations of a few images stay in the CPU's caches.
+_ONNX_BATCH = 8
+#: Images on which ORT is checked against the eager prefix.
+_CHECK_IMAGES = 4
+BACKENDS = ("onnxruntime", "eager")
 
 
 def module_hash(module: nn.Module) -> str:
@@ -55,7 +80,10 @@ class FeatureCache:
     """Frozen-prefix outputs for a list of image views, in memory and (optionally) on disk.
 
     ``context`` is every setting besides the weights and the image that changes a view's pixels
-    (pre-processing, view recipe and seed); it must be JSON-able.
+    (pre-processing, view recipe and seed); it must be JSON-able. ``backend`` is the one wanted
+    (see the module docstring); after computing, ``backend`` is the one used (``None`` when every
+    entry was reused), ``backend_note`` why it differs from the one wanted, and ``max_abs_diff`` the
+    ORT-versus-eager difference checked.
     """
 
     def __init__(
@@ -64,9 +92,17 @@ class FeatureCache:
         directory: str | os.PathLike | None,
         context: dict[str, Any],
         progress: bool = False,
+        backend: str = "onnxruntime",
     ):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown feature-cache backend {backend!r} (one of {BACKENDS})")
         self.prefix = prefix
         self.progress = progress
+        self.wanted = backend
+        self.backend: str | None = None
+        self.backend_note: str | None = None
+        self.max_abs_diff: float | None = None
+        self._run: Callable[[torch.Tensor], torch.Tensor] | None = None  # chosen once, on first use
         self.namespace = hashlib.sha256(
             (module_hash(prefix) + json.dumps(context, sort_keys=True, default=str)).encode()
         ).hexdigest()
@@ -132,12 +168,74 @@ class FeatureCache:
         loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)
         with progress_bar(fabric, len(loader), f"caching {describe}", self.progress) as bar:
             for x, _y, idx in loader:
-                with fabric.autocast():
-                    feats = self.prefix(fabric.to_device(x))
+                x = fabric.to_device(x)
+                self._run = self._run or self._runner(x, fabric)
+                feats = self._run(x)
                 for j, value in zip(idx.tolist(), feats.float().cpu(), strict=True):
                     out[j] = value.clone()
                 bar.advance()
         return out
+
+    def _runner(self, x: torch.Tensor, fabric: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        """How this run computes the prefix: ORT if wanted, possible and within tolerance of eager."""
+
+        def eager(batch: torch.Tensor) -> torch.Tensor:
+            with fabric.autocast():
+                return self.prefix(batch)
+
+        self.backend = "eager"
+        if self.wanted == "eager":
+            return eager
+        if x.device.type != "cpu":
+            self.backend_note = f"ONNX Runtime is used on CPU only; features computed on {x.device.type}"
+            return eager
+        try:
+            onnx = OnnxPrefix(self.prefix, x)
+            check = x[:_CHECK_IMAGES]
+            self.max_abs_diff = float((onnx(check) - eager(check).float()).abs().max())
+        except Exception as err:  # any exporter or runtime failure: eager still gives the features
+            self.backend_note = f"ONNX export or run failed ({type(err).__name__}: {err}); computed eagerly"
+            log.warning("feature cache: %s", self.backend_note)
+            return eager
+        if not self.max_abs_diff <= ONNX_TOLERANCE:
+            self.backend_note = (
+                f"ONNX Runtime differed from eager by {self.max_abs_diff:.2e} (> {ONNX_TOLERANCE:g}); "
+                "computed eagerly"
+            )
+            log.warning("feature cache: %s", self.backend_note)
+            return eager
+        self.backend = "onnxruntime"
+        return onnx
+
+
+class OnnxPrefix:
+    """A module (one tensor in, one out) exported to ONNX and run by ONNX Runtime on CPU, with as
+    many threads as torch uses; called like the module on float32 CPU tensors."""
+
+    def __init__(self, module: nn.Module, example: torch.Tensor) -> None:
+        import onnxruntime as ort
+
+        # Two images when tracing, so the exporter cannot mistake the batch axis for a constant 1.
+        example = example[:2] if len(example) > 1 else example.expand(2, *example.shape[1:])
+        buffer = io.BytesIO()
+        # The exporter narrates its passes on stdout and warns about its own deprecation: keep quiet.
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, (example.float(),), buffer, input_names=["x"], output_names=["y"],
+                opset_version=17, dynamo=False, dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [
+            torch.from_numpy(self.session.run(None, {"x": part.float().contiguous().numpy()})[0])
+            for part in x.split(_ONNX_BATCH)
+        ]
+        return torch.cat(parts)
 
 
 def _atomic_save(value: torch.Tensor, path: Path) -> None:
