@@ -386,8 +386,7 @@ def _fit_stain(config: ExperimentConfig, data: RunData, fabric: Fabric) -> tuple
     data.facts["stain"] = {
         "method": stain.method,
         "reference": normalizer.state_dict().get("reference"),
-        # Counted from the cache, not ``normalizer.fallbacks``: with a warm cache this run
-        # normalised nothing itself and that counter would read 0.
+        # Counted from the cache: with a warm cache this run normalised nothing itself.
         "fallback_tiles": len(cache.left_unnormalized(sources)),
     }
     return normalizer.state_dict(), dict(zip(sources, targets, strict=True))
