@@ -22,10 +22,11 @@ kernels run DenseNet or ViT prefixes several times faster than eager PyTorch; ``
 measures both. Before ORT computes anything, its output for the first images is compared with the
 eager prefix's; beyond ``ONNX_TOLERANCE`` (max absolute difference), or if the export or the
 session fails, the run computes eagerly and ``backend_note`` says why. Elsewhere (CUDA, autocast) the
-prefix runs eagerly. The backend is deliberately *not* part of the cache key: entries from either
-backend agree within ``ONNX_TOLERANCE`` — checked on every run that computes — which is orders of
-magnitude below what training can tell apart (the engine's cached-equals-uncached test trains on
-both), so a cache filled by one backend is reused by the other rather than recomputed.
+prefix runs eagerly. The backend is deliberately *not* part of the cache key: the two backends'
+features agree within ``ONNX_TOLERANCE`` (checked on the first images of every run that computes;
+``bench/bench_cache.py`` reports the largest difference over all its images), far below what
+training can tell apart (the engine's cached-equals-uncached test trains on both), so a cache
+filled by one backend is reused by the other rather than recomputed.
 """
 
 from __future__ import annotations
