@@ -70,7 +70,8 @@ def main() -> None:
     paths = paths[:: max(1, len(paths) // args.images)][: args.images]
     dataset = _Images(paths, preprocessing)
     fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
-    caches = {name: FeatureCache(prefix, None, {}, backend=name) for name in ("eager", "onnxruntime")}
+    backends = ("eager", "onnxruntime")
+    caches = {name: FeatureCache(prefix, None, {}, backend=name, onnx_min_views=0) for name in backends}
 
     def run(backend: str) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()

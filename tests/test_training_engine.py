@@ -112,8 +112,13 @@ _CACHE_AGREEMENT = {
 
 
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
-def test_cached_and_uncached_training_agree(image_tree, tmp_path: Path, backend: str) -> None:
+def test_cached_and_uncached_training_agree(
+    image_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
     """Same seed, same batches, same dropout: training on cached prefix outputs is training."""
+    from breastvision.training import feature_cache
+
+    monkeypatch.setattr(feature_cache, "ONNX_MIN_VIEWS", 0)  # 24 views: ORT even so
     source = image_tree()
     tolerance = _CACHE_AGREEMENT[backend]
     common = [f"train.optimizer={tolerance['optimizer']}", f"train.cache_backend={backend}"]
@@ -174,13 +179,16 @@ def test_feature_cache_backend_is_checked_and_falls_back(
     paths = [tmp_path / f"{i}.png" for i in range(10)]
 
     def compute(**kwargs: Any) -> tuple[torch.Tensor, feature_cache.FeatureCache]:
-        cache = feature_cache.FeatureCache(prefix, None, {}, **kwargs)
+        cache = feature_cache.FeatureCache(prefix, None, {}, **{"onnx_min_views": 0, **kwargs})
         return cache.features(_Views(images), paths, ["identity"] * 10, fabric, batch_size=4), cache
 
     eager, cache = compute(backend="eager")
     assert cache.backend == "eager" and cache.max_abs_diff is None
     with torch.no_grad():
         assert torch.equal(eager, prefix(images))
+    few, cache = compute(onnx_min_views=11)
+    assert cache.backend == "eager" and "10 views to compute: too few" in cache.backend_note
+    assert torch.equal(few, eager)
     onnx, cache = compute()
     assert cache.backend == "onnxruntime" and cache.backend_note is None
     assert cache.max_abs_diff is not None and cache.max_abs_diff <= feature_cache.ONNX_TOLERANCE

@@ -21,7 +21,8 @@ is exported to ONNX (TorchScript exporter, dynamic batch) and run by ONNX Runtim
 kernels run DenseNet or ViT prefixes several times faster than eager PyTorch; ``bench/bench_cache.py``
 measures both. Before ORT computes anything, its output for the first images is compared with the
 eager prefix's; beyond ``ONNX_TOLERANCE`` (max absolute difference), or if the export or the
-session fails, the run computes eagerly and ``backend_note`` says why. Elsewhere (CUDA, autocast) the
+session fails, the run computes eagerly and ``backend_note`` says why; so does a run with too few
+views to compute to repay the export. Elsewhere (CUDA, autocast) the
 prefix runs eagerly. The backend is deliberately *not* part of the cache key: the two backends'
 features agree within ``ONNX_TOLERANCE`` (checked on the first images of every run that computes;
 ``bench/bench_cache.py`` reports the largest difference over all its images), far below what
@@ -59,6 +60,8 @@ ONNX_TOLERANCE = 1e-4
 _ONNX_BATCH = 8
 #: Images on which ORT is checked against the eager prefix.
 _CHECK_IMAGES = 4
+#: The export takes seconds: fewer views than this are computed sooner eagerly.
+ONNX_MIN_VIEWS = 64
 BACKENDS = ("onnxruntime", "eager")
 
 
@@ -84,7 +87,8 @@ class FeatureCache:
     (pre-processing, view recipe and seed); it must be JSON-able. ``backend`` is the one wanted
     (see the module docstring); after computing, ``backend`` is the one used (``None`` when every
     entry was reused), ``backend_note`` why it differs from the one wanted, and ``max_abs_diff`` the
-    ORT-versus-eager difference checked.
+    ORT-versus-eager difference checked. A first computation of fewer than ``onnx_min_views``
+    (default ``ONNX_MIN_VIEWS``) views runs eagerly.
     """
 
     def __init__(
@@ -94,12 +98,14 @@ class FeatureCache:
         context: dict[str, Any],
         progress: bool = False,
         backend: str = "onnxruntime",
+        onnx_min_views: int | None = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"unknown feature-cache backend {backend!r} (one of {BACKENDS})")
         self.prefix = prefix
         self.progress = progress
         self.wanted = backend
+        self.onnx_min_views = ONNX_MIN_VIEWS if onnx_min_views is None else onnx_min_views
         self.backend: str | None = None
         self.backend_note: str | None = None
         self.max_abs_diff: float | None = None
@@ -170,14 +176,14 @@ class FeatureCache:
         with progress_bar(fabric, len(loader), f"caching {describe}", self.progress) as bar:
             for x, _y, idx in loader:
                 x = fabric.to_device(x)
-                self._run = self._run or self._runner(x, fabric)
+                self._run = self._run or self._runner(x, fabric, len(indices))
                 feats = self._run(x)
                 for j, value in zip(idx.tolist(), feats.float().cpu(), strict=True):
                     out[j] = value.clone()
                 bar.advance()
         return out
 
-    def _runner(self, x: torch.Tensor, fabric: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _runner(self, x: torch.Tensor, fabric: Any, views: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """How this run computes the prefix: ORT if wanted, possible and within tolerance of eager."""
 
         def eager(batch: torch.Tensor) -> torch.Tensor:
@@ -186,6 +192,9 @@ class FeatureCache:
 
         self.backend = "eager"
         if self.wanted == "eager":
+            return eager
+        if views < self.onnx_min_views:
+            self.backend_note = f"{views} views to compute: too few to repay the ONNX export"
             return eager
         if x.device.type != "cpu":
             self.backend_note = f"ONNX Runtime is used on CPU only; features computed on {x.device.type}"
