@@ -178,9 +178,9 @@ class StainNormalizer:
         try:
             norm = cls(**state["params"])
             target = {k: torch.tensor(state["target"][k], dtype=torch.float32) for k in cls._target_keys}
+            norm._validate_params()
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise BreastvisionError(f"malformed {cls.method} stain normaliser state: {err!r}") from None
-        norm._validate_params()
         for key, shape in zip(cls._target_keys, cls._target_shapes, strict=True):
             value = target[key]
             if tuple(value.shape) != shape or not torch.isfinite(value).all():
