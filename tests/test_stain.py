@@ -210,6 +210,8 @@ def test_typical_reference_is_chosen_and_recorded(tmp_path: Path) -> None:
     assert fit_normalizer("macenko", reference=files[0]).reference_ == "a_light.png"
     with pytest.raises(BreastvisionError, match="none of the 1 candidate"):
         choose_reference([files[-1]])
+    with pytest.raises(BreastvisionError, match="out of range"):
+        choose_reference(files, beta=-1.0)
 
 
 # -- real BreakHis images ---------------------------------------------------------------------------

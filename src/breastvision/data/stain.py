@@ -436,6 +436,7 @@ def choose_reference(
     step = max(1, len(ordered) // max_candidates)
     candidates = ordered[::step][:max_candidates]
     probe = make_normalizer(method, **params)
+    probe._validate_params()  # fit() validates; the candidates are fitted without it
     usable: list[Path] = []
     features: list[torch.Tensor] = []
     for path in candidates:
