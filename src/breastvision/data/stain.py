@@ -86,10 +86,10 @@ class StainNormalizer:
 
     scikit-learn's conventions without depending on it (its import would slow down every
     prediction's start-up): ``__init__`` only stores its keyword arguments, ``get_params`` /
-    ``set_params`` expose them, ``fit`` validates them, learns the
-    target stain into attributes ending in ``_`` and returns ``self``, and ``transform`` changes
-    nothing on the normaliser. Subclasses implement ``_statistics(x) -> (stats, ok)`` (the method's
-    statistics of each image of a float B×3×N batch in [0, 255], and whether they are usable) and
+    ``set_params`` expose them, ``fit`` validates them, learns the target stain into attributes
+    ending in ``_`` and returns ``self``, and ``transform`` changes nothing on the normaliser.
+    Subclasses implement ``_statistics(x) -> (stats, ok)`` (the method's statistics of each image
+    of a B×3×N batch in [0, 255] (see ``_pixels``), and whether they are usable) and
     ``_normalize(x, stats) -> B×3×N float``, using the fitted ``<key>_`` attributes.
     """
 
