@@ -620,7 +620,8 @@ def _run(
         cache_facts = _cache_features(config, fabric, model, prefix, renderer, datasets, eval_batch, show)
         step_prefix = nn.Identity()  # the datasets now hold the prefix's outputs
         say(
-            f"feature cache: {cache_facts['entries_computed']} views computed, "
+            f"feature cache: {cache_facts['entries_computed']} views computed"
+            f"{' by ' + cache_facts['backend'] if cache_facts['backend'] else ''}, "
             f"{cache_facts['entries_reused']} reused (shape {cache_facts['feature_shape']})"
         )
 
