@@ -17,9 +17,9 @@ not found. One file per image view rather than one per run so that the folds of 
 or a second run with another split, reuse what the first computed.
 
 **Compute backend.** Computing the prefix is the cost of a cold run. On CPU in float32 the prefix
-is exported to ONNX (TorchScript exporter, dynamic batch) and run by ONNX Runtime, whose fused
-kernels run DenseNet or ViT prefixes several times faster than eager PyTorch; ``bench/bench_cache.py``
-measures both. Before ORT computes anything, its output for the first images is compared with the
+is exported to ONNX (TorchScript exporter, dynamic batch) and run by ONNX Runtime, whose graph
+optimisations and fused kernels beat eager PyTorch on these prefixes (``bench/bench_cache.py``
+measures both). Before ORT computes anything, its output for the first images is compared with the
 eager prefix's; beyond ``ONNX_TOLERANCE`` (max absolute difference), or if the export or the
 session fails, the run computes eagerly and ``backend_note`` says why; so does a run with too few
 views to compute to repay the export. Elsewhere (CUDA, autocast) the
