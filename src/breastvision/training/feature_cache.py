@@ -23,11 +23,13 @@ optimisations and fused kernels beat eager PyTorch on these prefixes (``bench/be
 measures both). Before ORT computes anything, its output for the first images is compared with the
 eager prefix's; beyond ``ONNX_TOLERANCE`` (max absolute difference), or if the export or the
 session fails, the run computes eagerly and ``backend_note`` says why; so does a run with too few
-views to compute to repay the export. Elsewhere (CUDA, autocast) the prefix runs eagerly. The backend is deliberately *not* part of the cache key: the two backends'
-features agree within ``ONNX_TOLERANCE`` (checked on the first images of every run that computes;
-``bench/bench_cache.py`` reports the largest difference over all its images), far below what
-training can tell apart (the engine's cached-equals-uncached test trains on both), so a cache
-filled by one backend is reused by the other rather than recomputed.
+views to compute to repay the export. Elsewhere (CUDA, autocast) the prefix runs eagerly.
+
+The backend is deliberately *not* part of the cache key: the two backends' features agree within
+``ONNX_TOLERANCE`` (checked on the first images of every run that computes; ``bench/bench_cache.py``
+reports the largest difference over all its images), far below what training can tell apart (the
+engine's cached-equals-uncached test trains on both), so a cache filled by one backend is reused by
+the other rather than recomputed.
 """
 
 from __future__ import annotations
