@@ -27,9 +27,9 @@ views to compute to repay the export. Elsewhere (CUDA, autocast) the prefix runs
 
 The backend is deliberately *not* part of the cache key: the two backends' features agree within
 ``ONNX_TOLERANCE`` (checked on the first images of every run that computes; ``bench/bench_cache.py``
-reports the largest difference over all its images), far below what training can tell apart (the
-engine's cached-equals-uncached test trains on both), so a cache filled by one backend is reused by
-the other rather than recomputed.
+reports the largest difference over all its images): float32 rounding noise, which moves training
+results no more than any other change of summation order would (the engine's cached-equals-uncached
+test bounds it for both), so a cache filled by one backend is reused by the other, not recomputed.
 """
 
 from __future__ import annotations
