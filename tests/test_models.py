@@ -131,6 +131,7 @@ def test_fusion_branches_and_renormalisation():
         "vit": "vit_tiny",
         "head_hidden": (512, 256),
         "head_drop": 0.3,
+        "seg_head": False,
     }
     assert [type(m) for m in model.head if isinstance(m, nn.Linear)] == [nn.Linear] * 3
 

@@ -13,19 +13,37 @@ The branches may expect different input normalisations (torchvision CNNs: ImageN
 ViTs: 0.5/0.5). The fusion takes its input normalised as its CNN expects (``pretrained_cfg``) and
 re-normalises for the ViT branch with a fixed affine map (``layers.Renormalize``), so each branch
 sees what its weights were trained on. Input size is the ViT's (ViTs need their fixed size).
+
+**Per-branch stages.** Besides the coarse stages ``cnn, vit, head``, each branch keeps its own
+stages (``branch_stages``), and ``split_branches({"cnn": "denseblock4", "vit": "block10"})`` cuts
+both branches at once: the prefix runs both branches' frozen blocks on the image and yields the
+pair ``(cnn_map, vit_tokens)`` (a fixed function of the image view, so cacheable per view); the
+suffix runs the rest of each branch, concatenates and applies the head.
+
+**Mask head** (``seg_head=True``): a 1×1 convolution on the CNN branch's last spatial feature map,
+trained as an auxiliary lesion-segmentation task through ``forward_with_mask``. ``forward`` and the
+classification never use it, so prediction needs no mask and drops nothing by ignoring it. It
+reads the map through a forward hook on the layer that produces it, so the one mechanism works in
+the whole model and in a split suffix alike.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
+from timm.models.efficientnet import EfficientNet
 from torch import nn
 
 from breastvision.errors import BreastvisionError
 from breastvision.models._timm import build_timm
-from breastvision.models.layers import Call, Renormalize, classifier_or_identity
+from breastvision.models.densenet import DenseNet
+from breastvision.models.layers import Call, MaskHead, Renormalize, captured_output, classifier_or_identity
 from breastvision.models.registry import create_model, list_models, register_model
+from breastvision.models.resnet import ResNet
+from breastvision.models.staging import split_model, stages
 from breastvision.models.vit import build_vit
 from breastvision.models.weights import RANDOM_INIT, WeightsSpec, describe_file, load_into, read_state_dict
 
@@ -34,6 +52,72 @@ def _pooled_size(branch: nn.Module) -> int:
     """Width of a feature extractor's output: timm's ``head_hidden_size`` where a model has a
     pre-logits layer after pooling (MobileNetV3), else ``num_features``."""
     return getattr(branch, "head_hidden_size", None) or branch.num_features
+
+
+#: Per CNN family, the layer whose output is the last spatial feature map (``forward_features``):
+#: it runs both in the branch's ``forward`` and in its staged blocks, so a hook on it serves both.
+_SPATIAL_LAYER: tuple[tuple[type[nn.Module], str], ...] = (
+    (DenseNet, "features.norm5"),
+    (ResNet, "layer4"),
+    (EfficientNet, "bn2"),
+)
+
+
+def _spatial_layer(cnn: nn.Module) -> nn.Module:
+    for family, name in _SPATIAL_LAYER:
+        if isinstance(cnn, family):
+            return cnn.get_submodule(name)
+    families = ", ".join(family.__name__ for family, _ in _SPATIAL_LAYER)
+    raise BreastvisionError(
+        f"a mask head needs a CNN branch of a known family ({families}), not {type(cnn).__name__}"
+    )
+
+
+def _logits_and_mask(
+    forward: Callable[[Any], torch.Tensor], inputs: Any, spatial: nn.Module, mask_head: MaskHead | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if mask_head is None:
+        raise BreastvisionError("this fusion has no mask head: build it with seg_head=True")
+    with captured_output(spatial) as maps:
+        logits = forward(inputs)
+    if not maps:
+        raise BreastvisionError(
+            "the mask head reads the CNN branch's last feature map, which this split freezes: "
+            "make the CNN branch's last block trainable"
+        )
+    return logits, mask_head(maps[-1])
+
+
+class BranchPrefix(nn.Module):
+    """Both branches' frozen blocks on one image: ``(cnn_part, vit_part)``."""
+
+    def __init__(self, cnn: nn.Module, vit: nn.Module, vit_input: nn.Module):
+        super().__init__()
+        self.cnn, self.vit, self.vit_input = cnn, vit, vit_input
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cnn(x), self.vit(self.vit_input(x))
+
+
+class BranchSuffix(nn.Module):
+    """The rest of both branches, concatenated, then the head; ``forward_with_mask`` adds the mask."""
+
+    def __init__(
+        self, cnn: nn.Module, vit: nn.Module, head: nn.Module, mask_head: MaskHead | None, spatial: nn.Module
+    ):
+        super().__init__()
+        self.cnn, self.vit, self.head, self.mask_head = cnn, vit, head, mask_head
+        # A plain attribute, not a submodule: the layer already belongs to ``cnn`` (or to the prefix).
+        self.__dict__["spatial"] = spatial
+
+    def forward(self, parts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cnn_part, vit_part = parts
+        return self.head(torch.cat([self.cnn(cnn_part), self.vit(vit_part)], dim=1))
+
+    def forward_with_mask(
+        self, parts: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _logits_and_mask(self, parts, self.spatial, self.mask_head)
 
 
 class FusionNet(nn.Module):
@@ -46,6 +130,7 @@ class FusionNet(nn.Module):
         num_classes: int,
         head_hidden: tuple[int, ...] = (512, 256),
         head_drop: float = 0.3,
+        seg_head: bool = False,
     ):
         super().__init__()
         self.cnn = cnn
@@ -72,6 +157,8 @@ class FusionNet(nn.Module):
             "classifier": f"head.{self.classifier_name}",
             "num_classes": num_classes,
         }
+        # Built after the head, so a seed gives the same classifier with or without it.
+        self.seg_head = MaskHead(cnn.num_features, vit_cfg["input_size"][1:]) if seg_head else None
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.cnn(x), self.vit(self.vit_input(x))], dim=1)
@@ -81,6 +168,11 @@ class FusionNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward_with_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, mask_logits)``, the latter B×1×H×W at the input size (training only)."""
+        spatial = _spatial_layer(self.cnn) if self.seg_head is not None else None
+        return _logits_and_mask(self, x, spatial, self.seg_head)
 
     def _cnn_stage(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cnn(x), x
@@ -97,6 +189,35 @@ class FusionNet(nn.Module):
             ("vit", Call(self._vit_stage, vit=self.vit, vit_input=self.vit_input)),
             ("head", self.head),
         ]
+
+    def branch_stages(self) -> dict[str, list[str]]:
+        """Each branch's own stages (``staging.stages``), the names ``split_branches`` takes."""
+        return {"cnn": stages(self.cnn), "vit": stages(self.vit)}
+
+    def split_branches(self, first_trainable: Mapping[str, str]) -> tuple[BranchPrefix, BranchSuffix]:
+        """``(prefix, suffix)`` cutting each branch before its own first trainable stage.
+
+        ``first_trainable`` names a stage of every branch (``{"cnn": "denseblock4", "vit": "block10"}``);
+        a branch's first stage trains it whole, its ``head`` freezes it whole (the pooled features).
+        """
+        branches = {"cnn": self.cnn, "vit": self.vit}
+        unknown = sorted(set(first_trainable) - set(branches))
+        missing = [name for name in branches if name not in first_trainable]
+        if unknown or missing:
+            problem = f"'{unknown[0]}' is not a branch" if unknown else f"no stage for branch '{missing[0]}'"
+            raise BreastvisionError(
+                f"{problem} of the fusion: name the first trainable stage of each of its branches "
+                f"({', '.join(branches)}), e.g. cnn.{stages(self.cnn)[-2]},vit.{stages(self.vit)[-2]}"
+            )
+        parts = {}
+        for name, branch in branches.items():
+            try:
+                parts[name] = split_model(branch, first_trainable[name])
+            except BreastvisionError as err:
+                raise BreastvisionError(f"fusion branch '{name}': {err}") from err
+        spatial = _spatial_layer(self.cnn) if self.seg_head is not None else nn.Identity()
+        prefix = BranchPrefix(parts["cnn"][0], parts["vit"][0], self.vit_input)
+        return prefix, BranchSuffix(parts["cnn"][1], parts["vit"][1], self.head, self.seg_head, spatial)
 
 
 def _branch(name: str, pretrained: WeightsSpec, role: str) -> nn.Module:
@@ -122,6 +243,7 @@ def fusion(
     head_drop: float = 0.3,
     cnn_pretrained: WeightsSpec = None,
     vit_pretrained: WeightsSpec = None,
+    seg_head: bool = False,
 ) -> FusionNet:
     """CNN ∥ ViT fusion. ``pretrained="imagenet"`` means ImageNet for both branches; a file means
     a whole fusion checkpoint; ``cnn_pretrained`` / ``vit_pretrained`` set each branch alone."""
@@ -137,21 +259,31 @@ def fusion(
         num_classes,
         tuple(head_hidden),
         head_drop,
+        seg_head,
     )
     if whole_file:
         source = f"file: {describe_file(pretrained)}"
         loaded = load_into(
-            model, read_state_dict(pretrained), source, classifier=model.pretrained_cfg["classifier"]
+            model,
+            read_state_dict(pretrained),
+            source,
+            classifier=model.pretrained_cfg["classifier"],
+            # A fusion trained without the mask head seeds one with it (the head starts random).
+            new_parts={"seg_head": r"^seg_head\."} if seg_head else None,
         )
         model.weights_origin = {"cnn": source, "vit": source, "head": source}
         if loaded.get("classifier") == RANDOM_INIT:
             model.weights_origin["head"] = f"{source}, final layer random init"
+        if seg_head:
+            model.weights_origin["seg_head"] = loaded.get("seg_head", source)
     else:
         model.weights_origin = {
             **_flatten_origin("cnn", model.cnn.weights_origin),
             **_flatten_origin("vit", model.vit.weights_origin),
             "head": RANDOM_INIT,
         }
+        if seg_head:
+            model.weights_origin["seg_head"] = RANDOM_INIT
     return model
 
 
@@ -163,8 +295,17 @@ def fusion_resnet18_vitb16(
     head_drop: float = 0.3,
     cnn_pretrained: WeightsSpec = None,
     vit_pretrained: WeightsSpec = None,
+    seg_head: bool = False,
 ) -> FusionNet:
     """Paper 003's model: ResNet-18 ∥ ViT-B/16, 1280-d, three-layer head (97.8M parameters)."""
     return fusion(
-        num_classes, pretrained, "resnet18", "vit_b16", head_hidden, head_drop, cnn_pretrained, vit_pretrained
+        num_classes,
+        pretrained,
+        "resnet18",
+        "vit_b16",
+        head_hidden,
+        head_drop,
+        cnn_pretrained,
+        vit_pretrained,
+        seg_head,
     )

@@ -15,7 +15,11 @@ Stages per architecture (the stage that ends the feature extractor also pools, s
 - ViT: ``patch_embed, block1, ..., block12, head``
 - EfficientNet: ``stem, block1, ..., block7, conv_head, head``
 - Fusion: ``cnn, vit, head`` (parallel branches: before ``head`` the prefix yields the 1280-d
-  concatenation; before ``vit``, the pair ``(cnn_features, image)``)
+  concatenation; before ``vit``, the pair ``(cnn_features, image)``); or **per branch**, each
+  branch's own stages: ``cnn.denseblock4,vit.block10`` (a string, as configs give it) or
+  ``{"cnn": "denseblock4", "vit": "block10"}`` freezes each branch before its named stage and
+  trains the rest of both with the head (``FusionNet.split_branches``; the prefix yields the
+  pair ``(cnn_map, vit_tokens)``)
 
 The prefix and suffix share the model's parameters (they are views, not copies), so freezing the
 prefix freezes those layers of the model.
@@ -24,6 +28,7 @@ prefix freezes those layers of the model.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 
 from torch import nn
 
@@ -52,11 +57,41 @@ def stages(model: nn.Module) -> list[str]:
     return [name for name, _ in _stage_modules(model)]
 
 
-def split_model(model: nn.Module, first_trainable_stage: str) -> tuple[nn.Module, nn.Module]:
+#: Stage spec: one stage name, or per branch of a composite model ``{"cnn": ..., "vit": ...}``.
+StageSpec = str | Mapping[str, str]
+
+
+def parse_stage_spec(spec: StageSpec) -> str | dict[str, str]:
+    """A stage name unchanged; ``"cnn.denseblock4,vit.block10"`` → ``{"cnn": "denseblock4", ...}``."""
+    if isinstance(spec, Mapping):
+        return dict(spec)
+    if "." not in spec:
+        return spec
+    parsed: dict[str, str] = {}
+    for item in spec.split(","):
+        branch, dot, stage = item.strip().partition(".")
+        if not (branch and dot and stage) or branch in parsed:
+            raise BreastvisionError(
+                f"bad per-branch stage spec '{spec}': give BRANCH.STAGE once per branch, comma-separated "
+                "(e.g. cnn.denseblock4,vit.block10)"
+            )
+        parsed[branch] = stage
+    return parsed
+
+
+def split_model(model: nn.Module, first_trainable_stage: StageSpec) -> tuple[nn.Module, nn.Module]:
     """``(prefix, suffix)``: the stages before ``first_trainable_stage`` and the rest.
 
-    The prefix is ``nn.Identity()`` when ``first_trainable_stage`` is the first stage.
+    The prefix is ``nn.Identity()`` when ``first_trainable_stage`` is the first stage. A per-branch
+    spec (see :func:`parse_stage_spec`) cuts every branch of a composite model at its own stage.
     """
+    spec = parse_stage_spec(first_trainable_stage)
+    if isinstance(spec, dict):
+        if not hasattr(model, "split_branches"):
+            arch = getattr(model, "architecture", type(model).__name__)
+            raise BreastvisionError(f"{arch} has no branches: per-branch stages need a fusion model")
+        return model.split_branches(spec)
+    first_trainable_stage = spec
     modules = _stage_modules(model)
     names = [name for name, _ in modules]
     if first_trainable_stage not in names:

@@ -12,7 +12,7 @@ feature cache (``feature_cache``) relies on to give the same result as running t
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -59,12 +59,15 @@ def is_frozen(module: nn.Module) -> bool:
     return module in _HOOKS and not any(p.requires_grad for p in module.parameters())
 
 
-def freeze_before(model: nn.Module, first_trainable_stage: str | None) -> tuple[nn.Module, nn.Module]:
+def freeze_before(
+    model: nn.Module, first_trainable_stage: str | Mapping[str, str] | None
+) -> tuple[nn.Module, nn.Module]:
     """Freeze every stage of ``model`` before ``first_trainable_stage``; return ``(prefix, suffix)``.
 
-    The stages are those of ``breastvision.models.staging.stages(model)``; ``prefix`` is the frozen
-    part (``nn.Identity`` when nothing is frozen) and ``suffix`` the trainable rest, sharing the
-    model's parameters, with ``suffix(prefix(x)) == model(x)``.
+    The stages are those of ``breastvision.models.staging.stages(model)``, or for a fusion one per
+    branch (``"cnn.denseblock4,vit.block10"``: both branches' frozen blocks make the prefix);
+    ``prefix`` is the frozen part (``nn.Identity`` when nothing is frozen) and ``suffix`` the
+    trainable rest, sharing the model's parameters, with ``suffix(prefix(x)) == model(x)``.
     """
     if first_trainable_stage is None:
         return nn.Identity(), model
