@@ -15,16 +15,18 @@ views, the augmentation pipeline, which ends in the same normalisation.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from breastvision.data import transforms
 from breastvision.data.io import load_image
+from breastvision.data.masks import union_mask, with_mask
 from breastvision.data.records import Record
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import Preprocessing
@@ -94,22 +96,45 @@ class ViewRenderer:
             "seed": self.config.seed,
         }
 
+    @staticmethod
+    def _is_draw(item: Item) -> bool:
+        return item.view.startswith(AUG_PREFIX) and item.view[len(AUG_PREFIX) :].isdigit()
+
+    def _transform(self, item: Item, epoch: int) -> Callable[[Any], Any]:
+        """The ``v2`` transform of the item's view, after its dihedral view (:meth:`_view`)."""
+        if not self._is_draw(item):
+            return self.eval
+        parts: tuple[object, ...] = (self.config.seed, item.relpath, item.view)
+        if not self.fixed:
+            parts += (epoch,)
+        seed = derive_seed(*parts)
+        return lambda inputs: transforms.augmented_view(self.augment, inputs, seed)
+
+    def _view(self, item: Item, image: Image.Image) -> Image.Image:
+        return image if self._is_draw(item) else transforms.apply_view(image, item.view)
+
+    def _image(self, item: Item) -> Image.Image:
+        return load_image(self.normalized_files.get(item.record.path, item.record.path))
+
     def __call__(self, item: Item, epoch: int = 0) -> torch.Tensor:
-        image = load_image(self.normalized_files.get(item.record.path, item.record.path))
-        if item.view.startswith(AUG_PREFIX) and item.view[len(AUG_PREFIX) :].isdigit():
-            parts: tuple[object, ...] = (self.config.seed, item.relpath, item.view)
-            if not self.fixed:
-                parts += (epoch,)
-            return transforms.augmented_view(self.augment, image, derive_seed(*parts))
-        return self.eval(transforms.apply_view(image, item.view))
+        return self._transform(item, epoch)(self._view(item, self._image(item)))
+
+    def render_with_mask(self, item: Item, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tensor, 1×H×W bool lesion mask)``: the tensor is the one :meth:`__call__` gives (the
+        same draw), the mask its image's union of masks through the same geometry (``data.masks``)."""
+        image = self._image(item)
+        mask = union_mask(item.record, image.size)
+        return with_mask(self._transform(item, epoch), self._view(item, image), self._view(item, mask))
 
 
 class ViewDataset(Dataset):
-    """``(tensor, label, index)`` per item; ``set_epoch`` re-draws ``fresh_each_epoch`` views."""
+    """``(tensor, label, index)`` per item, or with ``masks`` ``(tensor, label, index, mask)`` for
+    mask-guided training; ``set_epoch`` re-draws ``fresh_each_epoch`` views."""
 
-    def __init__(self, items: Sequence[Item], renderer: ViewRenderer):
+    def __init__(self, items: Sequence[Item], renderer: ViewRenderer, masks: bool = False):
         self.items = list(items)
         self.renderer = renderer
+        self.masks = masks
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -118,6 +143,9 @@ class ViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
         item = self.items[index]
+        if self.masks:
+            tensor, mask = self.renderer.render_with_mask(item, self.epoch)
+            return tensor, item.record.label, index, mask
         return self.renderer(item, self.epoch), item.record.label, index
