@@ -158,7 +158,10 @@ class FusionNet(nn.Module):
             "num_classes": num_classes,
         }
         # Built after the head, so a seed gives the same classifier with or without it.
-        self.seg_head = MaskHead(cnn.num_features, vit_cfg["input_size"][1:]) if seg_head else None
+        self.seg_head = None
+        if seg_head:
+            _spatial_layer(cnn)  # an unsupported CNN fails when built, not at the first training step
+            self.seg_head = MaskHead(cnn.num_features, vit_cfg["input_size"][1:])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.cnn(x), self.vit(self.vit_input(x))], dim=1)
