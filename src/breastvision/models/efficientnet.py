@@ -8,7 +8,8 @@ block expand, depthwise, project with their BatchNorms; head; classifier), so th
 them by position and checks every shape; the ImageNet check in ``tests/test_models_pretrained.py``
 (cat, macaw) confirms it. timm's ``tf_`` variant is the right target: TF "same" padding and
 BatchNorm eps 1e-3, as the weights were trained. Inputs: mean = std = 0.5, as in
-``pretrained_cfg``; lite1 expects 240×240 and lite2 260×260.
+``pretrained_cfg``; lite1 expects 240×240 and lite2 260×260 (as fusion branches they see the
+ViT's fixed 224×224: convolutions take any size, only the ImageNet statistics were learnt larger).
 """
 
 from __future__ import annotations
@@ -30,12 +31,23 @@ from breastvision.models.weights import (
     read_state_dict,
 )
 
+#: The lukemelas classifier's key prefix, and timm's.
+_LUKEMELAS_FC, _TIMM_FC = "_fc.", "classifier."
+
 
 def from_lukemelas(state: StateDict, model: nn.Module) -> StateDict:
-    """lukemelas ``efficientnet_pytorch`` keys → timm keys (same tensors, same order); others unchanged."""
+    """lukemelas ``efficientnet_pytorch`` keys → timm keys (same tensors, same order); others unchanged.
+
+    The classifier is renamed by name, not paired by position: a feature extractor
+    (``num_classes=0``, a fusion branch) has none, and ``load_into`` then leaves it out.
+    """
     if "_conv_stem.weight" not in state:
         return state
-    target = model.state_dict()
+    classifier = {
+        _TIMM_FC + k.removeprefix(_LUKEMELAS_FC): v for k, v in state.items() if k.startswith(_LUKEMELAS_FC)
+    }
+    state = {k: v for k, v in state.items() if not k.startswith(_LUKEMELAS_FC)}
+    target = {k: v for k, v in model.state_dict().items() if not k.startswith(_TIMM_FC)}
     if len(state) != len(target):
         raise BreastvisionError(
             f"EfficientNet checkpoint has {len(state)} tensors, {type(model).__name__} has {len(target)}: "
@@ -49,7 +61,7 @@ def from_lukemelas(state: StateDict, model: nn.Module) -> StateDict:
                 f"vs {dst_key} {tuple(like.shape)}"
             )
         converted[dst_key] = tensor
-    return converted
+    return {**converted, **classifier}
 
 
 def pypi_imagenet(variant: int) -> ImagenetLoader:
