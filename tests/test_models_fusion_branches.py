@@ -8,7 +8,7 @@ from torch import nn
 
 from breastvision.errors import BreastvisionError
 from breastvision.models.registry import create_model
-from breastvision.models.staging import parse_stage_spec, split_model
+from breastvision.models.staging import parse_stage_spec, split_model, split_stage_names
 from breastvision.training.freezing import freeze_before, is_frozen
 
 SIDE = 224  # the ViT branch's fixed input size
@@ -125,3 +125,17 @@ def test_efficientnet_lite_as_a_fusion_branch(variant):
     with torch.no_grad():
         torch.testing.assert_close(suffix(prefix(x)), model(x), rtol=0, atol=1e-6)
     assert model.num_features == 1280 + 192
+
+
+def test_split_stage_names_for_run_records():
+    model = _fusion()
+    frozen, trainable = split_stage_names(model, "cnn.layer4,vit.block12")
+    assert frozen == ["cnn.stem", "cnn.layer1", "cnn.layer2", "cnn.layer3", "vit.patch_embed",
+                      *[f"vit.block{i}" for i in range(1, 12)]]  # fmt: skip
+    assert trainable == ["cnn.layer4", "cnn.head", "vit.block12", "vit.head", "head"]
+    assert split_stage_names(model, "vit") == (["cnn"], ["vit", "head"])
+    assert split_stage_names(model, None) == ([], ["cnn", "vit", "head"])
+    masked = create_model("fusion", num_classes=3, cnn="resnet18", vit="vit_tiny", seg_head=True)
+    assert split_stage_names(masked, {"cnn": "stem", "vit": "head"})[1][-2:] == ["head", "seg_head"]
+    with pytest.raises(BreastvisionError, match="'block13' is not a stage"):
+        split_stage_names(model, "cnn.layer4,vit.block13")

@@ -102,3 +102,29 @@ def split_model(model: nn.Module, first_trainable_stage: StageSpec) -> tuple[nn.
     cut = names.index(first_trainable_stage)
     prefix = nn.Sequential(OrderedDict(modules[:cut])) if cut else nn.Identity()
     return prefix, nn.Sequential(OrderedDict(modules[cut:]))
+
+
+def split_stage_names(
+    model: nn.Module, first_trainable_stage: StageSpec | None
+) -> tuple[list[str], list[str]]:
+    """``(frozen, trainable)`` stage names of a split, as a run records them.
+
+    A per-branch spec names branch stages ``cnn.stem``, ``vit.block10``...; the fusion's ``head``
+    (and ``seg_head``, when it has one) always train. Errors are :func:`split_model`'s.
+    """
+    if first_trainable_stage is None:
+        return [], stages(model)
+    spec = parse_stage_spec(first_trainable_stage)
+    split_model(model, spec)
+    if isinstance(spec, str):
+        names = stages(model)
+        return names[: names.index(spec)], names[names.index(spec) :]
+    frozen, trainable = [], []
+    for branch, names in model.branch_stages().items():
+        cut = names.index(spec[branch])
+        frozen += [f"{branch}.{name}" for name in names[:cut]]
+        trainable += [f"{branch}.{name}" for name in names[cut:]]
+    trainable.append("head")
+    if getattr(model, "seg_head", None) is not None:
+        trainable.append("seg_head")
+    return frozen, trainable
