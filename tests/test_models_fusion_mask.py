@@ -83,3 +83,14 @@ def test_mask_head_errors():
         suffix.forward_with_mask(prefix(x))
     with pytest.raises(BreastvisionError, match="a mask head needs a CNN branch of a known family"):
         create_model("fusion", num_classes=2, cnn="mobilenetv3_small_050", vit="vit_tiny", seg_head=True)
+
+
+def test_a_model_file_with_the_head_predicts_without_a_mask(make_model_file):
+    from breastvision.models.bundle import ModelBundle
+
+    path = make_model_file("fusion", input_size=224, cnn="resnet18", vit="vit_tiny", seg_head=True)
+    model = ModelBundle.load(path).build_model()
+    assert model.seg_head is not None  # rebuilt from the file's model_kwargs, weights included
+    x = torch.randn(1, 3, SIDE, SIDE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _fusion(seg_head=True)(x), rtol=0, atol=0)
