@@ -45,6 +45,9 @@ def test_prediction_needs_no_head():
         torch.testing.assert_close(plain(x), masked(x), rtol=0, atol=0)
     with pytest.raises(BreastvisionError, match="no mask head"):
         plain.forward_with_mask(x)
+    prefix, suffix = split_model(plain, "cnn.layer4,vit.block12")
+    with torch.no_grad(), pytest.raises(BreastvisionError, match="no mask head"):
+        suffix.forward_with_mask(prefix(x))
 
 
 def test_a_fusion_file_without_the_head_seeds_one_with_it(tmp_path):

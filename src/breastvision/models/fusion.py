@@ -74,9 +74,12 @@ def _spatial_layer(cnn: nn.Module) -> nn.Module:
 
 
 def _logits_and_mask(
-    forward: Callable[[Any], torch.Tensor], inputs: Any, spatial: nn.Module, mask_head: MaskHead | None
+    forward: Callable[[Any], torch.Tensor],
+    inputs: Any,
+    spatial: nn.Module | None,
+    mask_head: MaskHead | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if mask_head is None:
+    if mask_head is None or spatial is None:
         raise BreastvisionError("this fusion has no mask head: build it with seg_head=True")
     with captured_output(spatial) as maps:
         logits = forward(inputs)
@@ -103,7 +106,12 @@ class BranchSuffix(nn.Module):
     """The rest of both branches, concatenated, then the head; ``forward_with_mask`` adds the mask."""
 
     def __init__(
-        self, cnn: nn.Module, vit: nn.Module, head: nn.Module, mask_head: MaskHead | None, spatial: nn.Module
+        self,
+        cnn: nn.Module,
+        vit: nn.Module,
+        head: nn.Module,
+        mask_head: MaskHead | None,
+        spatial: nn.Module | None,
     ):
         super().__init__()
         self.cnn, self.vit, self.head, self.mask_head = cnn, vit, head, mask_head
@@ -218,7 +226,7 @@ class FusionNet(nn.Module):
                 parts[name] = split_model(branch, first_trainable[name])
             except BreastvisionError as err:
                 raise BreastvisionError(f"fusion branch '{name}': {err}") from err
-        spatial = _spatial_layer(self.cnn) if self.seg_head is not None else nn.Identity()
+        spatial = _spatial_layer(self.cnn) if self.seg_head is not None else None
         prefix = BranchPrefix(parts["cnn"][0], parts["vit"][0], self.vit_input)
         return prefix, BranchSuffix(parts["cnn"][1], parts["vit"][1], self.head, self.seg_head, spatial)
 
