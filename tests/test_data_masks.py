@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from breastvision.data import transforms
 from breastvision.data.io import load_image, load_mask
@@ -99,6 +100,8 @@ def test_renderer_gives_the_same_tensor_with_its_mask(two_lesions: Record) -> No
         assert torch.equal(tensor, renderer(item)) and (label, got_index) == (1, index)
         assert target.shape == (1, 224, 224) and target.dtype == torch.bool
     assert not torch.equal(dataset[0][3], dataset[1][3])  # two draws, two geometries
+    images, labels, _, masks = next(iter(DataLoader(dataset, batch_size=2)))
+    assert images.shape == (2, 3, 224, 224) and masks.shape == (2, 1, 224, 224) and masks.dtype == torch.bool
 
 
 def test_with_mask_on_a_generated_image() -> None:
