@@ -13,6 +13,7 @@ from breastvision.data.io import (
     IMAGE_FORMATS,
     MIN_SIDE,
     BadImageError,
+    decode_bytes,
     file_problem,
     load_image,
     load_mask,
@@ -207,3 +208,36 @@ def test_special_files_get_their_own_reason_and_never_block(tmp_path):
         with pytest.raises(BadImageError, match=re.escape(reason)):
             load_image(tmp_path / name)
     assert file_problem(tmp_path / "link.png") is None and load_image(tmp_path / "link.png").size == (48, 48)
+
+
+def _smooth(size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(0)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    return coarse.convert(mode)
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "suffix"),
+    [("RGB", "PNG", ".png"), ("RGB", "JPEG", ".jpg"), ("P", "PNG", ".png"), ("1", "PNG", ".png"),
+     ("I;16", "PNG", ".png"), ("RGBA", "PNG", ".png")],
+)
+def test_reduced_decoding_never_goes_below_the_size_asked(tmp_path, mode, fmt, suffix):
+    path = tmp_path / f"big{suffix}"
+    image = _smooth((1500, 1100))
+    if mode == "I;16":  # 16-bit grey spanning most of its range
+        image = image.convert("I").point(lambda v: v * 200).convert("I;16")
+    image.convert(mode).save(path, format=fmt)
+    reduced = load_image(path, at_least=(144, 100))
+    assert reduced.mode == "RGB"
+    assert 144 <= reduced.width < 2 * 144 and 100 <= reduced.height < 2 * 100
+    assert decode_bytes(path, at_least=(144, 100)) < decode_bytes(path)
+    # What a model would see after resizing either to its input: nearly the same.
+    full = np.asarray(load_image(path).resize((72, 72), Image.BILINEAR), dtype=float)
+    small = np.asarray(reduced.resize((72, 72), Image.BILINEAR), dtype=float)
+    assert np.abs(full - small).mean() < 1.5  # grey levels of 255
+
+
+def test_reduced_decoding_leaves_small_images_alone(tmp_path):
+    path = tmp_path / "small.png"
+    _smooth((200, 150)).save(path)
+    assert np.array_equal(np.asarray(load_image(path, at_least=(144, 100))), np.asarray(load_image(path)))

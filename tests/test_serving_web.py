@@ -1,4 +1,5 @@
-"""The web page and REST API: model card, predictions, explanations, upload checks, concurrency."""
+"""The web page and REST API: model card, predictions, explanations, upload checks, concurrency,
+micro-batching, the decoding memory budget, slow-client timeouts and the back-ends."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import base64
 import hashlib
 import io
 import re
+import socket
 import struct
+import tempfile
+import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,12 +19,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from breastvision.data.io import decode_bytes
+from breastvision.errors import BreastvisionError
+from breastvision.serving.concurrency import MemoryBudget, MicroBatcher
 from breastvision.serving.export import export_onnx
 from breastvision.serving.predict import load_predictor
-from breastvision.serving.web import STATIC_DIR, background_server, create_app
+from breastvision.serving.web import STATIC_DIR, InferenceService, background_server, create_app
 
 MAX_UPLOAD = 200_000
 MAX_PIXELS = 300 * 300
@@ -189,7 +198,7 @@ def test_onnx_model_serves_predictions_but_not_explanations(model_file: Path, tm
 
 def test_concurrent_requests_do_not_interfere(model_file: Path) -> None:
     images = [_png(seed=s) for s in range(3)]
-    app = create_app(model_file)
+    app = create_app(model_file, inference_workers=2)
     with background_server(app) as url, httpx.Client(base_url=url, timeout=60) as http:
         def ask(i: int) -> tuple[int, dict]:
             explain = "true" if i % 3 == 0 else "false"
@@ -204,3 +213,171 @@ def test_concurrent_requests_do_not_interfere(model_file: Path) -> None:
         assert "probabilities" in body, body
         assert body["probabilities"] == pytest.approx(alone[i % 3], abs=1e-6)
         assert ("explanation" in body) == (i % 3 == 0)
+
+
+def _smooth_png(size: tuple[int, int], seed: int = 0) -> bytes:
+    """A photo-like image (smooth, every pixel different) of ``size``; compresses poorly, so keep it small."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    buffer = io.BytesIO()
+    coarse.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_micro_batches_give_the_single_image_probabilities(model_file: Path) -> None:
+    predictor = load_predictor(model_file)
+    service = InferenceService(predictor, max_batch=4, batch_wait_s=0.5)
+    try:
+        tensors = [torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(s)) for s in range(6)]
+        futures = [service.batcher.submit(t) for t in tensors]
+        batched = [f.result(timeout=60) for f in futures]
+    finally:
+        service.close()
+    # Submitted well within the wait: one full batch, then the rest together.
+    assert service.batcher.batch_sizes == {4: 1, 2: 1}
+    for tensor, probs in zip(tensors, batched, strict=True):
+        np.testing.assert_allclose(probs, predictor.probabilities(tensor[None])[0], atol=1e-5)
+
+
+def test_a_failing_batch_fails_each_of_its_requests() -> None:
+    def broken(items: list[int]) -> list[int]:
+        raise RuntimeError(f"cannot run {len(items)} items")
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(broken, max_batch=8, max_wait_s=0.2)
+    futures = [batcher.submit(i) for i in range(3)]
+    for future in futures:
+        with pytest.raises(RuntimeError, match="cannot run 3 items"):
+            future.result(timeout=10)
+    batcher.close(timeout=10)
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(0)
+
+
+def test_memory_budget_admits_only_what_fits() -> None:
+    budget = MemoryBudget(250)
+    inside, most_inside = 0, 0
+    lock = threading.Lock()
+
+    def job(size: int) -> None:
+        nonlocal inside, most_inside
+        with budget.reserve(size):
+            with lock:
+                inside += 1
+                most_inside = max(most_inside, inside)
+            time.sleep(0.02)  # long enough for the other threads to try to get in
+            with lock:
+                inside -= 1
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(job, [100] * 12))
+    assert budget.peak == 200 and most_inside == 2 and budget.reserved == 0
+    job(1000)  # larger than the whole budget: runs alone instead of waiting forever
+    assert budget.peak == 1000
+
+
+def test_big_uploads_are_decoded_reduced_within_the_budget(model_file: Path) -> None:
+    data = _smooth_png((1500, 1100))
+    reduced_cost = decode_bytes(_write(data), at_least=(144, 144))  # twice the model's resize of 72
+    assert reduced_cost < decode_bytes(_write(data)) / 2
+    app = create_app(model_file, memory_budget_bytes=2 * reduced_cost)
+    service = app.state.service
+    with background_server(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        def ask(_: int) -> httpx.Response:
+            return http.post("/api/predict", files={"file": ("big.png", data, "image/png")})
+
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(ask, range(6)))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert responses[0].json()["image"] == {"width": 1500, "height": 1100, "format": "PNG"}
+    assert reduced_cost <= service.budget.peak <= 2 * reduced_cost
+
+
+def _write(data: bytes) -> Path:
+    path = Path(tempfile.mkdtemp(prefix="test-serving-")) / "upload.png"
+    path.write_bytes(data)
+    return path
+
+
+def _raw_request(url: str, head: bytes, body_parts: list[tuple[float, bytes]], wait_s: float = 15) -> bytes:
+    """Send ``head`` then each body part after its delay on a raw socket; what the server answered
+    before it closed the connection (or ``wait_s`` passed)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
+        sock.sendall(head)
+        for delay, part in body_parts:
+            time.sleep(delay)
+            sock.sendall(part)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+                if b"\r\n\r\n" in answer and b'"}' in answer.split(b"\r\n\r\n", 1)[1]:
+                    break
+        except TimeoutError:
+            pass
+    return answer
+
+
+def _multipart(data: bytes) -> tuple[bytes, bytes]:
+    """Head (with Content-Length) and body of a one-file multipart upload of ``data``."""
+    body = (b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--x--\r\n")
+    head = (b"POST /api/predict HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    return head, body
+
+
+def test_a_stalled_body_gets_408(model_file: Path) -> None:
+    head, body = _multipart(_png())
+    with background_server(create_app(model_file, body_timeout_s=0.5)) as url:
+        answer = _raw_request(url, head + body[:100], [])  # the rest never comes
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"did not arrive within 0.5 s" in answer
+
+
+def test_stalled_headers_are_cut_off_but_a_slow_body_in_time_is_not(model_file: Path) -> None:
+    app = create_app(model_file, body_timeout_s=10)
+    with background_server(app, header_timeout_s=0.3) as url:
+        silent = _raw_request(url, b"", [])
+        partial = _raw_request(url, b"POST /api/predict HTTP/1.1\r\nHost: test\r\n", [])
+        head, body = _multipart(_png())
+        slow_body = _raw_request(url, head + body[:100], [(0.6, body[100:])])
+    assert silent.startswith(b"HTTP/1.1 408") and partial.startswith(b"HTTP/1.1 408")
+    assert slow_body.startswith(b"HTTP/1.1 200"), slow_body[:300]
+
+
+@pytest.mark.slow
+def test_onnxruntime_back_end_for_a_model_file_keeps_explanations(model_file: Path, client) -> None:
+    with TestClient(create_app(model_file, backend="onnxruntime")) as onnx_client:
+        assert onnx_client.get("/healthz").json()["backend"] == "onnxruntime"
+        source = onnx_client.get("/api/model").json()["source"]
+        assert source["backend"] == "onnxruntime" and source["explainable"] is True
+        assert source["sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
+        data = _png(seed=4)
+        body = _upload(onnx_client, data, explain="true").json()
+        expected = _upload(client, data).json()["probabilities"]
+        assert body["probabilities"] == pytest.approx(expected, abs=1e-4)
+        assert body["explanation"]["layers"] == {"gradcam": ["layer4"]}
+
+
+def test_back_end_refusals(model_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(BreastvisionError, match="unknown back-end 'tensorrt'"):
+        create_app(model_file, backend="tensorrt")
+    onnx_file = export_onnx(model_file, tmp_path / "m.onnx", opset=17, verify=False).path
+    with pytest.raises(BreastvisionError, match="onnxruntime only"):
+        create_app(onnx_file, backend="pytorch")
+
+
+def test_auto_back_end_serves_pytorch_if_the_export_fails(model_file: Path, monkeypatch, caplog) -> None:
+    from breastvision.serving import web
+
+    def failing_export(model: Path, out: Path) -> Path:
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(web, "_export_in_subprocess", failing_export)
+    with TestClient(create_app(model_file, backend="auto")) as auto_client:
+        assert auto_client.get("/healthz").json()["backend"] == "pytorch"
+        assert _upload(auto_client, _png()).status_code == 200
+    assert "ONNX export failed (unsupported operator)" in caplog.text
+    with pytest.raises(BreastvisionError, match="ONNX export of resnet18.safetensors failed"):
+        create_app(model_file, backend="onnxruntime")

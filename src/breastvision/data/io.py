@@ -26,6 +26,14 @@ Choices the papers leave open, recorded here:
   (PSD, ICO, PCX, ...). A file in another format is refused, naming the format its first bytes suggest.
 - **Only regular files** are opened: a FIFO would block the reader forever, and symbolic-link loops,
   dangling links and links to folders (which scans do not follow) each get their own reason.
+- **Reduced decoding** (``load_image(path, at_least=(w, h))``, for callers that will shrink the image
+  anyway): JPEG is decoded at 1/2, 1/4 or 1/8 scale (``Image.draft``, the DCT's own scaling) and
+  anything else box-reduced by whole factors per axis (``Image.reduce``), never below ``(w, h)``.
+  This is what Pillow's ``reducing_gap`` does before a resize; with ``at_least`` twice the final
+  size a resize afterwards sees nearly the same pixels, and the full-size copy and conversions of a
+  huge scan are never made. Modes ``reduce`` refuses are widened first (palette to RGB(A), 1-bit to
+  L, 16-bit to 32-bit grey, which the 8-bit rescaling then stretches by the reduced image's range).
+  DICOM is decoded whole.
 """
 
 from __future__ import annotations
@@ -197,14 +205,59 @@ def read_header(path: str | os.PathLike) -> ImageHeader:
         return ImageHeader(image.width, image.height, image.mode, image.format or "?")
 
 
-def _decode(path: Path) -> Image.Image:
-    # A detached copy: closing the file would otherwise discard the decoded pixels.
+#: Bytes a pixel takes in Pillow's decoded storage (multi-band modes are kept in 4 bytes a pixel).
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+#: Bytes a pixel of the full-size copy :func:`_widened` makes before reducing.
+_WIDENED_BYTES = {"1": 1, "P": 4, "I;16": 4, "I;16L": 4, "I;16B": 4, "I;16N": 4}
+
+
+def decode_bytes(path: str | os.PathLike, *, at_least: tuple[int, int] | None = None) -> int:
+    """About how many bytes ``load_image(path, at_least=...)`` holds at its peak, from the header alone.
+
+    For callers that budget memory. The count is of pixel buffers (the decoded image, its full-size
+    copy or widening, the reduced and RGB images); JPEG's draft scaling is taken into account.
+    """
+    if dicom := _dicom(path):
+        info = dicom.read_info(path)
+        # Decoded whole: the stored values, their 64-bit windowing, the 8-bit and RGB images.
+        return info.width * info.height * (2 * 8 + 1 + 4)
+    with _open(Path(path)) as image:
+        if at_least is not None:
+            image.draft(None, at_least)
+        pixels = image.width * image.height
+        stored = pixels * _PIXEL_BYTES.get(image.mode, 4)
+        if at_least is None:
+            return 2 * stored + 4 * pixels
+        # A reduced image is under twice ``at_least`` on each side, and is made RGB once more.
+        return stored + pixels * _WIDENED_BYTES.get(image.mode, 0) + 2 * 4 * 4 * at_least[0] * at_least[1]
+
+
+def _decode(path: Path, at_least: tuple[int, int] | None = None) -> Image.Image:
     with _open(path) as image:
+        if at_least is not None:
+            image.draft(None, at_least)  # JPEG only; a no-op for other formats
         try:
             image.load()
         except _DECODE_ERRORS as err:
             raise BadImageError(f"corrupt or truncated image data ({err})", path) from None
-        return image.copy()
+        factors = (1, 1) if at_least is None else (
+            max(1, image.width // at_least[0]), max(1, image.height // at_least[1])
+        )
+        if factors == (1, 1):
+            # A detached copy: closing the file would otherwise discard the decoded pixels.
+            return image.copy()
+        return _widened(image).reduce(factors)
+
+
+def _widened(image: Image.Image) -> Image.Image:
+    """``image`` in a mode ``Image.reduce`` accepts (see the module docstring)."""
+    if image.mode == "P":
+        return image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode == "1":
+        return image.convert("L")
+    if image.mode.startswith("I;16"):
+        return image.convert("I")
+    return image
 
 
 def stretch_to_8bit(values: np.ndarray) -> np.ndarray:
@@ -247,12 +300,16 @@ def _rgb(image: Image.Image, path: Path) -> Image.Image:
         raise BadImageError(err.reason, path) from None
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode a whole image file and return it in RGB, or raise ``BadImageError`` with the reason."""
+def load_image(path: str | os.PathLike, *, at_least: tuple[int, int] | None = None) -> Image.Image:
+    """Decode a whole image file and return it in RGB, or raise ``BadImageError`` with the reason.
+
+    With ``at_least`` (width, height), a bigger image may come back smaller, but never below that
+    size (reduced decoding, see the module docstring).
+    """
     if dicom := _dicom(path):
         return dicom.load_dicom(path)
     path = Path(path)
-    return _rgb(_decode(path), path)
+    return _rgb(_decode(path, at_least), path)
 
 
 def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> Image.Image:

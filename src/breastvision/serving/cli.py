@@ -56,8 +56,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB (default 20)")
     serve.add_argument("--max-megapixels", type=float, default=40.0, help="largest image (default 40 MP)")
     serve.add_argument("--tta", action="store_true", help="average predictions over the 8 rotations/flips")
-    serve.add_argument("--inference-slots", type=int, default=1,
-                       help="forward passes run at once (default 1: each already uses every core)")
+    serve.add_argument("--backend", choices=["auto", "pytorch", "onnxruntime"], default="auto",
+                       help="where forward passes run; a .safetensors file is exported to ONNX on start "
+                       "for onnxruntime, which is faster on CPUs (bench/bench_serving.py). auto (the "
+                       "default): onnxruntime unless the export fails, then PyTorch")
+    serve.add_argument("--max-batch", type=int, default=8,
+                       help="concurrent requests run as one forward pass, at most this many (default 8)")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0,
+                       help="how long a batch waits for more requests after its first (default 5 ms)")
+    serve.add_argument("--inference-workers", type=int, default=None, metavar="N",
+                       help="forward passes run at once, sharing the cores (default: one per core)")
+    serve.add_argument("--memory-budget-mb", type=float, default=256.0,
+                       help="pixel buffers of the decodes in progress, in MB (default 256)")
+    serve.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                       help="seconds a client has to send the request headers (default 10)")
+    serve.add_argument("--body-timeout", type=float, default=60.0, metavar="S",
+                       help="seconds a client has to send the request body (default 60)")
     serve.set_defaults(func=_serve)
 
 
@@ -144,12 +158,25 @@ def _export(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from breastvision.serving.web import serve
 
-    if args.inference_slots < 1:
-        raise BreastvisionError("--inference-slots must be at least 1")
+    for flag, count in (("--max-batch", args.max_batch), ("--inference-workers", args.inference_workers)):
+        if count is not None and count < 1:
+            raise BreastvisionError(f"{flag} must be at least 1")
+    if args.batch_wait_ms < 0:
+        raise BreastvisionError("--batch-wait-ms must not be negative")
+    positive = {"--memory-budget-mb": args.memory_budget_mb, "--header-timeout": args.header_timeout,
+                "--body-timeout": args.body_timeout}
+    for flag, value in positive.items():
+        if value <= 0:
+            raise BreastvisionError(f"{flag} must be positive")
 
     print(f"breastvision: serving {args.model} on http://{args.host}:{args.port}/  (Ctrl-C stops)")
     serve(
-        args.model, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-        max_pixels=int(args.max_megapixels * 1_000_000), tta=args.tta, inference_slots=args.inference_slots,
+        args.model, host=args.host, port=args.port, backend=args.backend, tta=args.tta,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=int(args.max_megapixels * 1_000_000), max_batch=args.max_batch,
+        inference_workers=args.inference_workers,
+        batch_wait_s=args.batch_wait_ms / 1000,
+        memory_budget_bytes=int(args.memory_budget_mb * 1024 * 1024),
+        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
     )
     return 0

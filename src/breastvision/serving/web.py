@@ -28,23 +28,51 @@ answer carries the frame, the frame count, the pixel spacing (mm, when the file 
 preview (browsers cannot show DICOM), and never an attribute of the file beyond the image's own (no
 patient, institution or UID).
 
-Concurrency: requests run in the thread pool. Prediction only reads the shared model (under
-``torch.inference_mode``), so it needs no lock for correctness; a semaphore of
-``inference_slots`` (default 1) admits the CPU-heavy part — pre-processing and the forward pass —
-because each forward already spreads over every core through torch's (or onnxruntime's) own
-threads: two at once on the same cores oversubscribe them, and OpenMP thread teams that lose
-their core stall for whole time slices (on a busy 2-core machine a 230 ms forward took 1–2.6 s). Image
-decoding, upload checks and overlay drawing stay outside it. Grad-CAM hooks are state on a module, so
-explanations use their own copy of the model, one request at a time behind a lock; predictions
-never wait for an explanation.
+Memory: an upload is never held in memory whole. FastAPI spools the body to a temporary file; it is
+copied, in chunks, to the private file ``data.io`` reads. The header is read first (size limits
+above), then ``data.io.decode_bytes`` estimates what decoding will hold at its peak and the decode
+and pre-processing wait in a :class:`~breastvision.serving.concurrency.MemoryBudget` of
+``memory_budget_bytes`` until that fits. Decoding is reduced (``load_image(at_least=...)``: JPEG's
+DCT scaling, box reduction by whole factors otherwise) to no less than twice the model's first
+resize on each side — an image under that, as every BreakHis and BUSI image is, is decoded as the
+CLI decodes it; a 6300×6300 scan for a model that resizes to 256 is reduced 12-fold on each side
+before anything else is made of it. glibc would keep the freed buffers of big images in its
+per-thread heaps (its mmap threshold grows to the largest buffer freed, so later ones come from the
+heaps, which it trims only from the top), so a decode of :data:`_TRIM_AFTER_BYTES` or more ends with
+``malloc_trim``, which hands every free page back. (Fixing the threshold low with ``mallopt``
+instead made every large tensor of a forward pass a fresh mapping: a third more CPU per request.)
+
+Inference: ``inference_workers`` threads run the forward passes, on micro-batches of concurrent
+requests (:class:`~breastvision.serving.concurrency.MicroBatcher`: what is waiting when a worker
+comes free, topped up for ``batch_wait_s``, at most ``max_batch``). :func:`serve` gives each worker
+its share of the cores as torch's (and onnxruntime's) intra-op threads — by default one worker per
+core, each single-threaded: a thread team spread over several cores stalls at every barrier when
+another process takes one of them for a time slice (on a busy 2-core machine a 230 ms forward took
+1–2.6 s, and spinning threads burnt four times the CPU), while single-threaded workers lose only
+their own slice. Batching does not change results (each image's probabilities equal its
+single-image ones within float rounding). ``backend="onnxruntime"`` with a
+``.safetensors`` file exports it to ONNX once on start (``serving.export``, in a child process) and
+predicts with onnxruntime; the PyTorch model is loaded again only for Grad-CAM, on the first
+explanation. Grad-CAM hooks are state on a module, so explanations use a model of their own, one
+request at a time behind a lock; predictions never wait for an explanation.
+
+Slow clients: a request whose headers are not complete ``header_timeout_s`` after the connection
+opened (or after the previous response) gets 408 and is closed (an h11 protocol subclass, since
+uvicorn has no header timeout); a body not complete ``body_timeout_s`` after the headers gets a JSON
+408 (:class:`BodyDeadline`); idle keep-alive connections close after ``keep_alive_s``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
+import ctypes
 import io
+import logging
+import multiprocessing
 import os
+import shutil
 import socket
 import struct
 import tempfile
@@ -53,12 +81,15 @@ import time
 import warnings
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 import numpy as np
+import torch
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -66,23 +97,39 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from breastvision.data import dicom
-from breastvision.data.io import IMAGE_FORMATS, load_image
+from breastvision.data.io import IMAGE_FORMATS, decode_bytes, load_image
 from breastvision.errors import BreastvisionError
-from breastvision.serving.predict import Predictor, load_predictor
+from breastvision.serving.concurrency import MemoryBudget, MicroBatcher
+from breastvision.serving.predict import OnnxPredictor, Predictor, TorchPredictor, load_predictor
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 #: 40 megapixels: ten times a 2048×2048 scan; BreakHis (700×460) and BUSI (~500×500) are far below.
 DEFAULT_MAX_PIXELS = 40_000_000
+#: Pixel buffers of decodes in progress: one 6300×6300 RGB scan (about 170 MB) at a time, or
+#: dozens of BUSI-sized images.
+DEFAULT_MEMORY_BUDGET_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_BATCH = 8
+DEFAULT_BATCH_WAIT_S = 0.005
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+#: Long enough for the largest upload at about 3 Mbit/s.
+DEFAULT_BODY_TIMEOUT_S = 60.0
+DEFAULT_KEEP_ALIVE_S = 5
+BACKENDS = ("auto", "pytorch", "onnxruntime")
 #: Pillow format names an upload may have: the allow-list every command uses; Pillow's rarer decoders
 #: are not exposed to uploads.
 ACCEPTED_FORMATS = IMAGE_FORMATS
 #: Longest side of the overlays returned to the browser; full-size PNGs of big scans are megabytes.
 OVERLAY_MAX_SIDE = 1024
+#: Decodes estimated to hold this much give the freed memory back to the system when done.
+_TRIM_AFTER_BYTES = 32 * 1024 * 1024
 
 #: What Pillow raises on a damaged header (as in ``data.io``); anything else is a bug and should surface.
 _HEADER_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+
+log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(str(files("breastvision.serving") / "static"))
 _CSP = (
@@ -133,6 +180,90 @@ class UploadLimit:
         await self.app(scope, limited_receive, send)
 
 
+class BodyDeadline:
+    """ASGI middleware answering a JSON 408 when a request body is not complete ``seconds`` after
+    its headers: one deadline for the whole body, so a client trickling a byte at a time is cut off too."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = asyncio.get_running_loop().time() + self.seconds
+        complete = False
+
+        async def timed_receive() -> Message:
+            nonlocal complete
+            if complete:  # after the body, receive only waits for a disconnect: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                reason = f"the request body did not arrive within {self.seconds:g} s"
+                raise HTTPException(408, reason) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed_receive, send)
+
+
+_REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
+
+def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection whose request headers are not complete
+    ``seconds`` after it opened or after its previous response (uvicorn itself waits forever)."""
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(seconds, self._headers_overdue)
+
+        def _headers_overdue(self) -> None:
+            # A request in progress had its headers in time; its body is BodyDeadline's business.
+            waiting = self.cycle is None or self.cycle.response_complete
+            if waiting and not self.transport.is_closing():
+                self.transport.write(_REQUEST_TIMEOUT)
+                self.transport.close()
+
+    return HeaderTimeoutH11Protocol
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give the C heaps' free pages back to the system (glibc only; see the module docstring)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def _png_base64(image: Image.Image) -> str:
     image = image.copy()
     image.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
@@ -141,32 +272,84 @@ def _png_base64(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+@dataclass
+class Prepared:
+    """An upload ready for the model: its pre-processed tensor, facts for the answer (size, format,
+    a DICOM's frame), and the (possibly reduced) RGB image if overlays will be drawn on it."""
+
+    tensor: torch.Tensor
+    facts: dict[str, Any]
+    image: Image.Image | None = None
+
+
+@contextmanager
+def _upload_file(upload: IO[bytes]) -> Iterator[Path]:
+    """The upload copied in chunks to a private temporary file (``data.io`` reads paths: one loader
+    for CLI and web), named ``.dcm`` if it is DICOM; a ``BreastvisionError`` inside becomes a 400
+    that does not name the temporary path."""
+    with tempfile.TemporaryDirectory(prefix="breastvision-upload-") as tmp:
+        path = Path(tmp) / "upload"
+        with path.open("wb") as out:
+            shutil.copyfileobj(upload, out)
+        if dicom.is_dicom(path):
+            path = path.rename(path.with_suffix(".dcm"))
+        try:
+            yield path
+        except BreastvisionError as err:
+            raise UploadError(400, str(err).removeprefix(f"{path}: ")) from None
+
+
 class InferenceService:
-    """The model and the rules for using it from many request threads at once."""
+    """The model and the rules for using it from many request threads at once.
+
+    Grad-CAM needs PyTorch: a ``TorchPredictor`` explains with a copy of its own model; an ONNX
+    export explains only if ``explain_file`` names its model file, loaded on the first explanation
+    (a server that is never asked for one never holds both models).
+    """
 
     def __init__(
-        self, predictor: Predictor, *, max_pixels: int = DEFAULT_MAX_PIXELS, inference_slots: int = 1,
-        tta: bool = False,
+        self, predictor: Predictor, *, explain_file: Path | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS, tta: bool = False,
+        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES, max_batch: int = DEFAULT_MAX_BATCH,
+        batch_wait_s: float = DEFAULT_BATCH_WAIT_S, inference_workers: int = 1,
     ) -> None:
         self.predictor = predictor
+        self.explain_file = explain_file
+        self.can_explain = predictor.can_explain or explain_file is not None
         self.max_pixels = max_pixels
         self.tta = tta
         self.card = predictor.card()
-        self._slots = threading.BoundedSemaphore(inference_slots)
+        self.card["source"]["explainable"] = self.can_explain
+        first_size = predictor.preprocessing.resize or predictor.preprocessing.input_size
+        #: Reduced decoding keeps twice the model's first resize on each side (module docstring).
+        self.decode_at_least = (2 * first_size, 2 * first_size)
+        self.budget = MemoryBudget(memory_budget_bytes)
+        self.batcher: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
+            self._forward, max_batch=max_batch, max_wait_s=batch_wait_s, workers=inference_workers,
+            name="breastvision-inference",
+        )
         self._explain_lock = threading.Lock()
-        self._explainer: Any = None
+        self._explain_model: Any = None
 
-    def decode(self, data: bytes, frame: int = 1) -> tuple[Image.Image, dict[str, Any]]:
-        """The upload as an RGB image and facts for the answer (format, and a DICOM's frame), or an
-        ``UploadError`` (see module docstring)."""
-        if not data:
+    def close(self) -> None:
+        self.batcher.close()
+
+    def _forward(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
+        return list(self.predictor.probabilities(torch.stack(tensors), tta=self.tta))
+
+    def _check_size(self, width: int, height: int) -> None:
+        if width * height > self.max_pixels:
+            size = f"{width}×{height} = {width * height:,} pixels"
+            raise UploadError(413, f"image is {size}, over the limit of {self.max_pixels:,}")
+
+    def check_header(self, path: Path) -> tuple[int, int, str]:
+        """Width, height and format of the upload, or an ``UploadError`` (see module docstring)."""
+        if path.stat().st_size == 0:
             raise UploadError(400, "the uploaded file is empty")
-        if data[128:132] == b"DICM":
-            return self._decode_dicom(data, frame)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as header:
+                with Image.open(path, formats=ACCEPTED_FORMATS) as header:
                     width, height, image_format = header.width, header.height, header.format
         except UnidentifiedImageError:
             raise UploadError(
@@ -177,33 +360,41 @@ class InferenceService:
         except _HEADER_ERRORS as err:
             raise UploadError(400, f"unreadable image header ({err})") from None
         self._check_size(width, height)
-        with _upload_file(data, "upload") as path:
-            return load_image(path), {"format": image_format}
+        return width, height, image_format
 
-    def _decode_dicom(self, data: bytes, frame: int) -> tuple[Image.Image, dict[str, Any]]:
-        with _upload_file(data, "upload.dcm") as path:
-            info = dicom.read_info(path)
-            self._check_size(*info.stored_size)
-            image = load_image(dicom.frame_path(path, frame) if info.frames > 1 or frame != 1 else path)
-        facts = {"format": "DICOM", "frames": info.frames, "frame": frame, "spacing_mm": info.spacing_mm}
-        return image, {**facts, "preview": _png_base64(image)}
-
-    def _check_size(self, width: int, height: int) -> None:
-        if width * height > self.max_pixels:
-            size = f"{width}×{height} = {width * height:,} pixels"
-            raise UploadError(413, f"image is {size}, over the limit of {self.max_pixels:,}")
-
-    def predict(self, data: bytes, explain: bool = False, frame: int = 1) -> dict[str, Any]:
-        started = time.perf_counter()
-        if explain and not self.predictor.can_explain:
-            raise UploadError(400, "explanations need the .safetensors model file, not an ONNX export")
-        image, facts = self.decode(data, frame)
-        with self._slots:
-            try:
+    def prepare(self, upload: IO[bytes], keep_image: bool = False, frame: int = 1) -> Prepared:
+        """Decode and pre-process an upload within the memory budget; ``keep_image`` keeps the
+        (possibly reduced) RGB image, which only explanations need."""
+        with _upload_file(upload) as path:
+            if path.suffix == ".dcm":
+                return self._prepare_dicom(path, frame, keep_image)
+            width, height, image_format = self.check_header(path)
+            cost = decode_bytes(path, at_least=self.decode_at_least)
+            with self.budget.reserve(cost):
+                image = load_image(path, at_least=self.decode_at_least)
                 tensor = self.predictor.preprocess(image)
-            except BreastvisionError as err:
-                raise UploadError(400, str(err)) from None
-            probs = self.predictor.probabilities(tensor.unsqueeze(0), tta=self.tta)[0]
+        if cost >= _TRIM_AFTER_BYTES:
+            release_freed_memory()
+        # Without overlays to draw, the decoded pixels go now, not when the response has been sent.
+        facts = {"width": width, "height": height, "format": image_format}
+        return Prepared(tensor, facts, image if keep_image else None)
+
+    def _prepare_dicom(self, path: Path, frame: int, keep_image: bool) -> Prepared:
+        info = dicom.read_info(path)
+        self._check_size(*info.stored_size)
+        with self.budget.reserve(decode_bytes(path)):  # DICOM is decoded whole
+            image = load_image(dicom.frame_path(path, frame) if info.frames > 1 or frame != 1 else path)
+            tensor = self.predictor.preprocess(image)
+        facts = {"width": image.width, "height": image.height, "format": "DICOM", "frames": info.frames,
+                 "frame": frame, "spacing_mm": info.spacing_mm, "preview": _png_base64(image)}
+        return Prepared(tensor, facts, image if keep_image else None)
+
+    def predict(self, upload: IO[bytes], explain: bool = False, frame: int = 1) -> dict[str, Any]:
+        started = time.perf_counter()
+        if explain and not self.can_explain:
+            raise UploadError(400, "explanations need the .safetensors model file, not an ONNX export")
+        prepared = self.prepare(upload, keep_image=explain, frame=frame)
+        probs = self.batcher.submit(prepared.tensor).result()
         names = self.predictor.class_names
         best = int(np.argmax(probs))
         result: dict[str, Any] = {
@@ -212,23 +403,27 @@ class InferenceService:
             "probabilities": {name: float(p) for name, p in zip(names, probs, strict=True)},
             "class_names": names,
             "tta": self.tta,
-            "image": {"width": image.width, "height": image.height, **facts},
+            "image": prepared.facts,
         }
         if explain:
-            result["explanation"] = self._explain(image, tensor, best)
+            result["explanation"] = self._explain(prepared, best)
         result["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 1)
         return result
 
-    def _explain(self, image: Image.Image, tensor: Any, target: int) -> dict[str, Any]:
+    def _explain(self, prepared: Prepared, target: int) -> dict[str, Any]:
         from breastvision.explanation.gradcam import explain, overlay
 
         with self._explain_lock:
-            if self._explainer is None:
-                self._explainer = copy.deepcopy(self.predictor.model)
-            explanation = explain(self._explainer, tensor, architecture=self.predictor.info.architecture,
-                                  target=target)
+            if self._explain_model is None:
+                if isinstance(self.predictor, TorchPredictor):
+                    # Predictions share the predictor's model; Grad-CAM's hooks need one of their own.
+                    self._explain_model = copy.deepcopy(self.predictor.model)
+                else:
+                    self._explain_model = load_predictor(self.explain_file).model
+            explanation = explain(self._explain_model, prepared.tensor,
+                                  architecture=self.predictor.info.architecture, target=target)
         overlays = {
-            name: _png_base64(overlay(image, heatmap, self.predictor.preprocessing))
+            name: _png_base64(overlay(prepared.image, heatmap, self.predictor.preprocessing))
             for name, heatmap in explanation.heatmaps.items()
         }
         return {
@@ -240,22 +435,76 @@ class InferenceService:
         }
 
 
+def _predictor(model: str | os.PathLike | Predictor, backend: str | None) -> tuple[Predictor, Path | None]:
+    """The predictor running forward passes on ``backend``, and the model file an ONNX export of it
+    explains with. None: the file's own back-end; "auto": onnxruntime for a model file, exported on
+    start, unless the export fails (then PyTorch, with a warning)."""
+    if backend not in (None, *BACKENDS):
+        raise BreastvisionError(f"unknown back-end '{backend}' (choose from {', '.join(BACKENDS)})")
+    loaded = model if isinstance(model, Predictor) else load_predictor(model)
+    if backend is None or backend == loaded.backend or (backend == "auto" and loaded.backend != "pytorch"):
+        return loaded, None
+    if not isinstance(loaded, TorchPredictor):
+        raise BreastvisionError("an ONNX file runs on onnxruntime only: serve the .safetensors model file")
+    try:
+        with tempfile.TemporaryDirectory(prefix="breastvision-serve-") as tmp:
+            onnx_predictor = OnnxPredictor(_export_in_subprocess(loaded.source, Path(tmp) / "model.onnx"))
+    except Exception as err:  # noqa: BLE001 - any exporter failure: PyTorch still serves, or a clear error
+        if backend != "auto":
+            raise BreastvisionError(f"the ONNX export of {loaded.source.name} failed: {err}") from err
+        log.warning("serving %s on PyTorch: its ONNX export failed (%s)", loaded.source.name, err)
+        return loaded, None
+    # onnxruntime read the whole file into the session; the card names the file that was served.
+    # The PyTorch model is dropped here and loaded again only if an explanation is asked for.
+    onnx_predictor.source = loaded.source
+    return onnx_predictor, loaded.source
+
+
+def _export_in_subprocess(model_file: Path, out: Path) -> Path:
+    """``serving.export.export_onnx`` in a fresh process: the exporter's tracing leaves hundreds of
+    megabytes behind that a long-running server would otherwise hold."""
+    from breastvision.serving.export import export_onnx
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(export_onnx, model_file, out).result().path
+
+
 def create_app(
     model: str | os.PathLike | Predictor,
     *,
+    backend: str | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    inference_slots: int = 1,
     tta: bool = False,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
+    inference_workers: int = 1,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> FastAPI:
-    """The web application for a model file, an ONNX export, or an already loaded predictor."""
-    predictor = model if isinstance(model, Predictor) else load_predictor(model)
-    service = InferenceService(predictor, max_pixels=max_pixels, inference_slots=inference_slots, tta=tta)
+    """The web application for a model file, an ONNX export, or an already loaded predictor.
+
+    ``backend``: None keeps the file's own back-end; "onnxruntime" runs a model file's forward
+    passes on onnxruntime by exporting it on start; "auto" does so unless the export fails.
+    """
+    predictor, explain_file = _predictor(model, backend)
+    service = InferenceService(
+        predictor, explain_file=explain_file, max_pixels=max_pixels, tta=tta,
+        memory_budget_bytes=memory_budget_bytes, max_batch=max_batch, batch_wait_s=batch_wait_s,
+        inference_workers=inference_workers,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> Any:
+        yield
+        service.close()
+
     app = FastAPI(
-        title="breastvision", docs_url=None, redoc_url=None,
+        title="breastvision", docs_url=None, redoc_url=None, lifespan=lifespan,
         description="Class probabilities and Grad-CAM heat-maps for one breast-cancer image classifier.",
     )
     app.state.service = service
+    app.add_middleware(BodyDeadline, seconds=body_timeout_s)
     app.add_middleware(UploadLimit, limit=max_upload_bytes)
 
     # Added last, so outermost: every answer carries the headers, the upload limit's 413 too.
@@ -294,9 +543,8 @@ def create_app(
     ) -> JSONResponse:
         if file is None:
             return JSONResponse({"detail": "no image: send it as multipart field 'file'"}, status_code=400)
-        data = await file.read()
         try:
-            result = await run_in_threadpool(service.predict, data, explain or explain_query,
+            result = await run_in_threadpool(service.predict, file.file, explain or explain_query,
                                              frame or frame_query or 1)
         except UploadError as err:
             return JSONResponse({"detail": err.message}, status_code=err.status)
@@ -305,30 +553,39 @@ def create_app(
     return app
 
 
-def serve(
-    model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, **options: Any
-) -> None:
-    """Start uvicorn on ``host:port`` until interrupted."""
+def _uvicorn_config(app: FastAPI, header_timeout_s: float, keep_alive_s: int, **options: Any) -> Any:
     import uvicorn
 
-    uvicorn.run(create_app(model, **options), host=host, port=port, log_level="info")
+    return uvicorn.Config(
+        app, http=header_timeout_protocol(header_timeout_s), timeout_keep_alive=keep_alive_s, **options
+    )
+
+
+def serve(
+    model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, *,
+    inference_workers: int | None = None, header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+    keep_alive_s: int = DEFAULT_KEEP_ALIVE_S, **options: Any,
+) -> None:
+    """Start uvicorn on ``host:port`` until interrupted; ``options`` go to :func:`create_app`.
+
+    The process's cores are shared out between ``inference_workers`` (None: one per core) as
+    intra-op threads (see the module docstring).
+    """
+    import uvicorn
+
+    cores = len(os.sched_getaffinity(0))
+    workers = inference_workers or cores
+    torch.set_num_threads(max(1, cores // workers))  # before onnxruntime sessions are made: they follow it
+    app = create_app(model, inference_workers=workers, **options)
+    config = _uvicorn_config(app, header_timeout_s, keep_alive_s, host=host, port=port, log_level="info")
+    uvicorn.Server(config).run()
 
 
 @contextmanager
-def _upload_file(data: bytes, name: str) -> Iterator[Path]:
-    """The upload as a private temporary file (``data.io`` reads paths: one loader for CLI and web);
-    a ``BreastvisionError`` inside becomes a 400 that does not name the temporary path."""
-    with tempfile.TemporaryDirectory(prefix="breastvision-upload-") as tmp:
-        path = Path(tmp) / name
-        path.write_bytes(data)
-        try:
-            yield path
-        except BreastvisionError as err:
-            raise UploadError(400, str(err).removeprefix(f"{path}: ")) from None
-
-
-@contextmanager
-def background_server(app: FastAPI, host: str = "127.0.0.1", timeout: float = 30.0) -> Iterator[str]:
+def background_server(
+    app: FastAPI, host: str = "127.0.0.1", timeout: float = 30.0,
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S, keep_alive_s: int = DEFAULT_KEEP_ALIVE_S,
+) -> Iterator[str]:
     """Run ``app`` with uvicorn in a thread on a free port; yields its base URL, stops on exit.
 
     For tests and benchmarks: the socket is bound here (port 0), so there is no race for a port.
@@ -337,7 +594,7 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", timeout: float = 30
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind((host, 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(_uvicorn_config(app, header_timeout_s, keep_alive_s, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
