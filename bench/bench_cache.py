@@ -28,9 +28,10 @@ from torch.utils.data import Dataset
 from breastvision.data.io import load_image
 from breastvision.data.transforms import preprocess_image
 from breastvision.models.bundle import Preprocessing
+from breastvision.models.registry import data_config
 from breastvision.paths import dataset_dir
 from breastvision.training.config import load_config
-from breastvision.training.engine import _preprocessing, build_model
+from breastvision.training.engine import build_model
 from breastvision.training.feature_cache import FeatureCache
 from breastvision.training.freezing import freeze_before
 
@@ -65,7 +66,17 @@ def main() -> None:
     config = load_config(args.config)
     model, _ = build_model(config, num_classes=2)
     prefix, _ = freeze_before(model, config.model.first_trainable_stage)
-    preprocessing = _preprocessing(config, model)
+    # The engine's own pre-processing minus the training scale, which needs a data set read.
+    expected = data_config(model)
+    preprocessing = Preprocessing.parse(
+        {
+            "input_size": config.data.input_size or int(expected["input_size"][-1]),
+            "resize": config.data.resize,
+            "mean": tuple(config.data.mean or expected["mean"]),
+            "std": tuple(config.data.std or expected["std"]),
+        },
+        "bench",
+    )
     paths = sorted(p for p in dataset_dir(args.dataset, args.data).rglob("*.png") if "_mask" not in p.name)
     paths = paths[:: max(1, len(paths) // args.images)][: args.images]
     dataset = _Images(paths, preprocessing)
