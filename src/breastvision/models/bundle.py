@@ -184,11 +184,17 @@ class ModelBundle:
             "architecture": self.architecture,
             "model_kwargs": self.model_kwargs,
             "class_names": self.class_names,
-            "preprocessing": asdict(self.preprocessing),
+            "preprocessing": self._preprocessing_metadata(),
             "lineage": self.lineage,
             "metrics": self.metrics,
             "extra": self.extra,
         }
+
+    def _preprocessing_metadata(self) -> dict[str, Any]:
+        # A field added later is written only when set, so a file that does not use it stays
+        # readable by the releases written before it.
+        fields = asdict(self.preprocessing)
+        return {k: v for k, v in fields.items() if k not in _ADDED_LATER or v is not None}
 
     def public_metadata(self) -> dict[str, Any]:
         """``metadata()`` with every absolute path cut to its file name (hashes stay): what a model
