@@ -107,8 +107,11 @@ def _fusion_model_file(out_dir: Path) -> Path:
     pretrained = {part: str(root / name) for part, name in FUSION_WEIGHTS.items() if (root / name).is_file()}
     torch.manual_seed(0)
     model = create_model("fusion", num_classes=len(BUSI_CLASSES), pretrained=pretrained or None, **FUSION)
+    # Architecture switches left off are dropped, so a --baseline-rev that predates them can
+    # serve the same file.
+    kwargs = {k: v for k, v in model.model_kwargs.items() if v is not False}
     bundle = ModelBundle(
-        "fusion", BUSI_CLASSES, model.state_dict(), model_kwargs=model.model_kwargs,
+        "fusion", BUSI_CLASSES, model.state_dict(), model_kwargs=kwargs,
         preprocessing=Preprocessing(input_size=224, resize=256),
         lineage=[{"stage": "benchmark", "weights": "pretrained branches, random head" if pretrained
                   else "random init"}],
