@@ -32,8 +32,9 @@ from torch.utils.data import DataLoader
 
 from breastvision.models.registry import create_model
 from breastvision.training.config import TrainConfig
-from breastvision.training.engine import FeatureDataset, make_fabric, resolve_precision, train_one_epoch
+from breastvision.training.devices import make_fabric, resolve_precision
 from breastvision.training.freezing import freeze_before
+from breastvision.training.loop import FeatureDataset, train_one_epoch
 
 #: name → (registered model, its keyword arguments, first trainable stage): what the configs train.
 SETUPS: dict[str, tuple[str, dict[str, Any], str]] = {

@@ -12,7 +12,8 @@ import yaml
 from breastvision.errors import BreastvisionError
 from breastvision.evaluation.report import evaluate_predictions
 from breastvision.training import crossval, engine
-from breastvision.training.crossval import aggregate_runs, read_predictions, run_crossval
+from breastvision.training.crossval import aggregate_runs, run_crossval
+from breastvision.training.run_record import RunRecord
 
 
 def write_config(path: Path, source: Path, **data: object) -> Path:
@@ -44,16 +45,18 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 
 def test_pooled_metrics_are_those_of_the_concatenated_folds(image_tree, tmp_path: Path, spy) -> None:
     source = image_tree(per_class=6)
-    out = run_crossval(write_config(tmp_path / "cv.yaml", source), folds=3, out=tmp_path / "cv")
+    cv = run_crossval(write_config(tmp_path / "cv.yaml", source), folds=3, out=tmp_path / "cv")
+    out = cv.out_dir
+    assert [r.run_dir for r in cv.runs] == [out / f"fold{k}" for k in range(3)]
     assert [c["fold"] for c in spy] == [0, 1, 2]
     folds = [out / f"fold{k}" for k in range(3)]
-    parts = [read_predictions(d) for d in folds]
-    keys = [k for p in parts for k in p[0]]
+    parts = [RunRecord.load(d).predictions for d in folds]
+    keys = [k for p in parts for k in p.keys]
     # Out of fold: every image is tested once, by exactly one fold.
     assert sorted(keys) == sorted(p.relative_to(source).as_posix() for p in source.rglob("*.png"))
-    y = np.concatenate([p[2] for p in parts])
-    probs = np.concatenate([p[3] for p in parts])
-    expected = evaluate_predictions(y, probs, parts[0][4])
+    y = np.concatenate([p.y_true for p in parts])
+    probs = np.concatenate([p.probs for p in parts])
+    expected = evaluate_predictions(y, probs, parts[0].class_names)
     summary = json.loads((out / "crossval.json").read_text())
     assert summary["pooled"]["accuracy"] == pytest.approx(expected["accuracy"])
     assert summary["pooled"]["auc"] == pytest.approx(expected["auc"])

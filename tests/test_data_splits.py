@@ -56,7 +56,7 @@ def test_after_augmentation_keys_are_views():
     assert "g00/img0.png::rot90" in split.assignment
     assert _sizes(split, catalog) == {"train": 210, "val": 30, "test": 60}
     pairs = split.subset(catalog, "test")
-    assert all(isinstance(r, Record) and v in H_VIEWS for r, v in pairs)
+    assert all(isinstance(i.record, Record) and i.view in H_VIEWS for i in pairs)
     assert "augmented copies on more than one side" in split.leak_reason
     u = make_split(catalog, "u_random_82_after_aug", seed=0)
     assert u.views == U_VIEWS and _sizes(u, catalog) == {"train": 240, "val": 0, "test": 60}
@@ -72,7 +72,7 @@ def test_u_random_82_with_external_validation(tmp_path):
     assert _sizes(split, catalog) == {"train": 48, "val": 0, "test": 12}
     assert split.params["external"]["n_files"] == 5
     loaded = Split.load(split.save(tmp_path / "u.json"))
-    assert loaded.subset(external, "val") == external.records
+    assert [i.record for i in loaded.subset(external, "val")] == external.records
     assert loaded.subset(external, "train") == []
     wrong_classes = Catalog("h", ROOT, ["normal", "benign", "malignant"], external.records)
     with pytest.raises(BreastvisionError, match="external set classes"):
@@ -91,7 +91,8 @@ def test_group_holdout_is_group_disjoint_and_stratified(fractions):
     sizes = _sizes(split, catalog)
     for part, fraction in zip(PARTS, wanted, strict=True):
         assert abs(sizes[part] / len(catalog) - fraction) <= 0.05, sizes
-    test_classes = Counter(r.label for r in split.subset(catalog, "test"))
+    test_classes = Counter(i.record.label for i in split.subset(catalog, "test"))
+    assert all(i.view is None for i in split.subset(catalog, "test"))  # one type, no views here
     assert test_classes[1] > 0 and test_classes[0] > 0
 
 
@@ -104,9 +105,9 @@ def test_group_kfold_covers_every_image_once():
         assert straddling_groups(catalog, split, fold) == set()
         test = split.subset(catalog, "test", fold)
         val = split.subset(catalog, "val", fold)
-        assert {split.assignment[catalog.relpath(r)] for r in val} == {(fold + 1) % 5}
+        assert {split.assignment[catalog.relpath(i.record)] for i in val} == {(fold + 1) % 5}
         assert len(test) + len(val) + len(split.subset(catalog, "train", fold)) == len(catalog)
-        tested.update(r.path for r in test)
+        tested.update(i.record.path for i in test)
     assert set(tested.values()) == {1} and len(tested) == len(catalog)
     with pytest.raises(BreastvisionError, match="give a fold from 0 to 4"):
         split.subset(catalog, "test")

@@ -150,7 +150,7 @@ def test_evaluate_views_of_an_after_augmentation_split(tmp_path: Path, model_fil
     _evaluate(model_file, manifest, "--split", split.save(tmp_path / "s.json"), "--out", out,
               "--n-resamples", 0)
     rows = list(csv.DictReader((out / "predictions.csv").open()))
-    expected = {f"{catalog.relpath(r)}::{v}" for r, v in split.subset(catalog, "test")}
+    expected = {f"{catalog.relpath(i.record)}::{i.view}" for i in split.subset(catalog, "test")}
     assert {r["path"] for r in rows} == expected and len(rows) == len(expected)
     assert "leaky" in (out / "report.md").read_text()
 

@@ -19,6 +19,7 @@ import pytest
 from breastvision.errors import BreastvisionError
 from breastvision.evaluation.report import evaluate_predictions, write_predictions_csv
 from breastvision.reproduce import breakhis
+from breastvision.training.run_record import RunRecord
 
 CLASSES = ["benign", "malignant"]
 
@@ -63,8 +64,9 @@ def stand_ins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list
 
     def fake_crossval(config_path, folds, overrides, out, *, title=None):
         calls["crossval"].append((Path(config_path).name, list(overrides), Path(out)))
-        dirs = [_fake_run(Path(out) / f"fold{k}", k, _fold_images(k)) for k in range(folds)]
-        return real_aggregate(dirs, out, title=title or "cv", n_resamples=20)
+        runs = [RunRecord.load(_fake_run(Path(out) / f"fold{k}", k, _fold_images(k))) for k in range(folds)]
+        summary = real_aggregate(runs, out, title=title or "cv", n_resamples=20)
+        return crossval.CrossValidation(Path(out), runs, summary)
 
     def fake_chain(path, overrides, out):
         calls["chain"].append((Path(path).name, list(overrides)))
@@ -72,7 +74,7 @@ def stand_ins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list
         fold = next(o.split("=")[1] for o in overrides if o.startswith("breakhis.data.fold="))
         name = "breakhis" if fold == "null" else f"breakhis_fold{fold}"
         images = _fold_images(int(fold)) if fold != "null" else ["q0-200-0.png", "q0-200-1.png"]
-        return [lc, _fake_run(Path(out) / name, 7, images)]
+        return [RunRecord.load(lc), RunRecord.load(_fake_run(Path(out) / name, 7, images))]
 
     def fake_train(config, resume=None, out=None):
         calls["train"].append(config)
@@ -236,8 +238,11 @@ def test_skip_random_leaves_the_leaky_rows_out(stand_ins: dict[str, list], tmp_p
 
 
 def test_finished_run_of_another_config_is_an_error(tmp_path: Path) -> None:
-    from breastvision.training.config import load_config, save_config
+    from breastvision.training.config import load_config
     from breastvision.training.crossval import train_or_reuse
+
+    def save_config(config, path: Path) -> None:
+        path.write_text(json.dumps(config.to_dict()))  # JSON is YAML
 
     configs = breakhis._configs_dir(None)
     config = load_config(configs / breakhis.PRESETS["cpu"].densenet)
@@ -250,7 +255,7 @@ def test_finished_run_of_another_config_is_an_error(tmp_path: Path) -> None:
     save_config(
         load_config(configs / breakhis.PRESETS["cpu"].densenet, ["train.threads=2"]), run_dir / "config.yaml"
     )
-    assert train_or_reuse(config, run_dir, "densenet") == run_dir  # threads change speed, not results
+    assert train_or_reuse(config, run_dir, "densenet").run_dir == run_dir  # threads: speed, not results
 
 
 def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:

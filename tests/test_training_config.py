@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from breastvision.cli import main
 from breastvision.errors import BreastvisionError
-from breastvision.training.config import load_config, resolve_weights, save_config
+from breastvision.training.config import load_config, resolve_weights
 from breastvision.training.transfer import stage_configs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -29,7 +31,9 @@ def test_extends_and_overrides(tmp_path: Path) -> None:
     assert config.train.optimizer == "adam"
     assert config.model.kwargs == {"a": 1, "b": 0.5}
     assert config.data.stain is not None and config.data.stain.method == "reinhard"
-    assert load_config(save_config(config, tmp_path / "saved.yaml")) == config
+    saved = tmp_path / "saved.yaml"  # as a run folder's config.yaml holds it: every default spelled out
+    saved.write_text(yaml.safe_dump(json.loads(json.dumps(config.to_dict()))))
+    assert load_config(saved) == config
 
 
 @pytest.mark.parametrize(
@@ -67,6 +71,23 @@ def test_weights_resolve_under_the_weights_root(tmp_path: Path, monkeypatch: pyt
     assert resolve_weights(None, tmp_path) is None
     with pytest.raises(BreastvisionError, match="not found"):
         resolve_weights("absent.safetensors", tmp_path)
+
+
+def test_weights_root_follows_the_data_root_not_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from breastvision.training.config import WEIGHTS_ENV_VAR, weights_root
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.delenv(WEIGHTS_ENV_VAR, raising=False)
+    monkeypatch.delenv("BREASTVISION_DATA", raising=False)
+    monkeypatch.chdir(tmp_path / "data")  # wherever the command runs from
+    assert weights_root(None, tmp_path / "data") == tmp_path / "weights"
+    monkeypatch.setenv("BREASTVISION_DATA", str(tmp_path / "data"))
+    assert weights_root() == tmp_path / "weights"
+    monkeypatch.setenv(WEIGHTS_ENV_VAR, str(tmp_path / "elsewhere"))
+    assert weights_root(None, tmp_path / "data") == tmp_path / "elsewhere"
+    assert weights_root(tmp_path / "given") == tmp_path / "given"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

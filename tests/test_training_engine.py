@@ -22,7 +22,8 @@ from breastvision.data.transforms import preprocess_image
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import ModelBundle
 from breastvision.training.config import ExperimentConfig, apply_overrides, config_from_dict, load_config
-from breastvision.training.engine import EpochSampler, train
+from breastvision.training.engine import train
+from breastvision.training.loop import EpochSampler
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -65,7 +66,8 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_run_folder(image_tree, tmp_path: Path) -> None:
-    run = train(tiny_config(image_tree(), tmp_path / "run"))
+    record = train(tiny_config(image_tree(), tmp_path / "run"))
+    run = record.run_dir
     written = ["model.safetensors", "history.csv", "split.json", "config.yaml", "report.md", "metrics.json",
                "predictions.csv", "plots/accuracy.png", "plots/confusion_matrix.png", "checkpoints/last.ckpt"]
     assert all((run / name).is_file() for name in written)
@@ -84,6 +86,11 @@ def test_run_folder(image_tree, tmp_path: Path) -> None:
     assert json.loads((run / "metrics.json").read_text())["n_images"] == len(test_files)
     assert load_config(run / "config.yaml") == tiny_config(image_tree(), tmp_path / "run")
     assert "## Provenance" in (run / "report.md").read_text()
+    # The returned record is the run folder, typed; and it is what this config would train again.
+    assert record.predictions.keys == [r["path"] for r in rows] and record.facts.epochs_run == 2
+    assert record.split.sha256 and record.split.protocol == "group_holdout"
+    assert record.matches(tiny_config(image_tree(), tmp_path / "elsewhere", "train.threads=1"))
+    assert not record.matches(tiny_config(image_tree(), tmp_path / "run", "train.lr=0.5"))
     # The model file alone reproduces the run's test predictions: same weights, same pre-processing.
     model = bundle.build_model()
     images = torch.stack([preprocess_image(load_image(image_tree() / r["path"]), bundle.preprocessing)
@@ -123,9 +130,12 @@ def test_cached_and_uncached_training_agree(
     tolerance = _CACHE_AGREEMENT[backend]
     common = [f"train.optimizer={tolerance['optimizer']}", f"train.cache_backend={backend}"]
     cache = f"train.cache_dir={tmp_path / 'features'}"
-    cached = train(tiny_config(source, tmp_path / "cached", "train.cache_features=true", cache, *common))
-    uncached = train(tiny_config(source, tmp_path / "uncached", "train.cache_features=false", *common))
-    again = train(tiny_config(source, tmp_path / "again", "train.cache_features=true", cache, *common))
+    cached = train(tiny_config(source, tmp_path / "cached", "train.cache_features=true", cache, *common)
+                   ).run_dir
+    uncached = train(tiny_config(source, tmp_path / "uncached", "train.cache_features=false", *common)
+                   ).run_dir
+    again = train(tiny_config(source, tmp_path / "again", "train.cache_features=true", cache, *common)
+                   ).run_dir
     first = json.loads((cached / "provenance.json").read_text())["facts"]["feature_cache"]
     assert first["backend"] == backend and first["backend_note"] is None
     if backend == "onnxruntime":
@@ -210,10 +220,10 @@ def test_feature_cache_backend_is_checked_and_falls_back(
 
 def test_resume_continues_exactly(image_tree, tmp_path: Path) -> None:
     source = image_tree()
-    straight = train(tiny_config(source, tmp_path / "straight", "train.epochs=3"))
-    first = train(tiny_config(source, tmp_path / "split", "train.epochs=1"))
+    straight = train(tiny_config(source, tmp_path / "straight", "train.epochs=3")).run_dir
+    first = train(tiny_config(source, tmp_path / "split", "train.epochs=1")).run_dir
     resumed = train(tiny_config(source, tmp_path / "split", "train.epochs=3"),
-                    resume=first / "checkpoints" / "last.ckpt")
+                    resume=first / "checkpoints" / "last.ckpt").run_dir
     assert resumed == first
     h_straight, h_resumed = history(straight), history(resumed)
     assert [r["epoch"] for r in h_resumed] == [1, 2, 3]
@@ -281,7 +291,7 @@ def test_shipped_busi_cpu_config_on_real_files(busi_dir: Path, weights_dir: Path
         f"data.source={tree}", "data.split.options.k=4", "data.views.count=1", f"weights_root={weights_dir}",
         "train.epochs=1", "train.cache_dir=null", "train.progress=none", f"output_dir={tmp_path / 'run'}",
     ])
-    run = train(config)
+    run = train(config).run_dir
     bundle = ModelBundle.load(run / "model.safetensors")
     assert sorted(bundle.class_names) == ["benign", "malignant", "normal"]
     assert bundle.architecture == "fusion" and bundle.model_kwargs["vit"] == "vit_tiny"

@@ -38,7 +38,7 @@ def _chain(tmp_path: Path, lung: Path, breast: Path) -> Path:
 def test_two_stage_chain(image_tree, tmp_path: Path) -> None:
     lung = image_tree(classes=("aca", "n", "scc"), per_class=6, seed=2)
     chain = _chain(tmp_path, lung, image_tree())
-    first, second = run_chain(chain, TINY, out=tmp_path / "runs")
+    first, second = (r.run_dir for r in run_chain(chain, TINY, out=tmp_path / "runs"))
     parent = ModelBundle.load(first / "model.safetensors")
     child = ModelBundle.load(second / "model.safetensors")
     assert (len(parent.class_names), len(child.class_names)) == (3, 2)  # new classifier for stage 2
@@ -55,7 +55,7 @@ def test_two_stage_chain(image_tree, tmp_path: Path) -> None:
     assert "| 3 | breast |" in (second / "report.md").read_text()  # the report prints the chain
 
     stamp = (first / "model.safetensors").stat().st_mtime_ns
-    assert run_chain(chain, TINY, out=tmp_path / "runs") == [first, second]  # both reused
+    assert [r.run_dir for r in run_chain(chain, TINY, out=tmp_path / "runs")] == [first, second]  # reused
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(BreastvisionError, match="trained with another config"):
         run_chain(chain, [*TINY, "lung.train.lr=0.5"], out=tmp_path / "runs")
@@ -92,7 +92,8 @@ def test_three_stage_run_on_real_images(lc25000_dir: Path, breakhis_dir: Path, w
     overrides = [*TINY, f"weights_root={weights_dir}", "data.input_size=64", f"lc25000.data.source={lung}",
                  f"breakhis.data.source={breast}", f"breakhis.data.stain.cache_dir={tmp_path / 'stain'}",
                  "lc25000.data.split.options.fractions=[0.6, 0.2, 0.2]"]
-    lc, bh = run_chain(CONFIGS / "breakhis_multilevel_cpu.yaml", overrides, out=tmp_path / "runs")
+    lc, bh = (r.run_dir for r in run_chain(CONFIGS / "breakhis_multilevel_cpu.yaml", overrides,
+                                            out=tmp_path / "runs"))
     bundle = ModelBundle.load(bh / "model.safetensors")
     assert [e["stage"] for e in bundle.lineage] == ["initial weights", "lc25000", "breakhis"]
     assert "densenet121_imagenet_keras.safetensors" in str(bundle.lineage[0]["weights"])

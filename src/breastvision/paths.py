@@ -51,6 +51,19 @@ def dataset_dir(name: str, root: str | os.PathLike | None = None) -> Path:
     return path
 
 
+#: The shipped configs (package data; the repository's ``configs/`` links here).
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def config_path(path: str | os.PathLike) -> Path:
+    """``path`` if it exists, else the shipped config of that file name (so ``configs/x.yaml``
+    from the README works from any folder, and from an installed package); else ``path``, which the
+    reader reports as not found."""
+    given = Path(path).expanduser()
+    shipped = CONFIGS_DIR / given.name
+    return shipped if not given.exists() and shipped.is_file() else given
+
+
 CACHE_ENV_VAR = "BREASTVISION_CACHE"
 
 

@@ -101,6 +101,15 @@ def _relpaths(catalog: Catalog) -> list[str]:
     return [catalog.relpath(r) for r in catalog.records]
 
 
+@dataclass(frozen=True)
+class SplitItem:
+    """One entry of a split part: a record, and for protocols split after offline augmentation
+    the view that was assigned (``None``: the image itself)."""
+
+    record: Record
+    view: str | None = None
+
+
 @dataclass
 class Split:
     """A saved split; see the module docstring for the protocols and the key format."""
@@ -177,25 +186,28 @@ class Split:
 
     def subset(
         self, catalog: Catalog, part: str, fold: int | None = None
-    ) -> list[Record] | list[tuple[Record, str]]:
-        """The records of one part (``train``, ``val`` or ``test``), in catalog order.
+    ) -> list[SplitItem]:
+        """The items of one part (``train``, ``val`` or ``test``), in catalog order.
 
-        For view-level protocols the result is ``(record, view)`` pairs instead. For
-        ``group_kfold`` give ``fold``. An external validation catalog (``u_random_82`` with
-        ``external``) gives all its records for ``val``. Raises if the catalog does not match.
+        For view-level protocols each item names its view (several per record); otherwise the
+        view is ``None``. For ``group_kfold`` give ``fold``. An external validation catalog
+        (``u_random_82`` with ``external``) gives all its records for ``val``. Raises if the
+        catalog does not match.
         """
         if part not in PARTS:
             raise BreastvisionError(f"unknown split part '{part}'; use one of {', '.join(PARTS)}")
         if self._external_matches(catalog):
-            return list(catalog.records) if part == "val" else []
+            return [SplitItem(r) for r in catalog.records] if part == "val" else []
         rels = _relpaths(catalog)
         self.check(catalog, rels)
         wanted = self._wanted(part, fold)
         records = catalog.records
         if not self.views:
-            return [r for r, rel in zip(records, rels, strict=True) if self.assignment[rel] in wanted]
+            return [
+                SplitItem(r) for r, rel in zip(records, rels, strict=True) if self.assignment[rel] in wanted
+            ]
         return [
-            (r, view)
+            SplitItem(r, view)
             for r, rel in zip(records, rels, strict=True)
             for view in self.views
             if self.assignment[f"{rel}{VIEW_SEPARATOR}{view}"] in wanted
@@ -216,7 +228,7 @@ class Split:
         """Per part, how many images (or image views) of each class."""
         return {
             part: Counter(
-                catalog.class_names[(item[0] if isinstance(item, tuple) else item).label]
+                catalog.class_names[item.record.label]
                 for item in self.subset(catalog, part, fold)
             )
             for part in PARTS
@@ -228,8 +240,7 @@ def straddling_groups(catalog: Catalog, split: Split, fold: int | None = None) -
     parts_of: dict[str, set[str]] = {}
     for part in PARTS:
         for item in split.subset(catalog, part, fold):
-            record = item[0] if isinstance(item, tuple) else item
-            parts_of.setdefault(record.group, set()).add(part)
+            parts_of.setdefault(item.record.group, set()).add(part)
     return {group for group, parts in parts_of.items() if len(parts) > 1}
 
 

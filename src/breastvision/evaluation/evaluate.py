@@ -157,8 +157,8 @@ def select_items(
     from breastvision.data.transforms import DIHEDRAL_8
 
     items = split.subset(catalog, subset, fold)
-    records = [i[0] if isinstance(i, tuple) else i for i in items]
-    views = [i[1] if isinstance(i, tuple) else None for i in items]
+    records = [i.record for i in items]
+    views = [i.view for i in items]
     random_views = sorted({v for v in views if v is not None and v not in DIHEDRAL_8})
     if random_views:
         raise BreastvisionError(

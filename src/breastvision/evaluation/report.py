@@ -174,6 +174,17 @@ def format_value(value: Any, digits: int | None = 3) -> str:
     return str(value).replace("|", "\\|")
 
 
+def readable(value: Any) -> Any:
+    """A nested lineage or provenance value as one line of text for a table cell: ``key: value``
+    pairs joined by ``; ``, lists by ``, ``, missing parts left out; scalars pass through."""
+    if isinstance(value, Mapping):
+        shown = [f"{k}: {readable(v)}" for k, v in value.items() if v not in (None, "", [], {})]
+        return "; ".join(shown) or None
+    if isinstance(value, list | tuple):
+        return ", ".join(str(readable(v)) for v in value) or None
+    return value
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int | None = 3) -> str:
     lines = ["| " + " | ".join(format_value(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(format_value(c, digits) for c in row) + " |" for row in rows]
@@ -303,13 +314,16 @@ def write_report(
     facts: Mapping[str, Any] | None = None,
     title: str = "breastvision run",
     best_epoch: int | None = None,
+    extra_sections: Sequence[str] = (),
 ) -> Path:
     """Write the report folder (layout in the module docstring) and return ``report.md``'s path.
 
     ``metrics`` is :func:`evaluate_predictions`' dict. ``y_true`` / ``probs`` add the ROC and
     precision-recall plots; ``history`` (per-epoch CSV or rows) adds the learning curves, marked
     at ``best_epoch`` (default: ``facts["best_epoch"]``, which training records); ``facts`` are
-    extra run facts shown as a table (parameter count, model size, wall-clock time, device, ...).
+    extra run facts shown as a table (parameter count, model size, wall-clock time, device, ...);
+    ``extra_sections`` are further markdown sections appended at the end (cross-validation's
+    per-fold table).
     """
     run_dir = Path(run_dir)
     plot_dir = run_dir / "plots"
@@ -357,6 +371,7 @@ def write_report(
         sections.append("Per-image predictions: [predictions.csv](predictions.csv).")
     if (run_dir / "skipped.csv").is_file():
         sections.append("Files not evaluated, with the reason: [skipped.csv](skipped.csv).")
+    sections += list(extra_sections)
     report = run_dir / "report.md"
     report.write_text("\n\n".join(s for s in sections if s) + "\n")
     return report
@@ -441,17 +456,18 @@ def _provenance_section(provenance: Mapping[str, Any], config_name: str | None) 
     parts = ["## Provenance", ""]
     origin = provenance["weights_origin"]
     if isinstance(origin, Mapping):
-        parts += ["Weights' origin:", "", markdown_table(["part", "started from"], list(origin.items()))]
+        parts += ["Weights' origin:", "", markdown_table(["part", "started from"],
+                                                         [[k, readable(v)] for k, v in origin.items()])]
     else:
         parts.append(f"Weights' origin: {origin}")
     lineage = provenance["lineage"]
     if lineage:
         columns = list(dict.fromkeys(k for step in lineage for k in step))
         parts += ["", "Lineage (oldest first):", "",
-                  markdown_table(["#", *columns], [[i, *(s.get(c) for c in columns)]
+                  markdown_table(["#", *columns], [[i, *(readable(s.get(c)) for c in columns)]
                                                    for i, s in enumerate(lineage, 1)])]
     if provenance["facts"]:
-        facts = list(provenance["facts"].items())
+        facts = [[k, readable(v)] for k, v in provenance["facts"].items()]
         parts += ["", "Run facts:", "", markdown_table(["fact", "value"], facts, digits=None)]
     if config_name:
         parts += ["", f"Configuration: [{config_name}]({config_name})."]

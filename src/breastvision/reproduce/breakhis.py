@@ -56,16 +56,20 @@ Finished runs are reused, so an interrupted reproduction continues where it stop
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from breastvision.data.records import Catalog
 from breastvision.errors import BreastvisionError
+
+if TYPE_CHECKING:
+    from breastvision.training.run_record import RunRecord
 
 #: Table 3's columns, in the paper's order.
 MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
@@ -143,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--configs",
         type=Path,
         metavar="DIR",
-        help="folder of the configs (default: ./configs or the repository's)",
+        help="folder of the configs (default: the shipped ones)",
     )
     parser.add_argument("--threads", type=int, metavar="N", help="torch threads per run (cpu preset: 1)")
     parser.add_argument(
@@ -159,32 +163,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _configs_dir(explicit: Path | None) -> Path:
-    candidates = (
-        [explicit] if explicit else [Path("configs"), Path(__file__).resolve().parents[3] / "configs"]
-    )
-    for folder in candidates:
-        if folder is not None and (folder / PRESETS["cpu"].multilevel).is_file():
-            return folder
-    raise BreastvisionError(
-        f"no System H configs in {', '.join(str(c) for c in candidates)}; "
-        "run from the repository or pass --configs"
-    )
+    """``explicit`` (``--configs``), else the shipped configs (package data)."""
+    from breastvision.paths import CONFIGS_DIR
+
+    folder = explicit or CONFIGS_DIR
+    if not (folder / PRESETS["cpu"].multilevel).is_file():
+        raise BreastvisionError(f"no System H configs in {folder} (expected {PRESETS['cpu'].multilevel})")
+    return folder
 
 
-def _overrides(args: argparse.Namespace, preset: Preset) -> tuple[list[str], list[str], str]:
+@dataclass(frozen=True)
+class Options:
+    """What to reproduce: the command's options (``add_arguments``), as a library call takes them."""
+
+    preset: str = "cpu"
+    out: Path = Path("runs/reproduce_breakhis")
+    #: Data root (``None``: the usual one, ``paths.data_root``).
+    data: Path | None = None
+    folds: int = 5
+    #: Folder of the configs (``None``: the shipped ones).
+    configs: Path | None = None
+    #: Torch threads per run (``None``: the preset's).
+    threads: int | None = None
+    #: ``"40X,200X"``; ``None``: every magnification the data holds.
+    magnifications: str | None = None
+    skip_random: bool = False
+
+    @property
+    def run_threads(self) -> int | None:
+        return self.threads if self.threads is not None else PRESETS[self.preset].threads
+
+
+def _overrides(options: Options) -> tuple[list[str], list[str], str]:
     """Overrides for single configs and for the chain (stain settings go to its BreakHis stage only),
     and a line saying which stain reference was used."""
     from breastvision.paths import dataset_dir
 
-    dataset_dir("breakhis", args.data)  # a clear "not found" before anything trains
+    dataset_dir("breakhis", options.data)  # a clear "not found" before anything trains
     common: list[str] = []
-    threads = args.threads if args.threads is not None else preset.threads
-    if threads:
-        common.append(f"train.threads={threads}")
-    if args.data is not None:
-        common.append(f"data.root={Path(args.data).expanduser().resolve()}")
+    if options.run_threads:
+        common.append(f"train.threads={options.run_threads}")
+    if options.data is not None:
+        common.append(f"data.root={Path(options.data).expanduser().resolve()}")
     try:
-        reference = dataset_dir("breakhis_samples", args.data) / STAIN_REFERENCE
+        reference = dataset_dir("breakhis_samples", options.data) / STAIN_REFERENCE
     except BreastvisionError:
         reference = None
     if reference is not None and reference.is_file():
@@ -248,104 +270,103 @@ def choose_magnifications(present: Mapping[str, Any], requested: str | None, whe
     return [mag for mag in present if mag in wanted]
 
 
-def _json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _run_facts(run_dir: Path) -> dict[str, Any]:
-    return _json(run_dir / "provenance.json").get("facts", {})
-
-
 def _summary(
-    metrics: Mapping[str, Any], run_dirs: Sequence[Path], extra_dirs: Sequence[Path] = ()
+    metrics: Mapping[str, Any], runs: Sequence[RunRecord], extra: Sequence[RunRecord] = ()
 ) -> dict[str, Any]:
-    """What the tables need from one model under one protocol: metrics with intervals, sizes, times."""
-    facts = [_run_facts(d) for d in run_dirs]
-    extra = [_run_facts(d) for d in extra_dirs]
-    to_best = [f["seconds_to_best_epoch"] for f in facts if f.get("seconds_to_best_epoch") is not None]
-    sessions = [
-        f["wall_clock_seconds_this_session"]
-        for f in [*facts, *extra]
-        if "wall_clock_seconds_this_session" in f
-    ]
-    first = facts[0] if facts else {}
+    """What the tables need from one model under one protocol: metrics with intervals, sizes, times.
+    ``extra`` are runs that belong to the model but are not tested (the chain's LC25000 stage)."""
+    facts = [r.facts for r in runs]
+    extra_facts = [r.facts for r in extra]
+    to_best = [f.seconds_to_best_epoch for f in facts if f.seconds_to_best_epoch is not None]
+    sessions = [f.wall_clock_seconds_this_session for f in [*facts, *extra_facts]
+                if f.wall_clock_seconds_this_session is not None]
+    first = facts[0]
     return {
         "metrics": dict(metrics),
-        "run_dirs": [str(d) for d in run_dirs],
-        "extra_stage_dirs": [str(d) for d in extra_dirs],
-        "parameters": first.get("parameters"),
-        "trainable_parameters": first.get("trainable_parameters"),
-        "model_file_mb": first.get("model_file_mb"),
-        "device": first.get("device"),
+        "run_dirs": [str(r.run_dir) for r in runs],
+        "extra_stage_dirs": [str(r.run_dir) for r in extra],
+        "parameters": first.parameters,
+        "trainable_parameters": first.trainable_parameters,
+        "model_file_mb": first.model_file_mb,
+        "device": first.device,
         "seconds_to_best_epoch_mean": sum(to_best) / len(to_best) if to_best else None,
-        "extra_stage_seconds_to_best_epoch": sum(f.get("seconds_to_best_epoch", 0.0) for f in extra) or None,
+        "extra_stage_seconds_to_best_epoch": sum(f.seconds_to_best_epoch or 0.0 for f in extra_facts) or None,
         "wall_clock_seconds_total": sum(sessions) if sessions else None,
-        "best_epochs": [f.get("best_epoch") for f in facts],
-        "feature_cache": [f.get("feature_cache") for f in facts],
+        "best_epochs": [f.best_epoch for f in facts],
+        "feature_cache": [f.feature_cache for f in facts],
     }
 
 
-def _cv(
-    configs: Path,
-    preset: Preset,
-    key: str,
-    args: argparse.Namespace,
-    root: Path,
-    single: list[str],
-    chain: list[str],
-) -> dict:
-    from breastvision.training.crossval import aggregate_runs, run_crossval
+@dataclass(frozen=True)
+class _Plan:
+    """Where one magnification's runs go and the overrides they get."""
+
+    configs: Path
+    preset: Preset
+    folds: int
+    root: Path
+    #: Overrides for single configs, and for the multi-level chain.
+    single: list[str]
+    chain: list[str]
+
+    def config(self, key: str) -> Path:
+        return self.configs / getattr(self.preset, key)
+
+
+def _cv_single(plan: _Plan, key: str) -> dict[str, Any]:
+    from breastvision.training.crossval import run_crossval
+
+    title = f"System H {MODELS[key]}: patient-disjoint {plan.folds}-fold cross-validation"
+    cv = run_crossval(plan.config(key), plan.folds, [*plan.single, f"data.split={CV_SPLIT}"],
+                      plan.root / "cv" / key, title=title)
+    return _summary(cv.summary["pooled"], cv.runs)
+
+
+def _cv_chain(plan: _Plan, key: str) -> dict[str, Any]:
+    """The chain once per fold (its LC25000 stage trained once and reused), the folds pooled."""
+    from breastvision.training.crossval import aggregate_runs
     from breastvision.training.transfer import run_chain
 
-    title = f"System H {MODELS[key]}: patient-disjoint {args.folds}-fold cross-validation"
-    out = root / "cv" / key
-    if key != "multilevel":
-        run_crossval(
-            configs / getattr(preset, key), args.folds, [*single, f"data.split={CV_SPLIT}"], out, title=title
-        )
-        summary = _json(out / "crossval.json")
-        return _summary(summary["pooled"], [Path(f["run_dir"]) for f in summary["per_fold"]])
-    fold_dirs, lc_dir = [], None
-    for fold in range(args.folds):
-        fold_overrides = [
-            f"breakhis.data.split={CV_SPLIT}",
-            f"breakhis.data.split.options.k={args.folds}",
-            f"breakhis.data.fold={fold}",
-        ]
-        *earlier, last = run_chain(
-            configs / preset.multilevel, [*chain, *fold_overrides], out=root / "multilevel"
-        )
-        fold_dirs.append(last)
-        lc_dir = earlier[-1] if earlier else None
-    summary = aggregate_runs(fold_dirs, out, title=title)
-    return _summary(summary["pooled"], fold_dirs, [lc_dir] if lc_dir else [])
+    folds, lc = [], []
+    for fold in range(plan.folds):
+        fold_overrides = [f"breakhis.data.split={CV_SPLIT}", f"breakhis.data.split.options.k={plan.folds}",
+                          f"breakhis.data.fold={fold}"]
+        *earlier, last = run_chain(plan.config(key), [*plan.chain, *fold_overrides], out=plan.root / key)
+        folds.append(last)
+        lc = earlier[-1:]
+    title = f"System H {MODELS[key]}: patient-disjoint {plan.folds}-fold cross-validation"
+    summary = aggregate_runs(folds, plan.root / "cv" / key, title=title)
+    return _summary(summary["pooled"], folds, lc)
 
 
-def _random(
-    configs: Path,
-    preset: Preset,
-    key: str,
-    args: argparse.Namespace,
-    root: Path,
-    single: list[str],
-    chain: list[str],
-) -> dict:
+def _random_single(plan: _Plan, key: str) -> dict[str, Any]:
     from breastvision.training.config import load_config
     from breastvision.training.crossval import train_or_reuse
+
+    config = load_config(plan.config(key), [*plan.single, f"data.split={LEAKY_SPLIT}", "data.fold=null"])
+    run = train_or_reuse(config, plan.root / "random" / key, f"{MODELS[key]} (random split)")
+    return _summary(run.metrics, [run])
+
+
+def _random_chain(plan: _Plan, key: str) -> dict[str, Any]:
     from breastvision.training.transfer import run_chain
 
-    if key != "multilevel":
-        config = load_config(
-            configs / getattr(preset, key), [*single, f"data.split={LEAKY_SPLIT}", "data.fold=null"]
-        )
-        run_dir = train_or_reuse(config, root / "random" / key, f"{MODELS[key]} (random split)")
-        return _summary(_json(run_dir / "metrics.json"), [run_dir])
-    *earlier, last = run_chain(
-        configs / preset.multilevel,
-        [*chain, f"breakhis.data.split={LEAKY_SPLIT}", "breakhis.data.fold=null"],
-        out=root / "multilevel",
-    )
-    return _summary(_json(last / "metrics.json"), [last], earlier[-1:])
+    overrides = [*plan.chain, f"breakhis.data.split={LEAKY_SPLIT}", "breakhis.data.fold=null"]
+    *earlier, last = run_chain(plan.config(key), overrides, out=plan.root / key)
+    return _summary(last.metrics, [last], earlier[-1:])
+
+
+#: Per protocol, how a model is run: a single config, or a transfer chain (the multi-level model).
+RUNNERS = {
+    "cv": {"single": _cv_single, "chain": _cv_chain},
+    "random": {"single": _random_single, "chain": _random_chain},
+}
+#: Which models are transfer chains.
+CHAINS = frozenset({"multilevel"})
+
+
+def _run_model(plan: _Plan, protocol: str, key: str) -> dict[str, Any]:
+    return RUNNERS[protocol]["chain" if key in CHAINS else "single"](plan, key)
 
 
 # -- tables ----------------------------------------------------------------------------------------
@@ -591,53 +612,58 @@ def render(
     return "\n".join(parts)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.folds < 2:
-        raise BreastvisionError(f"--folds must be at least 2 (got {args.folds})")
-    preset = PRESETS[args.preset]
-    configs = _configs_dir(args.configs)
-    single, chain, stain = _overrides(args, preset)
-    catalog = read_catalog(configs, preset, single)
-    present = magnifications_in(catalog)
-    chosen = choose_magnifications(present, args.magnifications, str(catalog.root))
+def _run_all(options: Options, configs: Path, present: Mapping[str, Any], chosen: list[str],
+             overrides: tuple[list[str], list[str]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every model under every protocol, per chosen magnification: :data:`Results`."""
     # With one magnification in the data no filter is needed, and leaving the configs and folders
     # as they were keeps the finished runs of such a copy reusable.
     per_magnification = len(present) > 1
+    single, chain = overrides
+    protocols = ["cv"] if options.skip_random else ["cv", "random"]
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for mag in chosen:
         only = [f"data.options.magnification={mag.removesuffix('X')}"] if per_magnification else []
-        mag_single, mag_chain = [*single, *only], [*chain, *(f"breakhis.{o}" for o in only)]
-        root = args.out / mag if per_magnification else args.out
-        by_protocol = results[mag] = {"cv": {}}
-        for key in MODELS:
-            by_protocol["cv"][key] = _cv(configs, preset, key, args, root, mag_single, mag_chain)
-        if not args.skip_random:
-            by_protocol["random"] = {
-                key: _random(configs, preset, key, args, root, mag_single, mag_chain) for key in MODELS
-            }
-    skipped = ["the leaky random-split rows (--skip-random)"] if args.skip_random else []
-    threads = args.threads if args.threads is not None else preset.threads
+        root = options.out / mag if per_magnification else options.out
+        plan = _Plan(configs, PRESETS[options.preset], options.folds, root, [*single, *only],
+                     [*chain, *(f"breakhis.{o}" for o in only)])
+        results[mag] = {p: {key: _run_model(plan, p, key) for key in MODELS} for p in protocols}
+    return results
+
+
+def reproduce(options: Options) -> str:
+    """Train (or reuse) every run, write ``reproduce_breakhis.md`` and ``.json`` into
+    ``options.out`` and return the markdown (module docstring)."""
+    if options.folds < 2:
+        raise BreastvisionError(f"--folds must be at least 2 (got {options.folds})")
+    preset = PRESETS[options.preset]
+    configs = _configs_dir(options.configs)
+    single, chain, stain = _overrides(options)
+    catalog = read_catalog(configs, preset, single)
+    present = magnifications_in(catalog)
+    chosen = choose_magnifications(present, options.magnifications, str(catalog.root))
+    results = _run_all(options, configs, present, chosen, (single, chain))
+    skipped = ["the leaky random-split rows (--skip-random)"] if options.skip_random else []
+    per_magnification = len(present) > 1
     data = data_note(present, chosen, str(catalog.root), per_magnification)
-    markdown = render(
-        results,
-        preset=args.preset,
-        folds=args.folds,
-        hardware=hardware_line(threads),
-        stain=stain,
-        data=data,
-        skipped=skipped,
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "reproduce_breakhis.md").write_text(markdown)
+    markdown = render(results, preset=options.preset, folds=options.folds,
+                      hardware=hardware_line(options.run_threads), stain=stain, data=data, skipped=skipped)
+    options.out.mkdir(parents=True, exist_ok=True)
+    (options.out / "reproduce_breakhis.md").write_text(markdown)
     document = {
-        "preset": args.preset,
-        "folds": args.folds,
+        "preset": options.preset,
+        "folds": options.folds,
         "stain": stain,
         "data": data,
         "magnifications": {"present": present, "run": chosen, "per_magnification_folders": per_magnification},
         "skipped": skipped,
         "results": results,
     }
-    (args.out / "reproduce_breakhis.json").write_text(json.dumps(document, indent=1, default=float))
-    print(markdown)
+    (options.out / "reproduce_breakhis.json").write_text(json.dumps(document, indent=1, default=float))
+    return markdown
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command: :func:`reproduce` with the parsed options, the tables printed."""
+    fields = {f.name for f in dataclasses.fields(Options)}
+    print(reproduce(Options(**{k: v for k, v in vars(args).items() if k in fields})))
     return 0

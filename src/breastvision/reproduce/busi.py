@@ -34,11 +34,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from breastvision.paths import CONFIGS_DIR
+
+if TYPE_CHECKING:
+    from breastvision.training.run_record import RunFacts
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+#: The shipped configs the rows name.
+CONFIGS = CONFIGS_DIR
 
 #: Setting name → what the table says about it.
 SETTINGS = {
@@ -181,7 +187,7 @@ def make_splits(rows: tuple[Row, ...], out: Path, overrides: list[str]) -> dict[
     return files
 
 
-def describe(config: Any, facts: dict[str, Any], weights: Any) -> str:
+def describe(config: Any, facts: RunFacts, weights: Any) -> str:
     """What was run, from the run's own config and facts."""
     from breastvision.data.splits import U_VIEWS
     from breastvision.models.weights import RANDOM_INIT
@@ -207,9 +213,10 @@ def describe(config: Any, facts: dict[str, Any], weights: Any) -> str:
         aug = "each training image once, no augmentation"
     else:
         aug = f"views: {views.kind}"
-    epochs = facts.get("epochs_run", config.train.epochs)
+    epochs = facts.epochs_run if facts.epochs_run is not None else config.train.epochs
+    best = facts.best_epoch if facts.best_epoch is not None else "?"
     return (f"{name}, {started}, {trained}; {size} px; {aug}; epochs: {epochs} "
-            f"(best {facts.get('best_epoch', '?')}), batch {config.train.batch_size}")
+            f"(best {best}), batch {config.train.batch_size}")
 
 
 def reproduce(
@@ -235,22 +242,19 @@ def reproduce(
     for row in rows:
         for setting in row.settings:
             config = _load(row, setting, overrides, splits[setting])
-            run_dir = train_or_reuse(config, out / config.name / setting, f"{row.label} / {setting}")
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-            provenance = json.loads((run_dir / "provenance.json").read_text())
-            facts = provenance.get("facts", {})
-            values = {col: with_interval(metrics, key) for col, key in METRICS.items()}
+            run = train_or_reuse(config, out / config.name / setting, f"{row.label} / {setting}")
+            values = {col: with_interval(run.metrics, key) for col, key in METRICS.items()}
             table_rows.append({
                 "model": row.label,
                 "setting": SETTINGS[setting],
-                "what was run": describe(config, facts, provenance.get("weights_origin")),
+                "what was run": describe(config, run.facts, run.weights_origin),
                 **values,
-                "test items": metrics.get("n_images"),
-                "minutes": f"{facts.get('wall_clock_seconds_this_session', 0.0) / 60:.1f}",
+                "test items": run.metrics.get("n_images"),
+                "minutes": f"{(run.facts.wall_clock_seconds_this_session or 0.0) / 60:.1f}",
             })
             records.append({"row": row.label, "setting": setting, "config": row.config,
-                            "run_dir": str(run_dir), "metrics": {c: values[c] for c in METRICS},
-                            "test_items": metrics.get("n_images"), "facts": facts})
+                            "run_dir": str(run.run_dir), "metrics": {c: values[c] for c in METRICS},
+                            "test_items": run.metrics.get("n_images"), "facts": run.facts.to_dict()})
     paper = [{"model": r["model"], "setting": PAPER_SETTING, "what was run": PAPER_RUN,
               "precision": r["precision"], "recall": r["recall"], "accuracy": r["accuracy"]}
              for r in PAPER_ROWS]

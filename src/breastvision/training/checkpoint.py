@@ -1,20 +1,28 @@
-"""Reading a run's checkpoints back: ``checkpoints/last.ckpt`` to resume, ``best.ckpt`` at the end.
+"""A run's checkpoints: ``checkpoints/last.ckpt`` to resume, ``best.ckpt`` (the model at its
+best-on-validation epoch) at the end; written after every epoch (:func:`save_epoch`), read back here.
 
 ``last.ckpt`` holds everything a run needs to continue (model, optimizer, scheduler, epoch,
 history, best score, config); ``best.ckpt`` only the best epoch's model and that epoch, which is
 all the final evaluation needs. Both are read with ``weights_only=True`` pinned
 (``models.weights.load_torch_file``), so a checkpoint from elsewhere cannot run code whatever the
-installed torch's default, and anything else given to ``--resume`` is named for what it is.
+installed torch's default, and anything else given to ``--resume`` is named for what it is. A
+checkpoint resumes only under the config it was started with, by the one rule of
+``run_record.config_differences``; ``train`` settings (more epochs, another schedule) may change.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lightning.fabric import Fabric
+from torch import nn
 
 from breastvision.errors import BreastvisionError
 from breastvision.models.weights import load_torch_file
 from breastvision.training.config import ExperimentConfig
+from breastvision.training.run_record import config_differences
 
 #: What ``last.ckpt`` holds besides the model: resuming needs every one of them.
 RESUME_KEYS = ("optimizer", "scheduler", "epoch", "history", "best", "config")
@@ -59,10 +67,45 @@ def check_resumable(checkpoint: dict[str, Any], config: ExperimentConfig, path: 
         raise BreastvisionError(
             f"{path} is not a breastvision checkpoint ({', '.join(wrong)} of the wrong type)"
         )
-    saved, now = checkpoint["config"], config.to_dict()
-    changed = [s for s in ("data", "model") if saved.get(s) != now[s]]
+    changed = config_differences(checkpoint["config"], config, may_differ=("train",))
     if changed:
+        sections = sorted({c.split(":")[0].split(".")[0] for c in changed})
         raise BreastvisionError(
-            f"{path} was trained with different {' and '.join(changed)} settings; resume with the config "
-            "it was started with (only train settings such as epochs may change)"
+            f"{path} was trained with different {' and '.join(sections)} settings "
+            f"({'; '.join(changed[:3])}); resume with the config it was started with (only train "
+            "settings such as epochs may change)"
         )
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from epoch to epoch, and what ``last.ckpt`` restores."""
+
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    #: The best epoch so far: ``epoch``, ``score`` (higher is better), ``val_loss``, ``val_acc``.
+    best: dict[str, Any] | None = None
+
+
+def restore(checkpoint: dict[str, Any], optimizer: Any, scheduler: Any) -> LoopState:
+    """Optimizer and scheduler state from a checkpoint :func:`check_resumable` accepted; the loop's."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    return LoopState(checkpoint["epoch"], checkpoint["history"], checkpoint["best"])
+
+
+def save_epoch(
+    fabric: Fabric, folder: Path, model: nn.Module, optimizer: Any, scheduler: Any,
+    state: LoopState, config: ExperimentConfig, improved: bool,
+) -> None:
+    """``last.ckpt`` after every epoch, ``best.ckpt`` when the epoch ``improved`` on the best."""
+    if improved:
+        fabric.save(folder / "best.ckpt", {"model": model, "epoch": state.epoch})
+    fabric.save(folder / "last.ckpt", {
+        "model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": state.epoch,
+        "history": state.history, "best": state.best, "config": config.to_dict(),
+    })
+
+
+def load_best(folder: Path, model: nn.Module) -> None:
+    model.load_state_dict(read_checkpoint(folder / "best.ckpt")["model"])

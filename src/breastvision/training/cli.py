@@ -51,6 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--data", type=Path, metavar="DIR",
+        help="data root that relative data.source folders are read from (sets data.root; default: "
+        "$BREASTVISION_DATA, else ../shared/data, else ./data)",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -60,14 +65,20 @@ def _overrides(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def overrides(args: argparse.Namespace) -> list[str]:
+    """``--data`` as the ``data.root`` override, then the ``--set`` ones (which win)."""
+    data = [f"data.root={Path(args.data).expanduser().resolve()}"] if args.data else []
+    return [*data, *args.overrides]
+
+
 def run_train(args: argparse.Namespace) -> int:
     from breastvision.evaluation.report import print_run_headline
     from breastvision.training.config import load_config
     from breastvision.training.engine import train
 
-    run_dir = train(load_config(args.config, args.overrides), resume=args.resume, out=args.out)
+    record = train(load_config(args.config, overrides(args)), resume=args.resume, out=args.out)
     if _first_process():
-        print_run_headline(run_dir)
+        print_run_headline(record.run_dir)
     return 0
 
 
@@ -75,7 +86,7 @@ def run_crossval(args: argparse.Namespace) -> int:
     from breastvision.evaluation.report import print_run_headline
     from breastvision.training.crossval import run_crossval as crossval
 
-    print_run_headline(crossval(args.config, args.folds, args.overrides, args.out))
+    print_run_headline(crossval(args.config, args.folds, overrides(args), args.out).out_dir)
     return 0
 
 
@@ -83,7 +94,7 @@ def run_transfer(args: argparse.Namespace) -> int:
     from breastvision.evaluation.report import print_run_headline
     from breastvision.training.transfer import run_chain
 
-    print_run_headline(run_chain(args.config, args.overrides, args.out)[-1])
+    print_run_headline(run_chain(args.config, overrides(args), args.out)[-1].run_dir)
     return 0
 
 

@@ -188,7 +188,7 @@ class ExperimentConfig:
     stage: str | None = None
     output_dir: str = "runs/{name}"
     #: Folder that relative weight files are looked up in; ``None``: ``$BREASTVISION_WEIGHTS``,
-    #: else ``../shared/weights``.
+    #: else ``weights/`` beside the data root (:func:`weights_root`).
     weights_root: str | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -202,13 +202,19 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
-def weights_root(explicit: str | os.PathLike | None = None) -> Path:
-    """Where relative weight files live: ``explicit``, ``$BREASTVISION_WEIGHTS``, ``../shared/weights``."""
+def weights_root(
+    explicit: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None
+) -> Path:
+    """Where relative weight files live: ``explicit`` (the config's ``weights_root``), else
+    ``$BREASTVISION_WEIGHTS``, else ``weights/`` beside the data root (``paths.data_root(data_root)``;
+    ``../shared/weights`` beside ``../shared/data``), so that it follows ``--data``."""
+    from breastvision.paths import data_root as find_data_root
+
     if explicit:
         return Path(explicit).expanduser()
     if os.environ.get(WEIGHTS_ENV_VAR):
         return Path(os.environ[WEIGHTS_ENV_VAR]).expanduser()
-    return Path.cwd().parent / "shared" / "weights"
+    return find_data_root(data_root).expanduser().resolve().parent / "weights"
 
 
 def resolve_weights(value: str | None, root: Path) -> str | None:
@@ -304,23 +310,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentC
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read a YAML config (following ``extends``), apply ``overrides``, validate."""
-    path = Path(path)
+    """Read a YAML config (following ``extends``), apply ``overrides``, validate. A file name
+    that does not exist here is looked up among the shipped configs (``paths.config_path``)."""
+    from breastvision.paths import config_path
+
+    path = config_path(path)
     return config_from_dict(apply_overrides(read_yaml(path), overrides), str(path))
-
-
-def save_config(config: ExperimentConfig, path: str | os.PathLike) -> Path:
-    """Write the fully resolved config (every default spelled out) as YAML."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(plain(config.to_dict()), sort_keys=False))
-    return path
-
-
-def plain(value: Any) -> Any:
-    """Tuples to lists, recursively, so that ``yaml.safe_dump`` writes plain YAML."""
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value

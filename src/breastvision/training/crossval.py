@@ -4,7 +4,7 @@
 A fold whose folder holds ``model.safetensors`` is finished and reused, and one holding only
 ``checkpoints/last.ckpt`` is resumed, so an interrupted cross-validation continues where it
 stopped (and a fold trained by hand with ``breastvision train --out out/fold0`` counts, as long as
-its configuration is the same).
+its configuration is the same: ``RunRecord.check_matches``).
 
 :func:`aggregate_runs` pools the out-of-fold test predictions — every image is tested exactly once,
 by the model that never saw it — into one metrics dict (``evaluate_predictions``: one confusion
@@ -16,74 +16,56 @@ of per-fold accuracies weighs a small fold like a large one.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from breastvision.data.records import PATIENT_GROUPINGS
 from breastvision.errors import BreastvisionError
-from breastvision.paths import file_sha256
+from breastvision.training.run_record import RunRecord
 
 log = logging.getLogger(__name__)
 
 #: Headline metrics whose per-fold mean ± sd is reported (dotted paths into a metrics dict).
 FOLD_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auc", "patient.P_arp")
-#: Settings that may differ between a finished fold and the rest of the cross-validation: they
-#: change speed and display, not results.
-_FREE_KEYS = {
-    "train": ("threads", "progress", "num_workers", "cache_backend"),
-    "data": ("fold", "num_workers"),
-}
 
 
 def fold_overrides(folds: int, fold: int) -> list[str]:
     return [f"data.split.options.k={folds}", f"data.fold={fold}"]
 
 
-def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The parts of a resolved config that must agree across folds."""
-    out = json.loads(json.dumps(config, default=str))
-    for section, keys in _FREE_KEYS.items():
-        for key in keys:
-            out.get(section, {}).pop(key, None)
-    out.pop("output_dir", None)
-    return out
-
-
-def check_same_setup(run_dir: Path, config: Any) -> None:
-    """Refuse to reuse a finished run whose saved configuration differs in anything but speed."""
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        raise BreastvisionError(f"{run_dir} holds a model but no config.yaml: not a breastvision run")
-    saved = yaml.safe_load(saved_path.read_text())
-    if _comparable(saved) != _comparable(config.to_dict()):
-        raise BreastvisionError(
-            f"{run_dir} was trained with a different configuration; remove it or choose another --out"
-        )
-
-
-def train_or_reuse(config: Any, run_dir: Path, label: str) -> Path:
-    """Train ``config`` into ``run_dir`` unless a finished run of the same setup is there (reused,
-    see ``check_same_setup``); an interrupted one (``checkpoints/last.ckpt``) is resumed. ``label``
-    names the run in the log. Returns ``run_dir``."""
+def train_or_reuse(config: Any, run_dir: Path, label: str) -> RunRecord:
+    """Train ``config`` into ``run_dir`` unless a finished run of the same config is there (reused;
+    one of another config is an error, ``RunRecord.check_matches``); an interrupted one
+    (``checkpoints/last.ckpt``) is resumed. ``label`` names the run in the log."""
     from breastvision.training.engine import train
 
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if (run_dir / "model.safetensors").is_file():
-        check_same_setup(run_dir, config)
+    if RunRecord.is_finished(run_dir):
+        record = RunRecord.load(run_dir)
+        record.check_matches(config)
         log.info(f"{label}: finished already ({run_dir})")
-    else:
-        log.info(f"{label}: {'resuming' if last.is_file() else 'training'} in {run_dir}")
-        train(config, resume=last if last.is_file() else None, out=run_dir)
-    return run_dir
+        return record
+    last = run_dir / "checkpoints" / "last.ckpt"
+    log.info(f"{label}: {'resuming' if last.is_file() else 'training'} in {run_dir}")
+    train(config, resume=last if last.is_file() else None, out=run_dir)
+    return RunRecord.load(run_dir)
+
+
+@dataclass
+class CrossValidation:
+    """A finished cross-validation: the folder of the pooled report, the folds' runs and
+    :func:`aggregate_runs`' summary."""
+
+    out_dir: Path
+    runs: list[RunRecord]
+    summary: dict[str, Any]
 
 
 def run_crossval(
@@ -93,9 +75,9 @@ def run_crossval(
     out: str | os.PathLike | None = None,
     *,
     title: str | None = None,
-) -> Path:
+) -> CrossValidation:
     """Train every fold of a ``group_kfold`` config (finished folds reused) and write the pooled
-    report into ``out`` (default: the config's run folder). Returns ``out``."""
+    report into ``out`` (default: the config's run folder)."""
     from breastvision.training.config import load_config
 
     if folds < 2:
@@ -107,7 +89,7 @@ def run_crossval(
             f"(got {first.data.split.protocol}); add --set data.split.protocol=group_kfold"
         )
     out_dir = Path(out).expanduser() if out is not None else first.run_dir
-    run_dirs = [
+    runs = [
         train_or_reuse(
             load_config(config_path, [*overrides, *fold_overrides(folds, fold)]),
             out_dir / f"fold{fold}",
@@ -115,26 +97,8 @@ def run_crossval(
         )
         for fold in range(folds)
     ]
-    aggregate_runs(run_dirs, out_dir, title=title or f"{first.name}: {folds}-fold cross-validation")
-    return out_dir
-
-
-def read_predictions(run_dir: Path) -> tuple[list[str], list[str], np.ndarray, np.ndarray, list[str]]:
-    """A run's ``predictions.csv``: keys, groups, true labels (indices), probabilities, class names."""
-    path = run_dir / "predictions.csv"
-    if not path.is_file():
-        raise BreastvisionError(f"{run_dir} has no predictions.csv: not a finished run")
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        raise BreastvisionError(f"{path} holds no predictions")
-    names = [k.removeprefix("prob_") for k in rows[0] if k.startswith("prob_")]
-    unknown = {r["true_label"] for r in rows} - set(names)
-    if unknown:
-        raise BreastvisionError(f"{path}: labels {sorted(unknown)} have no probability column")
-    probs = np.array([[float(r[f"prob_{c}"]) for c in names] for r in rows])
-    labels = np.array([names.index(r["true_label"]) for r in rows])
-    return [r["path"] for r in rows], [r["group"] for r in rows], labels, probs, names
+    summary = aggregate_runs(runs, out_dir, title=title or f"{first.name}: {folds}-fold cross-validation")
+    return CrossValidation(out_dir, runs, summary)
 
 
 def _mean_sd(values: Sequence[float | None]) -> dict[str, float] | None:
@@ -150,12 +114,68 @@ def _seconds(value: float | None) -> str | None:
     return None if value is None else f"{value:.0f}"
 
 
-def _json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+@dataclass
+class _Pooled:
+    """The runs' test predictions, concatenated."""
+
+    keys: list[str]
+    groups: list[str]
+    y_true: np.ndarray
+    probs: np.ndarray
+    class_names: list[str]
+
+
+def _pool(runs: Sequence[RunRecord]) -> _Pooled:
+    """Concatenate the runs' predictions; their classes must agree and their test images differ."""
+    parts = [r.predictions for r in runs]
+    names = parts[0].class_names
+    for run, part in zip(runs, parts, strict=True):
+        if part.class_names != names:
+            raise BreastvisionError(f"{run.run_dir} has classes {part.class_names}, the other runs {names}")
+    keys = [k for p in parts for k in p.keys]
+    repeated = len(keys) - len(set(keys))
+    if repeated:
+        raise BreastvisionError(
+            f"{repeated} test images appear in more than one run: pooling needs disjoint test sets (folds)"
+        )
+    return _Pooled(keys, [g for p in parts for g in p.groups], np.concatenate([p.y_true for p in parts]),
+                   np.concatenate([p.probs for p in parts]), names)
+
+
+def _fold_row(run: RunRecord) -> dict[str, Any]:
+    from breastvision.evaluation.report import lookup
+
+    split = run.split
+    return {
+        "run_dir": str(run.run_dir),
+        "n_test": len(run.predictions.keys),
+        "split_sha256": split.sha256 if split else None,
+        "split_protocol": split.protocol if split else None,
+        "leaky": split.leaky if split else None,
+        "wall_clock_seconds": run.facts.wall_clock_seconds_this_session,
+        "best_epoch": run.facts.best_epoch,
+        **{m: lookup(run.metrics, m) for m in FOLD_METRICS},
+    }
+
+
+def _folds_section(per_fold: list[dict[str, Any]], mean_sd: dict[str, Any], wall: float | None) -> str:
+    from breastvision.evaluation.report import markdown_table
+
+    shown = [m for m in FOLD_METRICS if m in mean_sd]  # no patient column without patients
+    header = ["fold", "run folder", "test images", "split SHA-256", "best epoch", "seconds", *shown]
+    rows = [[i, f["run_dir"], f["n_test"], f["split_sha256"], f["best_epoch"],
+             _seconds(f["wall_clock_seconds"]), *(f[m] for m in shown)] for i, f in enumerate(per_fold)]
+    spread = ["mean ± sd", "", sum(f["n_test"] for f in per_fold), "", "", _seconds(wall),
+              *(f"{mean_sd[m]['mean']:.3f} ± {mean_sd[m]['sd']:.3f}" for m in shown)]
+    return (
+        "## Folds\n\nThe metrics above pool every fold's out-of-fold test predictions "
+        "([predictions.csv](predictions.csv)); each fold's own numbers, and their mean ± sample sd:\n\n"
+        + markdown_table(header, [*rows, spread])
+    )
 
 
 def aggregate_runs(
-    run_dirs: Sequence[str | os.PathLike],
+    runs: Sequence[RunRecord | str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
     title: str = "cross-validation",
@@ -164,109 +184,47 @@ def aggregate_runs(
 ) -> dict[str, Any]:
     """Pool the runs' test predictions into one report folder (``out_dir``) and return a summary.
 
-    The runs must test disjoint images (the folds of one cross-validation); their class lists must
-    agree. The summary (also ``crossval.json``) holds ``pooled`` (``evaluate_predictions``' dict),
-    ``per_fold`` (each fold's headline metrics, split file hash, wall-clock), ``mean_sd``
-    and ``wall_clock_seconds`` (the sum of the folds' training sessions).
+    The runs (records or run folders) must test disjoint images (the folds of one
+    cross-validation); their class lists must agree. The summary (also ``crossval.json``) holds
+    ``pooled`` (``evaluate_predictions``' dict), ``per_fold`` (each fold's headline metrics, split
+    file hash, wall-clock), ``mean_sd`` and ``wall_clock_seconds`` (the sum of the folds' training
+    sessions).
     """
-    from breastvision.evaluation.report import (
-        evaluate_predictions,
-        lookup,
-        markdown_table,
-        write_predictions_csv,
-        write_report,
-    )
+    from breastvision.evaluation.report import evaluate_predictions, write_predictions_csv, write_report
 
-    dirs = [Path(d) for d in run_dirs]
-    if not dirs:
+    records = [r if isinstance(r, RunRecord) else RunRecord.load(r) for r in runs]
+    if not records:
         raise BreastvisionError("aggregate_runs needs at least one run folder")
-    keys: list[str] = []
-    groups: list[str] = []
-    labels, probs = [], []
-    names: list[str] | None = None
-    per_fold: list[dict[str, Any]] = []
-    groupings = set()
-    for run_dir in dirs:
-        k, g, y, p, fold_names = read_predictions(run_dir)
-        if names is not None and fold_names != names:
-            raise BreastvisionError(f"{run_dir} has classes {fold_names}, the other runs {names}")
-        names = fold_names
-        keys += k
-        groups += g
-        labels.append(y)
-        probs.append(p)
-        split = _json(run_dir / "split.json")
-        groupings.add(split.get("grouping"))
-        metrics = _json(run_dir / "metrics.json")
-        facts = _json(run_dir / "provenance.json").get("facts", {})
-        per_fold.append({
-            "run_dir": str(run_dir),
-            "n_test": len(k),
-            "split_sha256": file_sha256(run_dir / "split.json") if split else None,
-            "split_protocol": split.get("protocol"),
-            "leaky": split.get("leaky"),
-            "wall_clock_seconds": facts.get("wall_clock_seconds_this_session"),
-            "best_epoch": facts.get("best_epoch"),
-            **{m: lookup(metrics, m) for m in FOLD_METRICS},
-        })
-    repeated = len(keys) - len(set(keys))
-    if repeated:
-        raise BreastvisionError(
-            f"{repeated} test images appear in more than one run: pooling needs disjoint test sets (folds)"
-        )
-    assert names is not None
-    y_all = np.concatenate(labels)
-    p_all = np.concatenate(probs)
-    patient_groups = groups if groupings <= PATIENT_GROUPINGS else None  # a run without split.json adds None
-    pooled = evaluate_predictions(y_all, p_all, names, patient_groups, n_resamples=n_resamples, seed=seed)
-    mean_sd = {m: _mean_sd([f[m] for f in per_fold]) for m in FOLD_METRICS}
-    mean_sd = {m: v for m, v in mean_sd.items() if v is not None}
+    pooled = _pool(records)
+    groupings = {r.split.grouping if r.split else None for r in records}
+    patient_groups = pooled.groups if groupings <= PATIENT_GROUPINGS else None  # no split.json: None
+    metrics = evaluate_predictions(pooled.y_true, pooled.probs, pooled.class_names, patient_groups,
+                                   n_resamples=n_resamples, seed=seed)
+    per_fold = [_fold_row(r) for r in records]
+    mean_sd = {m: v for m in FOLD_METRICS if (v := _mean_sd([f[m] for f in per_fold])) is not None}
     times = [f["wall_clock_seconds"] for f in per_fold if f["wall_clock_seconds"] is not None]
     wall = float(sum(times)) if times else None
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_predictions_csv(out / "predictions.csv", keys, y_all, p_all, names, groups)
+    write_predictions_csv(out / "predictions.csv", pooled.keys, pooled.y_true, pooled.probs,
+                          pooled.class_names, pooled.groups)
     hashes = {f["split_sha256"] for f in per_fold}
     # One split file serves every fold of a k-fold split: copy it into the report when they agree.
-    shared_split = dirs[0] / "split.json" if len(hashes) == 1 and None not in hashes else None
+    shared_split = records[0].split.file if len(hashes) == 1 and None not in hashes else None
     facts = {
-        "folds": len(dirs),
-        "images pooled": len(keys),
+        "folds": len(records),
+        "images pooled": len(pooled.keys),
         "wall-clock, sum of the folds' training sessions (s)": round(wall, 1) if wall is not None else None,
         "aggregated": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    report = write_report(
-        out,
-        metrics=pooled,
-        config=dirs[0] / "config.yaml" if (dirs[0] / "config.yaml").is_file() else None,
-        split_info=shared_split,
-        weights_origin=_json(dirs[0] / "provenance.json").get("weights_origin"),
-        class_names=names,
-        y_true=y_all,
-        probs=p_all,
-        facts=facts,
-        title=title,
+    write_report(
+        out, metrics=metrics, config=records[0].config, split_info=shared_split,
+        weights_origin=records[0].weights_origin, class_names=pooled.class_names, y_true=pooled.y_true,
+        probs=pooled.probs, facts=facts, title=title,
+        extra_sections=[_folds_section(per_fold, mean_sd, wall)],
     )
-    shown = [m for m in FOLD_METRICS if m in mean_sd]  # no patient column without patients
-    header = ["fold", "run folder", "test images", "split SHA-256", "best epoch", "seconds", *shown]
-    rows = [[i, f["run_dir"], f["n_test"], f["split_sha256"], f["best_epoch"],
-             _seconds(f["wall_clock_seconds"]), *(f[m] for m in shown)] for i, f in enumerate(per_fold)]
-    spread = ["mean ± sd", "", sum(f["n_test"] for f in per_fold), "", "", _seconds(wall),
-              *(f"{mean_sd[m]['mean']:.3f} ± {mean_sd[m]['sd']:.3f}" for m in shown)]
-    folds_section = (
-        "## Folds\n\nThe metrics above pool every fold's out-of-fold test predictions "
-        "([predictions.csv](predictions.csv)); each fold's own numbers, and their mean ± sample sd:\n\n"
-        + markdown_table(header, [*rows, spread])
-    )
-    report.write_text(report.read_text() + "\n" + folds_section + "\n")
-    summary = {
-        "title": title,
-        "class_names": names,
-        "pooled": pooled,
-        "per_fold": per_fold,
-        "mean_sd": mean_sd,
-        "wall_clock_seconds": wall,
-    }
+    summary = {"title": title, "class_names": pooled.class_names, "pooled": metrics, "per_fold": per_fold,
+               "mean_sd": mean_sd, "wall_clock_seconds": wall}
     (out / "crossval.json").write_text(json.dumps(summary, indent=1, default=float))
     return summary

@@ -37,20 +37,20 @@ import logging
 import os
 from pathlib import Path
 
-import yaml
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
 from breastvision.errors import BreastvisionError
+from breastvision.paths import config_path
 from breastvision.training.config import (
     ExperimentConfig,
     apply_overrides,
     config_from_dict,
     format_validation_error,
-    plain,
     read_yaml,
 )
 from breastvision.training.engine import train
+from breastvision.training.run_record import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class ChainConfig:
 
 
 def load_chain(path: str | os.PathLike) -> ChainConfig:
-    path = Path(path)
+    path = config_path(path)
     try:
         chain = ChainConfig(**read_yaml(path))
     except ValidationError as err:
@@ -112,7 +112,7 @@ def stage_configs(
 ) -> list[ExperimentConfig]:
     """The resolved config of every stage of a chain file, each writing to ``<out>/<stage name>``
     and starting from the previous stage's model file."""
-    path = Path(path)
+    path = config_path(path)
     chain = load_chain(path)
     root = Path(out).expanduser() if out else Path(chain.output_dir.format(name=chain.name)).expanduser()
     names = [s.name for s in chain.stages]
@@ -130,15 +130,15 @@ def stage_configs(
     return configs
 
 
-def _finished(config: ExperimentConfig) -> bool:
-    """Whether the stage's folder holds a finished run of exactly this config; an error when it holds
-    a finished run of another config (reusing that would silently change the experiment)."""
-    if not (config.run_dir / "model.safetensors").is_file():
-        return False
-    saved = config.run_dir / "config.yaml"
-    now = yaml.safe_load(yaml.safe_dump(plain(config.to_dict())))
-    if saved.is_file() and yaml.safe_load(saved.read_text()) == now:
-        return True
+def _finished(config: ExperimentConfig) -> RunRecord | None:
+    """The stage's finished run when its folder holds one of this config (``RunRecord.matches``);
+    an error when it holds a finished run of another config (reusing that would silently change
+    the experiment)."""
+    if not RunRecord.is_finished(config.run_dir):
+        return None
+    record = RunRecord.load(config.run_dir)
+    if record.config is not None and record.matches(config):
+        return record
     raise BreastvisionError(
         f"{config.run_dir} holds a finished stage '{config.stage}' trained with another config; "
         "remove it or choose another --out"
@@ -147,14 +147,15 @@ def _finished(config: ExperimentConfig) -> bool:
 
 def run_chain(
     path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), out: str | os.PathLike | None = None
-) -> list[Path]:
-    """Train every stage of a chain in order (reusing finished ones); return their run folders."""
-    run_dirs = []
+) -> list[RunRecord]:
+    """Train every stage of a chain in order (reusing finished ones); return their run records."""
+    records = []
     for config in stage_configs(path, overrides, out):
-        if _finished(config):
-            log.info(f"stage {config.stage}: reusing {config.run_dir / 'model.safetensors'}")
-            run_dirs.append(config.run_dir)
-            continue
-        log.info(f"stage {config.stage}: training into {config.run_dir}")
-        run_dirs.append(train(config))
-    return run_dirs
+        record = _finished(config)
+        if record is not None:
+            log.info(f"stage {config.stage}: reusing {record.model_file}")
+        else:
+            log.info(f"stage {config.stage}: training into {config.run_dir}")
+            record = train(config)
+        records.append(record)
+    return records

@@ -140,6 +140,10 @@ class ViewDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def labels(self) -> list[int]:
+        return [item.record.label for item in self.items]
+
     def __len__(self) -> int:
         return len(self.items)
 

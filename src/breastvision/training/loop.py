@@ -1,0 +1,286 @@
+"""The training loop, in the spirit of torchvision's ``references/classification``: a sampler,
+:func:`train_one_epoch`, :func:`evaluate` and :func:`fit` (epochs, model selection, checkpoints).
+
+Randomness: the generators are re-seeded from (seed, epoch, rank) at the start of every epoch and
+the batch order is a function of (seed, epoch), so a resumed run continues exactly as an
+uninterrupted one, and cached and uncached training see the same batches and dropout masks.
+
+Evaluation in several processes shards the items without padding (process ``r`` takes items
+``r, r + w, …``), gathers logits with their item indices and checks every item came back exactly
+once — unlike ``DistributedSampler``, which pads with duplicates.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric import Fabric
+from lightning.fabric.utilities.seed import seed_everything
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from breastvision.errors import BreastvisionError
+from breastvision.training.checkpoint import LoopState, save_epoch
+from breastvision.training.config import ExperimentConfig, TrainConfig
+from breastvision.training.progress import progress_bar
+from breastvision.training.views import ViewDataset, derive_seed
+
+log = logging.getLogger(__name__)
+
+
+class EpochSampler(Sampler[int]):
+    """This process's share of ``n`` items: shuffled by (seed, epoch) or in order.
+
+    With ``pad`` (training) every process gets the same number of items, as DDP needs the same
+    number of steps everywhere; without (evaluation) nothing is duplicated.
+    """
+
+    def __init__(self, n: int, rank: int, world: int, seed: int, shuffle: bool, pad: bool):
+        self.n, self.rank, self.world, self.seed = n, rank, world, seed
+        self.shuffle, self.pad = shuffle, pad
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.pad and order and len(order) % self.world:
+            order += order[: self.world - len(order) % self.world]
+        return order[self.rank :: self.world]
+
+    def __iter__(self):
+        return iter(self._order())
+
+    def __len__(self) -> int:
+        total = math.ceil(self.n / self.world) * self.world if self.pad else self.n
+        return len(range(self.rank, total, self.world))
+
+
+class FeatureDataset(Dataset):
+    """Cached prefix outputs as ``(features, label, index)`` items."""
+
+    def __init__(self, features: torch.Tensor, labels: Sequence[int]):
+        self.features = features
+        self.labels = list(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        return self.features[index], self.labels[index], index
+
+
+def make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if not params:
+        raise BreastvisionError("nothing to train: every parameter is frozen")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_scheduler(
+    config: TrainConfig, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if config.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def make_loader(
+    dataset: Dataset, fabric: Fabric, batch_size: int, seed: int, train: bool, num_workers: int
+) -> tuple[DataLoader, EpochSampler]:
+    sampler = EpochSampler(
+        len(dataset), fabric.global_rank, fabric.world_size, seed, shuffle=train, pad=train
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        # A last training batch of one image breaks BatchNorm; the order changes every epoch, so
+        # every image is still seen (timm's choice too). Evaluation keeps every item.
+        drop_last=train and len(sampler) >= batch_size,
+        num_workers=num_workers,
+        pin_memory=fabric.device.type == "cuda",
+    )
+    # Not ``fabric.setup_dataloaders``: its loader calls ``sampler.set_epoch`` with its own count of
+    # iterations, which restarts at 0 in a resumed run; batches are moved to the device in the loops.
+    return loader, sampler
+
+
+def train_one_epoch(
+    fabric: Fabric,
+    model: nn.Module,
+    prefix: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    description: str = "train",
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """One pass over ``loader``; mean loss and accuracy over every process's samples."""
+    model.train()
+    totals = torch.zeros(3, dtype=torch.float64, device=fabric.device)  # loss sum, correct, count
+    with progress_bar(fabric, len(loader), description, show_progress) as bar:
+        for x, y, _ in loader:
+            x, y = fabric.to_device((x, y))
+            with fabric.autocast():
+                with torch.no_grad():
+                    x = prefix(x)
+                logits = model(x)
+                loss = loss_fn(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            fabric.backward(loss)
+            optimizer.step()
+            n = y.numel()
+            totals += torch.stack(
+                [
+                    loss.detach().double() * n,
+                    (logits.argmax(1) == y).sum().double(),
+                    torch.tensor(n, dtype=torch.float64, device=fabric.device),
+                ]
+            )
+            bar.advance(loss=float(totals[0] / totals[2]), acc=float(totals[1] / totals[2]))
+    totals = fabric.all_reduce(totals, reduce_op="sum")
+    return {"loss": float(totals[0] / totals[2]), "acc": float(totals[1] / totals[2])}
+
+
+@torch.no_grad()
+def evaluate(
+    fabric: Fabric, model: nn.Module, prefix: nn.Module, loader: DataLoader, n_items: int, num_classes: int
+) -> torch.Tensor:
+    """Float32 logits of all ``n_items`` items in item order, gathered from every process.
+
+    Each process's loader must hold items ``rank, rank + world, …`` (``EpochSampler`` without
+    padding); the gathered indices are checked to cover every item exactly once.
+    """
+    model.eval()
+    shard = math.ceil(n_items / fabric.world_size)
+    logits = torch.zeros(shard, num_classes, device=fabric.device)
+    index = torch.full((shard,), -1, dtype=torch.long, device=fabric.device)
+    filled = 0
+    for x, _, idx in loader:
+        with fabric.autocast():
+            out = model(prefix(fabric.to_device(x))).float()
+        logits[filled : filled + len(out)] = out
+        index[filled : filled + len(out)] = idx
+        filled += len(out)
+    if fabric.world_size > 1:
+        # Equal-sized shards for all_gather; the padding rows carry index -1 and are dropped.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*all_gather is deprecated")  # Lightning's own call
+            logits = fabric.all_gather(logits).reshape(-1, num_classes)
+            index = fabric.all_gather(index).reshape(-1)
+    keep = index >= 0
+    logits, index = logits[keep], index[keep]
+    order = torch.argsort(index)
+    if not torch.equal(index[order].cpu(), torch.arange(n_items)):
+        raise RuntimeError(f"evaluation gathered {len(index)} predictions for {n_items} items, not each once")
+    return logits[order].cpu()
+
+
+def average_per_target(probs: torch.Tensor, targets: list[int]) -> np.ndarray:
+    """Mean probability over the views that share a target (test-time augmentation)."""
+    index = torch.tensor(targets)
+    n = int(index.max()) + 1
+    sums = torch.zeros(n, probs.shape[1], dtype=torch.float64).index_add_(0, index, probs.double())
+    counts = torch.bincount(index, minlength=n).double().unsqueeze(1)
+    return (sums / counts).numpy()
+
+
+def score(monitor: str, val_loss: float, val_acc: float) -> list[float]:
+    """Higher is better; ties on the monitored value go to the other one."""
+    return [val_acc, -val_loss] if monitor == "val_acc" else [-val_loss, val_acc]
+
+
+@dataclass
+class Loop:
+    """Everything an epoch touches. ``trainable`` is the Fabric-wrapped trainable suffix and
+    ``prefix`` the frozen part still to run (``nn.Identity`` when its outputs are cached); ``model``
+    is the whole model, which the checkpoints hold."""
+
+    fabric: Fabric
+    model: nn.Module
+    trainable: nn.Module
+    prefix: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    num_classes: int
+    show: bool
+
+
+def _epoch(loop: Loop, train_loader: DataLoader, val_loader: DataLoader, val_labels: torch.Tensor,
+           epoch: int, tc: TrainConfig) -> dict[str, Any]:
+    """Train one epoch and validate; returns the row history.csv gets."""
+    t0 = time.perf_counter()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    fit = train_one_epoch(loop.fabric, loop.trainable, loop.prefix, train_loader, loop.optimizer, loss_fn,
+                          f"epoch {epoch + 1}/{tc.epochs}", loop.show)
+    val_logits = evaluate(loop.fabric, loop.trainable, loop.prefix, val_loader, len(val_labels),
+                          loop.num_classes)
+    val_loss = float(nn.functional.cross_entropy(val_logits, val_labels))
+    val_acc = float((val_logits.argmax(1) == val_labels).float().mean())
+    return {"epoch": epoch + 1, "train_loss": fit["loss"], "train_acc": fit["acc"], "val_loss": val_loss,
+            "val_acc": val_acc, "lr": loop.optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0}
+
+
+def write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def fit(
+    loop: Loop, config: ExperimentConfig, datasets: dict[str, Dataset], workers: int,
+    state: LoopState, run_dir: Path, say: Callable[[str], None],
+) -> LoopState:
+    """Train from ``state.epoch`` to ``train.epochs``, keeping the best-on-validation weights
+    (``train.monitor``) and a resumable checkpoint after every epoch; returns the final state."""
+    tc, fabric = config.train, loop.fabric
+    eval_batch = tc.eval_batch_size or tc.batch_size
+    train_loader, sampler = make_loader(datasets["train"], fabric, tc.batch_size, tc.seed, True, workers)
+    val_loader, _ = make_loader(datasets["val"], fabric, eval_batch, tc.seed, False, workers)
+    val_labels = torch.tensor(datasets["val"].labels)
+    for epoch in range(state.epoch, tc.epochs):
+        seed_everything(derive_seed(tc.seed, "epoch", epoch, fabric.global_rank) % 2**32, verbose=False)
+        sampler.set_epoch(epoch)
+        if isinstance(datasets["train"], ViewDataset):
+            datasets["train"].set_epoch(epoch)
+        row = _epoch(loop, train_loader, val_loader, val_labels, epoch, tc)
+        loop.scheduler.step()
+        state.epoch = epoch + 1
+        state.history.append(row)
+        value = score(tc.monitor, row["val_loss"], row["val_acc"])
+        improved = state.best is None or value > state.best["score"]
+        if improved:
+            state.best = {"epoch": epoch + 1, "score": value, "val_loss": row["val_loss"],
+                          "val_acc": row["val_acc"]}
+        save_epoch(fabric, run_dir / "checkpoints", loop.model, loop.optimizer, loop.scheduler,
+                               state, config, improved)
+        fabric.log_dict(row, step=epoch + 1)
+        if fabric.is_global_zero:
+            write_history(run_dir / "history.csv", state.history)
+        say(f"epoch {epoch + 1}/{tc.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | "
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}{' *' if improved else ''}")
+    return state
