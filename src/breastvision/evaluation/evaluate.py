@@ -32,6 +32,7 @@ import argparse
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,11 +110,14 @@ def predict_probs(
     batch_size: int = 32,
     workers: int = 0,
     tta: bool = False,
+    progress: bool = False,
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Softmax probabilities ``(N, C)`` for the image files (or ``(file, view)`` pairs) that could be
     prepared, in order, and the reason for each that could not, by its index in ``items``; with
-    ``tta`` the mean over the 8 dihedral views (``data.transforms.dihedral_tta``)."""
+    ``tta`` the mean over the 8 dihedral views (``data.transforms.dihedral_tta``). ``progress``
+    draws a bar (else slow runs log their pace)."""
     from breastvision.data.transforms import dihedral_tta
+    from breastvision.training.progress import progress_bar
 
     pairs = [item if isinstance(item, tuple) else (item, None) for item in items]
     loader = torch.utils.data.DataLoader(
@@ -122,13 +126,15 @@ def predict_probs(
     )
     model = model.to(device).eval()
     out, failures = [], {}
-    for batch, failed in loader:
-        failures.update(failed)
-        if batch is None:
-            continue
-        batch = batch.to(device, non_blocking=True)
-        probs = dihedral_tta(model, batch) if tta else model(batch).softmax(dim=1)
-        out.append(probs.float().cpu().numpy())
+    with progress_bar(None, len(loader), "evaluating", progress) as bar:
+        for batch, failed in loader:
+            bar.advance()
+            failures.update(failed)
+            if batch is None:
+                continue
+            batch = batch.to(device, non_blocking=True)
+            probs = dihedral_tta(model, batch) if tta else model(batch).softmax(dim=1)
+            out.append(probs.float().cpu().numpy())
     if not out:
         first = min(failures, default=None)
         detail = f": none of the {len(pairs)} could be read, e.g. {pairs[first][0]}: {failures[first]}"
@@ -185,92 +191,163 @@ def _use_patients(choice: str, grouping: str) -> bool:
     return choice == "on" or (choice == "auto" and grouping in PATIENT_GROUPINGS)
 
 
-def run(args: argparse.Namespace) -> int:
-    from breastvision.data.readers import read_dataset
-    from breastvision.evaluation.report import (
-        evaluate_predictions,
-        print_headline,
-        write_predictions_csv,
-        write_report,
-        write_skipped_csv,
-    )
-    from breastvision.models.bundle import ModelBundle
-    from breastvision.paths import file_sha256
+@dataclass
+class Evaluation:
+    """What :func:`evaluate_model` measured and where it wrote the report folder; ``skipped`` lists
+    the files not evaluated (the readers' skips, then images that could not be decoded)."""
 
-    if args.batch_size < 1:
-        raise BreastvisionError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.fold is not None and args.split is None:
+    metrics: dict[str, Any]
+    out_dir: Path
+    report: Path
+    n_images: int
+    skipped: list[Skipped]
+
+
+@dataclass
+class _Inputs:
+    bundle: Any
+    network: torch.nn.Module
+    catalog: Catalog
+    records: list[Record]
+    views: list[str | None]
+
+
+def _inputs(model: Path, source: str, data: str | None, split_file: Path | None, subset: str,
+            fold: int | None) -> _Inputs:
+    from breastvision.data.readers import read_dataset
+    from breastvision.models.bundle import ModelBundle
+
+    if fold is not None and split_file is None:
         raise BreastvisionError("--fold needs --split")
-    bundle = ModelBundle.load(args.model)
-    model = bundle.build_model()  # a model file whose weights do not fit fails before any data is read
-    split = Split.load(args.split) if args.split else None
+    bundle = ModelBundle.load(model)
+    network = bundle.build_model()  # a model file whose weights do not fit fails before any data is read
+    split = Split.load(split_file) if split_file else None
     # A split is checked against the file list it was made for: read with the same options.
     options = split.params.get("read_options", {}) if split else {}
-    catalog = read_dataset(args.source, root=args.data, **options)
-    records, views = select_items(catalog, split, args.subset, args.fold)
+    catalog = read_dataset(source, root=data, **options)
+    records, views = select_items(catalog, split, subset, fold)
     if not records:
-        part = f" (part {args.subset!r} of {args.split})" if args.split else ""
-        raise BreastvisionError(f"no images to evaluate in {args.source}{part}")
-    mapping = class_mapping(catalog.class_names, bundle.class_names, {r.label for r in records})
-    device = resolve_device(args.device)
+        part = f" (part {subset!r} of {split_file})" if split_file else ""
+        raise BreastvisionError(f"no images to evaluate in {source}{part}")
+    return _Inputs(bundle, network, catalog, records, views)
 
-    start = time.perf_counter()
-    probs, failures = predict_probs(model, list(zip([r.path for r in records], views, strict=True)),
-                                    bundle.preprocessing, device=device, batch_size=args.batch_size,
-                                    workers=args.workers, tta=args.tta)
-    seconds = time.perf_counter() - start
-    unreadable = [Skipped(records[i].path, reason) for i, reason in sorted(failures.items())]
-    records, views = _without(records, failures), _without(views, failures)
-    y_true = mapping[[r.label for r in records]]
-    patients = _use_patients(args.patient_level, catalog.grouping)
-    groups = [r.group for r in records]
-    metrics = evaluate_predictions(y_true, probs, bundle.class_names, groups, grouping=catalog.grouping,
-                                   patient_level=patients, positive_class=args.positive,
-                                   n_resamples=args.n_resamples, seed=args.seed)
 
-    part = f"_{args.subset}" + (f"{args.fold}" if args.fold is not None else "") if args.split else ""
-    out = args.out or Path("runs") / "evaluate" / f"{args.model.stem}_{catalog.name}{part}"
-    shown = [catalog.relpath(r) if r.path.is_relative_to(catalog.root) else str(r.path) for r in records]
-    shown = [p if v is None else f"{p}::{v}" for p, v in zip(shown, views, strict=True)]
-    write_predictions_csv(out / "predictions.csv", shown, y_true, probs, bundle.class_names, groups)
-    skipped = [*catalog.skipped, *unreadable]
-    _list_skipped(skipped, write_skipped_csv(out / "skipped.csv", skipped))
-    model_sha = file_sha256(args.model)
-    config = {
-        "command": "evaluate",
-        "model": str(args.model),
-        "model_sha256": model_sha,
-        "source": args.source,
-        "data_root": str(catalog.root),
-        "read_options": catalog.meta.get("read_options", {}),
-        "split": str(args.split) if args.split else None,
-        "subset": args.subset if args.split else None,
-        "fold": args.fold,
-        "tta": args.tta,
-        "device": str(device),
-        "batch_size": args.batch_size,
-        "patient_level": patients,
-        "bootstrap": {"n_resamples": args.n_resamples, "seed": args.seed},
-        "model_file": {k: v for k, v in bundle.metadata().items() if k != "metrics"},
-    }
+def _record(inputs: _Inputs, model_path: Path, settings: dict[str, Any], model: torch.nn.Module,
+            seconds: float, unreadable: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """What the report says about the evaluation: its configuration, facts and weights' origin."""
+    from breastvision.paths import file_sha256
+
+    bundle, catalog, n = inputs.bundle, inputs.catalog, len(inputs.records)
+    model_sha = file_sha256(model_path)
+    config = {"command": "evaluate", "model": str(model_path), "model_sha256": model_sha,
+              "source": settings["source"], "data_root": str(catalog.root),
+              "read_options": catalog.meta.get("read_options", {}), **settings,
+              "model_file": {k: v for k, v in bundle.metadata().items() if k != "metrics"}}
+    patients = settings["patient_level"]
     facts = {
         "parameters": sum(p.numel() for p in model.parameters()),
-        "model file size (MB)": round(args.model.stat().st_size / 2**20, 2),
+        "model file size (MB)": round(model_path.stat().st_size / 2**20, 2),
         "inference time (s)": round(seconds, 2),
-        "images / s": round(len(records) / seconds, 1) if seconds > 0 else None,
-        "device": str(device),
-        "test-time augmentation": "8 dihedral views" if args.tta else "none",
+        "images / s": round(n / seconds, 1) if seconds > 0 else None,
+        "device": settings["device"],
+        "test-time augmentation": "8 dihedral views" if settings["tta"] else "none",
         "files skipped by the reader": len(catalog.skipped),
-        "images that could not be decoded": len(unreadable),
+        "images that could not be decoded": unreadable,
         "patient-level metrics": f"yes (groups: {catalog.grouping})" if patients
         else f"no (groups: {catalog.grouping}, not patients)",
     }
-    weights_origin = {"model file": f"{args.model} (sha256 {model_sha[:16]}…)",
-                      **bundle.extra.get("weights_origin", {})}
+    origin = {"model file": f"{model_path} (sha256 {model_sha[:16]}…)",
+              **bundle.extra.get("weights_origin", {})}
+    return config, facts, origin
+
+
+def _write_listings(out_dir: Path, inputs: _Inputs, y_true: np.ndarray, probs: np.ndarray,
+                    groups: list[str], skipped: list[Skipped]) -> None:
+    """predictions.csv (names relative to the dataset root, ``::view`` when there is one) and
+    skipped.csv, each file named in the log up to :data:`SKIPPED_SHOWN`."""
+    from breastvision.evaluation.report import write_predictions_csv, write_skipped_csv
+
+    catalog = inputs.catalog
+    shown = [catalog.relpath(r) if r.path.is_relative_to(catalog.root) else str(r.path)
+             for r in inputs.records]
+    shown = [p if v is None else f"{p}::{v}" for p, v in zip(shown, inputs.views, strict=True)]
+    names = inputs.bundle.class_names
+    write_predictions_csv(out_dir / "predictions.csv", shown, y_true, probs, names, groups)
+    _list_skipped(skipped, write_skipped_csv(out_dir / "skipped.csv", skipped))
+
+
+def evaluate_model(
+    model: str | Path,
+    source: str,
+    *,
+    data: str | None = None,
+    split: str | Path | None = None,
+    subset: str = "test",
+    fold: int | None = None,
+    out: str | Path | None = None,
+    tta: bool = False,
+    batch_size: int = 32,
+    workers: int = 0,
+    device: str = "auto",
+    positive: str | None = None,
+    patient_level: str = "auto",
+    n_resamples: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
+) -> Evaluation:
+    """Evaluate a model file on a dataset name, image folder or manifest (or one ``subset`` of a
+    ``split`` file) and write a report folder (module docstring); the arguments are the
+    ``breastvision evaluate`` command's."""
+    from breastvision.evaluation.report import evaluate_predictions, write_report
+
+    if batch_size < 1:
+        raise BreastvisionError(f"--batch-size must be at least 1, got {batch_size}")
+    model, split = Path(model), Path(split) if split else None
+    inputs = _inputs(model, source, data, split, subset, fold)
+    bundle, catalog, records, views = inputs.bundle, inputs.catalog, inputs.records, inputs.views
+    mapping = class_mapping(catalog.class_names, bundle.class_names, {r.label for r in records})
+    torch_device = resolve_device(device)
+    network = inputs.network
+    start = time.perf_counter()
+    probs, failures = predict_probs(network, list(zip([r.path for r in records], views, strict=True)),
+                                    bundle.preprocessing, device=torch_device, batch_size=batch_size,
+                                    workers=workers, tta=tta, progress=progress)
+    seconds = time.perf_counter() - start
+    unreadable = [Skipped(records[i].path, reason) for i, reason in sorted(failures.items())]
+    inputs.records, inputs.views = records, views = _without(records, failures), _without(views, failures)
+    y_true = mapping[[r.label for r in records]]
+    patients = _use_patients(patient_level, catalog.grouping)
+    groups = [r.group for r in records]
+    metrics = evaluate_predictions(y_true, probs, bundle.class_names, groups, grouping=catalog.grouping,
+                                   patient_level=patients, positive_class=positive,
+                                   n_resamples=n_resamples, seed=seed)
+
+    part = f"_{subset}" + (f"{fold}" if fold is not None else "") if split else ""
+    out_dir = Path(out) if out else Path("runs") / "evaluate" / f"{model.stem}_{catalog.name}{part}"
+    skipped = [*catalog.skipped, *unreadable]
+    _write_listings(out_dir, inputs, y_true, probs, groups, skipped)
+    settings = {"source": source, "split": str(split) if split else None, "subset": subset if split else None,
+                "fold": fold, "tta": tta, "device": str(torch_device), "batch_size": batch_size,
+                "patient_level": patients, "bootstrap": {"n_resamples": n_resamples, "seed": seed}}
+    config, facts, origin = _record(inputs, model, settings, network, seconds, len(unreadable))
     report = write_report(
-        out, metrics=metrics, config=config, split_info=args.split, weights_origin=weights_origin,
+        out_dir, metrics=metrics, config=config, split_info=split, weights_origin=origin,
         lineage=bundle.lineage, class_names=bundle.class_names, y_true=y_true, probs=probs, facts=facts,
-        title=f"{bundle.architecture} on {catalog.name}" + (f" ({args.subset})" if args.split else ""),
+        title=f"{bundle.architecture} on {catalog.name}" + (f" ({subset})" if split else ""),
     )
-    print_headline(metrics, report)
+    return Evaluation(metrics, out_dir, report, len(records), skipped)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``breastvision evaluate`` command: :func:`evaluate_model` with its arguments."""
+    from breastvision.evaluation.report import print_headline
+    from breastvision.training.progress import wanted
+
+    result = evaluate_model(
+        args.model, args.source, data=args.data, split=args.split, subset=args.subset, fold=args.fold,
+        out=args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers, device=args.device,
+        positive=args.positive, patient_level=args.patient_level, n_resamples=args.n_resamples,
+        seed=args.seed, progress=wanted("auto"),
+    )
+    print_headline(result.metrics, result.report)
     return 0

@@ -73,7 +73,9 @@ def _format(stats: dict[str, float]) -> str:
 
 @contextmanager
 def progress_bar(fabric: Any, total: int, description: str, enabled: bool = True) -> Iterator[Bar]:
-    if not fabric.is_global_zero:
+    """A bar (``enabled``) or log lines for ``total`` steps, drawn by the first process only;
+    ``fabric`` ``None`` outside training (one process)."""
+    if fabric is not None and not fabric.is_global_zero:
         yield Bar(None, None)
         return
     if not enabled:
