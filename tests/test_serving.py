@@ -246,3 +246,31 @@ def test_cli_errors_are_one_line(make_model_file, fusion_export, scans: Path, tm
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
+
+
+def test_export_prints_one_line_and_no_exporter_chatter(
+    make_model_file, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from breastvision.serving.export import EXPORTER_LOGGERS
+
+    caplog.set_level(logging.INFO)  # what the CLI shows
+    assert main(["export", str(make_model_file()), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("wrote ") and out.count("\n") == 1 and err == ""
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith(EXPORTER_LOGGERS)]
+
+
+def test_predict_table_never_cuts_file_names(make_model_file, tmp_path: Path, monkeypatch, capsys) -> None:
+    """On a narrow terminal, long names that differ only at the end stay tellable apart."""
+    folder = tmp_path / "a_rather_long_folder_name_for_a_hospital_export"
+    folder.mkdir()
+    names = [f"patient_0001_left_breast_transverse_view_{i}.png" for i in range(2)]
+    for name in names:
+        Image.new("RGB", (40, 40), (90, 60, 30)).save(folder / name)
+    monkeypatch.setenv("COLUMNS", "60")
+    assert main(["predict", str(make_model_file()), str(folder)]) == 0
+    shown = "".join(line.split("│")[1].strip() for line in capsys.readouterr().out.splitlines()
+                    if line.count("│") > 2)
+    assert all(name in shown for name in names)

@@ -124,7 +124,7 @@ def _print_table(run) -> None:  # noqa: ANN001 - a PredictionRun
     from breastvision.paths import printable
 
     table = Table(title=f"{run.model['architecture']} ({run.model['backend']}{', TTA' if run.tta else ''})")
-    table.add_column("image")
+    table.add_column("image", overflow="fold")  # wrapped, never cut: rows must stay distinguishable
     table.add_column("predicted")
     for name in run.class_names:
         table.add_column(f"p({name})", justify="right")

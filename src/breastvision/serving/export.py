@@ -18,7 +18,8 @@ import json
 import logging
 import os
 import warnings
-from contextlib import redirect_stdout
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -58,10 +59,29 @@ class ExportResult:
     max_abs_diff: float | None
 
 
+#: Loggers the exporters narrate every graph pass on (at INFO, which the CLI shows).
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")
+
+
+@contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """Exporter chatter off (stdout prints, per-pass log lines, deprecation warnings); their
+    warnings and errors still show."""
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        with warnings.catch_warnings(), redirect_stdout(StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _torch_export(module: torch.nn.Module, example: torch.Tensor, out: Path, opset: int) -> None:
-    # The exporters narrate every pass on stdout and warn about deprecations; keep the CLI quiet.
-    with warnings.catch_warnings(), redirect_stdout(StringIO()):
-        warnings.simplefilter("ignore")
+    with _quiet_exporters():
         if opset >= 18:
             torch.onnx.export(
                 module, (example,), str(out), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
