@@ -288,6 +288,45 @@ def _fold_counts(fractions: tuple[float, float, float]) -> tuple[int, list[int]]
     raise BreastvisionError(f"grouped fractions ({shown}) must be multiples of 1/m for some m ≤ 20")
 
 
+def _assignment(
+    catalog: Catalog, protocol: str, seed: int, k: int, fractions: Sequence[float] | None
+) -> tuple[dict[str, str | int], dict[str, Any]]:
+    """Each key's part (or fold) under ``protocol``, and the parameters that say how."""
+    spec = PROTOCOLS[protocol]
+    rels = _relpaths(catalog)
+    if spec.fractions is not None:
+        keys = [f"{rel}{VIEW_SEPARATOR}{v}" for rel in rels for v in spec.views] if spec.views else rels
+        assignment: dict[str, str | int] = dict(_random_assignment(sorted(keys), spec.fractions, seed))
+        params: dict[str, Any] = {"fractions": list(spec.fractions)}
+        if spec.views:
+            params["views"] = list(spec.views)
+        return assignment, params
+    if protocol == "group_kfold":
+        if k < 2:
+            raise BreastvisionError(f"k-fold needs k ≥ 2 (got {k})")
+        folds = _folds(catalog, k, seed)
+        return {rel: int(fold) for rel, fold in zip(rels, folds, strict=True)}, {"k": k}
+    chosen = _check_fractions(fractions or DEFAULT_FRACTIONS)
+    m, (_, n_val, n_test) = _fold_counts(chosen)
+    folds = _folds(catalog, m, seed)
+    part_of_fold = ["test"] * n_test + ["val"] * n_val + ["train"] * (m - n_test - n_val)
+    assignment = {rel: part_of_fold[fold] for rel, fold in zip(rels, folds, strict=True)}
+    return assignment, {"fractions": list(chosen), "folds_dealt": m}
+
+
+def _external(catalog: Catalog, external: Catalog) -> dict[str, Any]:
+    if external.class_names != catalog.class_names:
+        raise BreastvisionError(
+            f"external set classes {external.class_names} differ from {catalog.class_names}"
+        )
+    return {
+        "dataset": external.name,
+        "source": str(external.meta.get("source", external.root)),
+        "files_sha256": catalog_sha256(external),
+        "n_files": len(external),
+    }
+
+
 def make_split(
     catalog: Catalog,
     protocol: str,
@@ -305,42 +344,15 @@ def make_split(
         raise BreastvisionError(f"an external validation set goes with u_random_82 protocols, not {protocol}")
     if fractions is not None and (spec.fractions is not None or protocol == "group_kfold"):
         raise BreastvisionError(f"{protocol} has fixed proportions; fractions apply to group_holdout only")
-    rels = _relpaths(catalog)
+    assignment, how = _assignment(catalog, protocol, seed, k, fractions)
     params: dict[str, Any] = {
         "description": spec.description,
         "read_options": catalog.meta.get("read_options", {}),
+        **how,
     }
-    if spec.fractions is not None:
-        keys = [f"{rel}{VIEW_SEPARATOR}{v}" for rel in rels for v in spec.views] if spec.views else rels
-        assignment: dict[str, str | int] = dict(_random_assignment(sorted(keys), spec.fractions, seed))
-        params["fractions"] = list(spec.fractions)
-        if spec.views:
-            params["views"] = list(spec.views)
-    elif protocol == "group_kfold":
-        if k < 2:
-            raise BreastvisionError(f"k-fold needs k ≥ 2 (got {k})")
-        folds = _folds(catalog, k, seed)
-        assignment = {rel: int(fold) for rel, fold in zip(rels, folds, strict=True)}
-        params["k"] = k
-    else:
-        chosen = _check_fractions(fractions or DEFAULT_FRACTIONS)
-        m, (_, n_val, n_test) = _fold_counts(chosen)
-        folds = _folds(catalog, m, seed)
-        part_of_fold = ["test"] * n_test + ["val"] * n_val + ["train"] * (m - n_test - n_val)
-        assignment = {rel: part_of_fold[fold] for rel, fold in zip(rels, folds, strict=True)}
-        params["fractions"] = list(chosen)
-        params["folds_dealt"] = m
     if external is not None:
-        if external.class_names != catalog.class_names:
-            raise BreastvisionError(
-                f"external set classes {external.class_names} differ from {catalog.class_names}"
-            )
-        params["external"] = {
-            "dataset": external.name,
-            "source": str(external.meta.get("source", external.root)),
-            "files_sha256": catalog_sha256(external),
-            "n_files": len(external),
-        }
+        params["external"] = _external(catalog, external)
+    rels = _relpaths(catalog)
     split = Split(
         protocol=protocol,
         seed=seed,

@@ -2,8 +2,8 @@
 
 A resample is represented by *weights*: how many times each image was drawn. Every metric here
 is a weighted sum over images, so a resample never copies data and a batch of resamples is one
-``(B, N)`` array; the metrics below evaluate a whole batch with a few matrix products, which is
-what makes 1,000 resamples of ~700 images take well under a second.
+``(B, N)`` array; the metrics below evaluate a whole batch with a few matrix products instead of
+one scikit-learn call per resample.
 
 With ``groups`` (patient ids, or BUSI's near-duplicate groups) the bootstrap draws *groups* with
 replacement and each drawn group brings all of its images (a cluster bootstrap): images of one
@@ -199,6 +199,9 @@ def classification_statistic(
     ``patient.P_arp``); with all weights 1 every value equals the scikit-learn one reported by
     ``compute_metrics``. ``patient.P_arp`` assumes whole-patient weights (the cluster bootstrap):
     it is the mean of ``P_rp`` over drawn patients, each counted as often as it was drawn.
+
+    It is longer than most functions here on purpose: the returned closure uses the arrays
+    prepared once above it, and is called once per batch of bootstrap resamples.
     """
     y, p, g = check_inputs(y_true, probs, class_names, groups)
     names = [str(c) for c in class_names]

@@ -327,7 +327,6 @@ def write_report(
     """
     run_dir = Path(run_dir)
     plot_dir = run_dir / "plots"
-    plot_dir.mkdir(parents=True, exist_ok=True)
     names = list(class_names or metrics["class_names"])
     (run_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1))
     config_name = _write_config(run_dir, config)
@@ -340,9 +339,37 @@ def write_report(
     }
     (run_dir / "provenance.json").write_text(json.dumps(_jsonable(provenance), indent=1))
 
+    best = best_epoch if best_epoch is not None else (facts or {}).get("best_epoch")
+    figures = _figures(plot_dir, metrics, names, history, y_true, probs, best)
+    sections = [f"# {title}", _data_section(metrics, split), _metrics_section(metrics, names)]
+    sections.append(_provenance_section(provenance, config_name))
+    sections.append("## Plots\n\n" + "\n\n".join(
+        f"### {caption}\n\n![{caption}]({p.relative_to(run_dir).as_posix()})" for caption, p in figures
+    ))
+    if (run_dir / "predictions.csv").is_file():
+        sections.append("Per-image predictions: [predictions.csv](predictions.csv).")
+    if (run_dir / "skipped.csv").is_file():
+        sections.append("Files not evaluated, with the reason: [skipped.csv](skipped.csv).")
+    sections += list(extra_sections)
+    report = run_dir / "report.md"
+    report.write_text("\n\n".join(s for s in sections if s) + "\n")
+    return report
+
+
+def _figures(
+    plot_dir: Path,
+    metrics: Mapping[str, Any],
+    names: list[str],
+    history: str | Path | Sequence[Mapping[str, Any]] | None,
+    y_true: Sequence[int] | np.ndarray | None,
+    probs: np.ndarray | None,
+    best: int | None,
+) -> list[tuple[str, Path]]:
+    """The report's plots, drawn into ``plot_dir``: (caption, file) each; learning curves marked at
+    epoch ``best``."""
+    plot_dir.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, Path]] = []
     if history is not None:
-        best = best_epoch if best_epoch is not None else (facts or {}).get("best_epoch")
         curves = plots.plot_learning_curves(history, plot_dir, best)
         figures += [(f"{k} per epoch" + (f" (dotted: best epoch {best})" if best else ""), p)
                     for k, p in curves.items()]
@@ -361,20 +388,7 @@ def write_report(
     if patient:
         figures.append(("per-patient accuracy", plots.plot_patient_accuracy(
             patient["per_patient"], plot_dir / "patient_accuracy.png", patient["P_arp"])))
-
-    sections = [f"# {title}", _data_section(metrics, split), _metrics_section(metrics, names)]
-    sections.append(_provenance_section(provenance, config_name))
-    sections.append("## Plots\n\n" + "\n\n".join(
-        f"### {caption}\n\n![{caption}]({p.relative_to(run_dir).as_posix()})" for caption, p in figures
-    ))
-    if (run_dir / "predictions.csv").is_file():
-        sections.append("Per-image predictions: [predictions.csv](predictions.csv).")
-    if (run_dir / "skipped.csv").is_file():
-        sections.append("Files not evaluated, with the reason: [skipped.csv](skipped.csv).")
-    sections += list(extra_sections)
-    report = run_dir / "report.md"
-    report.write_text("\n\n".join(s for s in sections if s) + "\n")
-    return report
+    return figures
 
 
 def _data_section(metrics: Mapping[str, Any], split: Mapping[str, Any]) -> str:

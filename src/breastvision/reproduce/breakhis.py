@@ -17,16 +17,15 @@ Table 3 has one column per magnification. The command reads the catalog once (th
 source and read options), finds the magnifications its records hold (``meta["magnification"]``) and
 runs every model under both protocols **per magnification** (``data.options.magnification=<M>``),
 or only those named by ``--magnifications 40X,200X``; a column not run reads "—" and the note under
-the table says what was run on which images. The shared copy holds 200X only (714 images, 40
-slides), so there one set of runs fills the 200X column.
+the table says what was run on which images. A copy holding one magnification fills one column.
 
 **Multi-level transfer, as read here** (paper section 2.2 names no layers; ``training/transfer.py``):
 stage 1 is the ImageNet weights; stage 2 "second pre-trains the deep layers on LC25000" with the
 shallow ones frozen; stage 3 fine-tunes on BreakHis "mainly by freezing" — all but the last dense
 block frozen, ``denseblock4`` and the classifier learn. The *paper* preset trains dense blocks 3 and
 4 in stage 2 (``lc25000_stage2.yaml``). The *cpu* preset narrows "deep" to ``denseblock4``
-(``lc25000_stage2_block4_cpu.yaml``): training dense block 3 as well runs at ~7 images/s on this
-CPU, the last block alone at ~50 on cached 512x7x7 inputs, and stage 3's frozen prefix (stem …
+(``lc25000_stage2_block4_cpu.yaml``): training dense block 3 as well is several times slower than
+the last block alone on cached 512x7x7 inputs, and stage 3's frozen prefix (stem …
 transition3) keeps the ImageNet convolution and BatchNorm weights of the DenseNet+SE baseline. Its
 SE blocks are drawn before the classifier (``models/densenet.py``), so for the same seed the frozen
 prefix — near-identity SE starts included — equals the baseline's, and the multi-level folds reuse
@@ -540,20 +539,10 @@ def hardware_line(threads: int | None) -> str:
     return f"CPU {cpu}, {os.cpu_count()} cores shared, {threads} torch thread(s) per run"
 
 
-def render(
-    results: Results,
-    *,
-    preset: str,
-    folds: int,
-    hardware: str,
-    stain: str,
-    data: str,
-    skipped: Sequence[str] = (),
-) -> str:
-    """The markdown of Tables 3–5 (plus the per-model details), notes included; ``data`` is
-    :func:`data_note`."""
-    from breastvision.evaluation.report import comparison_table
-
+def _table3_notes(
+    results: Results, *, preset: str, folds: int, stain: str, data: str, skipped: Sequence[str]
+) -> list[str]:
+    """What Table 3's numbers rest on: data, protocols, stain normalisation, preset, what was not run."""
     cv_note = (
         f"Cross-validation: {folds} folds grouped by patient (slides of one person together), stratified; "
         "validation = the next fold; numbers pool the out-of-fold test predictions; intervals are 95% "
@@ -573,6 +562,24 @@ def render(
         f"Preset `{preset}`: {PRESETS[preset].summary}.",
     ]
     notes += [f"Not run: {s}." for s in skipped]
+    return notes
+
+
+def render(
+    results: Results,
+    *,
+    preset: str,
+    folds: int,
+    hardware: str,
+    stain: str,
+    data: str,
+    skipped: Sequence[str] = (),
+) -> str:
+    """The markdown of Tables 3–5 (plus the per-model details), notes included; ``data`` is
+    :func:`data_note`."""
+    from breastvision.evaluation.report import comparison_table
+
+    notes = _table3_notes(results, preset=preset, folds=folds, stain=stain, data=data, skipped=skipped)
     t3, p3 = table3(results, folds)
     t4, p4 = table4(results)
     t5, p5 = table5(results, hardware)

@@ -14,11 +14,11 @@ Settings (one split file each, made once and shared by every model, so rows diff
 
 Presets. ``paper``: the paper's models and training (ImageNet-pretrained ResNet-18, ViT-B/16,
 GoogLeNet; 224 px, 30 epochs), for a GPU; a clear error up front when the weights are absent.
-``cpu``: what a 2-core CPU does in about half an hour single-threaded, with the ImageNet weights
-that exist here — GoogLeNet and ResNet-18 from random init at 112 px for a few epochs, ViT-Tiny and
-the DenseNet-121 ∥ ViT-Tiny fusion frozen with cached features and their heads trained (the
-configs' comments give the reasons); the table's "what was run" column is generated from each run's
-own configuration, so it cannot drift from what ran.
+``cpu``: sized for a small CPU, single-threaded, with the ImageNet weights that exist here —
+GoogLeNet and ResNet-18 from random init at 112 px for a few epochs, ViT-Tiny and the
+DenseNet-121 ∥ ViT-Tiny fusion frozen with cached features and their heads trained (the configs'
+comments give the reasons); the table's "what was run" column is generated from each run's own
+configuration, so it cannot drift from what ran.
 
 Each run is a normal run folder (``OUT/<row>/<setting>``); a finished one is reused and an
 interrupted one resumed, so the command can be re-run after a stop.
@@ -124,7 +124,7 @@ PRESET_NOTES = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default="cpu",
-        help="cpu: sized for a 2-core CPU (about 30 min); paper: the paper's models (GPU, ImageNet weights)",
+        help="cpu: sized for a small CPU; paper: the paper's models (GPU, ImageNet weights)",
     )
     parser.add_argument(
         "--out", type=Path, metavar="DIR", help="output folder (default runs/reproduce_busi_<preset>)"
@@ -219,25 +219,13 @@ def describe(config: Any, facts: RunFacts, weights: Any) -> str:
             f"(best {best}), batch {config.train.batch_size}")
 
 
-def reproduce(
-    rows: tuple[Row, ...],
-    out: str | Path,
-    overrides: list[str] | tuple[str, ...] = (),
-    *,
-    note: str = "",
-    command: str | None = None,
-) -> str:
-    """Train every (row, setting) run not finished yet, then write ``table.md`` and ``table.json``
-    into ``out``; returns the markdown."""
-    from breastvision.evaluation.report import comparison_table, with_interval
-    from breastvision.paths import file_sha256
+def _run_rows(
+    rows: tuple[Row, ...], out: Path, overrides: list[str], splits: dict[str, Path]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train (or reuse) every (row, setting) run; the table's rows and table.json's records."""
+    from breastvision.evaluation.report import with_interval
     from breastvision.training.crossval import train_or_reuse
 
-    out = Path(out)
-    overrides = list(overrides)
-    started = time.perf_counter()
-    check_weights(rows, overrides)
-    splits = make_splits(rows, out, overrides)
     table_rows, records = [], []
     for row in rows:
         for setting in row.settings:
@@ -255,6 +243,28 @@ def reproduce(
             records.append({"row": row.label, "setting": setting, "config": row.config,
                             "run_dir": str(run.run_dir), "metrics": {c: values[c] for c in METRICS},
                             "test_items": run.metrics.get("n_images"), "facts": run.facts.to_dict()})
+    return table_rows, records
+
+
+def reproduce(
+    rows: tuple[Row, ...],
+    out: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    note: str = "",
+    command: str | None = None,
+) -> str:
+    """Train every (row, setting) run not finished yet, then write ``table.md`` and ``table.json``
+    into ``out``; returns the markdown."""
+    from breastvision.evaluation.report import comparison_table
+    from breastvision.paths import file_sha256
+
+    out = Path(out)
+    overrides = list(overrides)
+    started = time.perf_counter()
+    check_weights(rows, overrides)
+    splits = make_splits(rows, out, overrides)
+    table_rows, records = _run_rows(rows, out, overrides, splits)
     paper = [{"model": r["model"], "setting": PAPER_SETTING, "what was run": PAPER_RUN,
               "precision": r["precision"], "recall": r["recall"], "accuracy": r["accuracy"]}
              for r in PAPER_ROWS]

@@ -10,8 +10,8 @@ its configuration is the same: ``RunRecord.check_matches``).
 by the model that never saw it — into one metrics dict (``evaluate_predictions``: one confusion
 matrix, one AUC and bootstrap intervals over all images, resampling patients when the grouping is a
 patient grouping), and also gives the mean ± sd of each fold's own headline metrics. Pooled numbers
-are the headline because BUSI's folds hold ~125 images each: a per-fold AUC is noisy, and the mean
-of per-fold accuracies weighs a small fold like a large one.
+are the headline because folds of a data set this size are small: a per-fold AUC is noisy, and the
+mean of per-fold accuracies weighs a small fold like a large one.
 """
 
 from __future__ import annotations
