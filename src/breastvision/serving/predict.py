@@ -350,7 +350,7 @@ def predict_paths(
     predictions: list[Prediction] = []
     used_stems: set[str] = set()
     for batch in batched(_prepared(predictor, found.images, skipped), batch_size):
-        probs = predictor.probabilities(torch.stack([item[3] for item in batch]), tta=tta)
+        probs = predictor.probabilities(torch.stack([tensor for *_, tensor in batch]), tta=tta)
         for (path, name, image, tensor), row in zip(batch, probs, strict=True):
             best = int(np.argmax(row))
             prediction = Prediction(

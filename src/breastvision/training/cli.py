@@ -13,7 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train one model from a YAML config (CPU, GPU or several processes)",
         description="Train one model from a YAML config and write its run folder (model, history, report).",
     )
-    train.add_argument("config", type=Path, metavar="CONFIG", help="experiment YAML (see configs/)")
+    train.add_argument(
+        "config", type=Path, metavar="CONFIG", help="experiment YAML: a path, or a shipped config's name"
+    )
     _overrides(train)
     train.add_argument("--resume", type=Path, metavar="CKPT", help="continue from a checkpoint (last.ckpt)")
     train.add_argument(
@@ -28,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Overrides apply to every stage; prefix a key with a stage name to target one stage.",
     )
     transfer.add_argument(
-        "config", type=Path, metavar="CONFIG", help="chain YAML (e.g. configs/breakhis_multilevel_paper.yaml)"
+        "config", type=Path, metavar="CONFIG",
+        help="chain YAML: a path or a shipped config's name (e.g. breakhis_multilevel_cpu.yaml)",
     )
     _overrides(transfer)
     transfer.add_argument("--out", type=Path, metavar="DIR", help="folder of the stages' run folders")
@@ -40,7 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train data.fold=0..K-1 of a group_kfold config into DIR/fold<k> (finished folds "
         "are reused, interrupted ones resumed) and write the pooled report into DIR.",
     )
-    crossval.add_argument("config", type=Path, metavar="CONFIG", help="experiment YAML with a k-fold split")
+    crossval.add_argument(
+        "config", type=Path, metavar="CONFIG",
+        help="experiment YAML with a k-fold split (a path or a shipped name)",
+    )
     crossval.add_argument("--folds", type=int, default=5, metavar="K", help="number of folds (default 5)")
     _overrides(crossval)
     crossval.add_argument(
