@@ -111,3 +111,20 @@ def test_chain_overrides_target_one_stage(tmp_path: Path) -> None:
     lc, bh = stage_configs(CONFIGS / "breakhis_multilevel_paper.yaml", out=tmp_path)
     assert (lc.model.first_trainable_stage, bh.model.first_trainable_stage) == ("denseblock3", "denseblock4")
     assert (lc.train.epochs, bh.train.epochs, bh.train.batch_size, bh.train.lr) == (200, 200, 16, 0.01)
+
+
+def test_configs_ship_in_the_package_and_load_by_name_from_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from breastvision.paths import CONFIGS_DIR
+
+    # One copy: the repository's configs/ is the package's folder, so the two cannot drift.
+    assert CONFIGS.resolve() == CONFIGS_DIR and CONFIGS_DIR.parent.name == "breastvision"
+    monkeypatch.chdir(tmp_path)  # a folder without configs/
+    shipped = load_config(CONFIGS_DIR / "busi_fusion_cpu_noaug.yaml")
+    assert load_config("configs/busi_fusion_cpu_noaug.yaml") == shipped
+    assert load_config("busi_fusion_cpu_noaug.yaml") == shipped
+    (tmp_path / "busi_fusion_cpu_noaug.yaml").write_text("name: mine\n")
+    assert load_config("busi_fusion_cpu_noaug.yaml").name == "mine"  # a file that exists wins
+    with pytest.raises(BreastvisionError, match="not found"):
+        load_config("no_such_config.yaml")
