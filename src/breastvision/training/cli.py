@@ -58,8 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", type=Path, metavar="DIR",
-        help="data root that relative data.source folders are read from (sets data.root; default: "
-        "$BREASTVISION_DATA, else ../shared/data, else ./data)",
+        help="data root holding the named datasets (data.source: busi, breakhis, ...) and, beside it, "
+        "weights/ (sets data.root; default: $BREASTVISION_DATA, else ../shared/data, else ./data)",
     )
     parser.add_argument(
         "--set",
