@@ -90,3 +90,22 @@ def test_resume_example_repeats_the_run_settings() -> None:
 def test_every_command_that_reads_data_takes_data(path: tuple[str, ...]) -> None:
     options = {o for a in _subparser(build_parser(), path)._actions for o in a.option_strings}
     assert "--data" in options
+
+
+def test_readme_and_example_python_use_only_the_public_api() -> None:
+    """Every ``breastvision.<name>`` that a README Python block or an example script uses is
+    exported at the top level (``breastvision.__all__``)."""
+    import ast
+
+    import breastvision
+
+    sources = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    sources += [p.read_text() for p in sorted((REPO / "examples").glob("*.py"))]
+    assert sources
+    for source in sources:
+        nodes = list(ast.walk(ast.parse(source)))
+        used = {n.attr for n in nodes if isinstance(n, ast.Attribute)
+                and isinstance(n.value, ast.Name) and n.value.id == "breastvision"}
+        used |= {a.name for n in nodes if isinstance(n, ast.ImportFrom) and n.module == "breastvision"
+                 for a in n.names}
+        assert used <= set(breastvision.__all__), sorted(used - set(breastvision.__all__))
