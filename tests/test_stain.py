@@ -299,15 +299,16 @@ def sources(tmp_path: Path) -> list[Path]:
 def test_cache_normalises_once_and_misses_on_change(tmp_path: Path, sources: list[Path]) -> None:
     norm = MacenkoNormalizer().fit(he_tile(10))
     cache = NormalizedImageCache(norm, tmp_path / "cache", batch_size=2)
-    cached = cache.ensure(sources)
-    assert (cache.hits, cache.misses) == (0, 3)
+    ticks: list[int] = []
+    cached = cache.ensure(sources, on_image=lambda: ticks.append(1))
+    assert (cache.hits, cache.misses) == (0, 3) and len(ticks) == 3  # one progress tick per image done
     for source, target in zip(sources, cached, strict=True):
         expected = norm.transform(load_image(source))
         assert np.array_equal(np.asarray(load_image(target)), np.asarray(expected))
     assert json.loads((cached[0].parents[1] / "state.json").read_text()) == norm.state_dict()
 
-    assert cache.ensure(sources) == cached
-    assert (cache.hits, cache.misses) == (3, 3)
+    assert cache.ensure(sources, on_image=lambda: ticks.append(1)) == cached
+    assert (cache.hits, cache.misses) == (3, 3) and len(ticks) == 3  # nothing left to do, no ticks
     assert np.array_equal(np.asarray(cache.get(sources[0])), np.asarray(load_image(cached[0])))
 
     other = NormalizedImageCache(MacenkoNormalizer(alpha=2).fit(he_tile(10)), tmp_path / "cache")

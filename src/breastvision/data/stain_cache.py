@@ -89,8 +89,11 @@ class NormalizedImageCache:
         key = hashlib.sha256(f"{path}\0{stat.st_mtime_ns}\0{stat.st_size}".encode()).hexdigest()[:32]
         return self.dir / key[:2] / f"{key}.png"
 
-    def ensure(self, sources: Sequence[str | os.PathLike]) -> list[Path]:
-        """The cached normalised file of each source, normalising (in batches) those not cached yet.
+    def ensure(
+        self, sources: Sequence[str | os.PathLike], on_image: Callable[[], object] | None = None
+    ) -> list[Path]:
+        """The cached normalised file of each source, normalising (in batches) those not cached yet;
+        ``on_image`` is called once per source not cached, as it is read (progress bars).
 
         Returns paths rather than images so that a whole data set can be prepared without holding
         it in memory; datasets then read the returned files with ``data.io.load_image``.
@@ -104,6 +107,8 @@ class NormalizedImageCache:
         # Same-sized images share a batch: one tensor, one pass of the batched normaliser.
         by_size: dict[tuple[int, int], list[tuple[int, Image.Image]]] = defaultdict(list)
         for i in missing:
+            if on_image is not None:
+                on_image()
             image = load_image(sources[i])
             group = by_size[image.size]
             group.append((i, image))

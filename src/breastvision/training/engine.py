@@ -53,7 +53,7 @@ from breastvision.training.loop import (
     make_scheduler,
 )
 from breastvision.training.outputs import Trained, write_outputs
-from breastvision.training.progress import wanted
+from breastvision.training.progress import progress_bar, wanted
 from breastvision.training.run_record import RunFacts, RunRecord
 from breastvision.training.views import ViewDataset, ViewRenderer
 
@@ -129,7 +129,7 @@ def _training_scale(config: ExperimentConfig, data: RunData, side: int) -> tuple
 
 
 def fit_stain(
-    config: ExperimentConfig, data: RunData, fabric: Fabric
+    config: ExperimentConfig, data: RunData, fabric: Fabric, show: bool = False
 ) -> tuple[dict[str, Any] | None, dict, dict[str, Any] | None]:
     """Fit the stain normaliser on training images and normalise every used image once (first
     process; the others wait and read the cache). Returns its state, source → cached file, and its
@@ -146,7 +146,9 @@ def fit_stain(
     cache = NormalizedImageCache(normalizer, stain.cache_dir, device=fabric.device)
     sources = sorted({i.record.path for i in (*data.train, *data.val, *data.test)})
     if fabric.is_global_zero:
-        cache.ensure(sources)
+        missing = sum(not cache.path_for(s).is_file() for s in sources)
+        with progress_bar(fabric, missing, "normalising stains", show) as bar:
+            cache.ensure(sources, on_image=bar.advance)
     fabric.barrier()
     targets = cache.ensure(sources)
     facts = {
@@ -250,7 +252,7 @@ def prepare_inputs(
 ) -> Inputs:
     """Pre-processing, stain normalisation, views and (when worth it) the frozen prefix's cache."""
     preprocessing = _preprocessing(config, model, data)
-    preprocessing.stain, normalized, stain_facts = fit_stain(config, data, fabric)
+    preprocessing.stain, normalized, stain_facts = fit_stain(config, data, fabric, show)
     renderer = ViewRenderer(config.data.views, preprocessing, normalized)
     datasets: dict[str, Dataset] = {
         part: ViewDataset(getattr(data, part), renderer) for part in ("train", "val", "test")
