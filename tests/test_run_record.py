@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from breastvision.errors import BreastvisionError
-from breastvision.training.checkpoints import check_resumable
+from breastvision.training.checkpoint import check_resumable
 from breastvision.training.config import config_from_dict
 from breastvision.training.run_record import Predictions, RunFacts, RunRecord, config_differences
 
@@ -27,8 +27,11 @@ def test_speed_and_location_settings_do_not_make_another_run() -> None:
     assert config_differences(saved, _config(data={"fold": 1})) == ["data.fold: None → 1"]
     # Resuming may change training settings (more epochs), never the data or the model.
     assert config_differences(saved, _config(train={"epochs": 5}), may_differ=("train",)) == []
+    last = {"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 1, "history": [], "best": None,
+            "config": saved}
+    check_resumable(last, _config(train={"epochs": 5}), "last.ckpt")
     with pytest.raises(BreastvisionError, match=r"different data settings \(data.fold: None → 1\)"):
-        check_resumable({"config": saved}, _config(data={"fold": 1}))
+        check_resumable(last, _config(data={"fold": 1}), "last.ckpt")
 
 
 def _run_folder(tmp: Path) -> Path:
