@@ -280,8 +280,8 @@ def test_split_never_separates_a_patient(busi_grey: list[np.ndarray], tmp_path: 
         split = make_split(catalog, "group_holdout", seed, fractions=[0.5, 0.25, 0.25])
         part_of_group: dict[str, set[str]] = {}
         for part in ("train", "val", "test"):
-            for record in split.subset(catalog, part):
-                part_of_group.setdefault(record.group, set()).add(part)
+            for item in split.subset(catalog, part):
+                part_of_group.setdefault(item.record.group, set()).add(part)
         assert all(len(parts) == 1 for parts in part_of_group.values())
 
 
