@@ -83,7 +83,8 @@ def test_breakhis_scale_follows_spanhol_optics_and_the_resized_field() -> None:
 
 def test_training_records_the_scale(breakhis_dir: Path, image_tree) -> None:
     from breastvision.training.config import config_from_dict
-    from breastvision.training.engine import _training_scale, prepare_data
+    from breastvision.training.data_setup import prepare_data
+    from breastvision.training.engine import _training_scale
 
     config = config_from_dict({"data": {"source": str(breakhis_dir)}})
     data = prepare_data(config)
