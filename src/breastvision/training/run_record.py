@@ -35,7 +35,10 @@ from breastvision.errors import BreastvisionError
 
 #: Settings that change speed, display or where files are, not results: a run may be reused or
 #: resumed with other values.
-SPEED_KEYS = frozenset({"output_dir", "weights_root", "train.threads", "train.progress", "data.num_workers"})
+SPEED_KEYS = frozenset({
+    "output_dir", "weights_root", "data.num_workers",
+    "train.threads", "train.progress", "train.cache_backend",
+})
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
