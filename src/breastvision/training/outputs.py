@@ -43,12 +43,10 @@ class Trained:
 def _stage(config: ExperimentConfig, data: RunData, trained: Trained, split: SplitRef,
            run_dir: Path) -> dict[str, Any]:
     """This run's lineage entry: where its weights started, on what data, what was frozen."""
-    from breastvision.models.staging import stages
+    from breastvision.models.staging import split_stage_names
 
     model = trained.model
-    names = stages(model)
-    first = config.model.first_trainable_stage
-    frozen = names[: names.index(first)] if first else []
+    frozen, trainable = split_stage_names(model, config.model.first_trainable_stage)
     return {
         "stage": config.stage or config.name,
         "weights": dict(model.weights_origin),  # each part: file and SHA-256, or random init
@@ -56,7 +54,7 @@ def _stage(config: ExperimentConfig, data: RunData, trained: Trained, split: Spl
         "split": {"protocol": split.protocol, "leaky": split.leaky, "fold": config.data.fold,
                   "file": str(split.file)},
         "frozen_stages": frozen,
-        "trainable_stages": [n for n in names if n not in frozen],
+        "trainable_stages": trainable,
         "epochs": trained.facts.epochs_run,
         "best_epoch": trained.state.best["epoch"],
         "checkpoint": str(run_dir / "model.safetensors"),
