@@ -197,9 +197,14 @@ def aggregate_runs(
         raise BreastvisionError("aggregate_runs needs at least one run folder")
     pooled = _pool(records)
     groupings = {r.split.grouping if r.split else None for r in records}
-    patient_groups = pooled.groups if groupings <= PATIENT_GROUPINGS else None  # no split.json: None
-    metrics = evaluate_predictions(pooled.y_true, pooled.probs, pooled.class_names, patient_groups,
-                                   n_resamples=n_resamples, seed=seed)
+    # Folds of one cross-validation share a grouping; runs mixing patient groupings still resample
+    # patients, any other mix (or a run without split.json) single images.
+    if len(groupings) == 1:
+        grouping = next(iter(groupings))
+    else:
+        grouping = "patient" if groupings <= PATIENT_GROUPINGS else None
+    metrics = evaluate_predictions(pooled.y_true, pooled.probs, pooled.class_names, pooled.groups,
+                                   grouping=grouping, n_resamples=n_resamples, seed=seed)
     per_fold = [_fold_row(r) for r in records]
     mean_sd = {m: v for m in FOLD_METRICS if (v := _mean_sd([f[m] for f in per_fold])) is not None}
     times = [f["wall_clock_seconds"] for f in per_fold if f["wall_clock_seconds"] is not None]

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from breastvision.data.records import PATIENT_GROUPINGS
 from breastvision.models.bundle import ModelBundle, Preprocessing
 from breastvision.training.checkpoint import LoopState
 from breastvision.training.config import ExperimentConfig
@@ -90,8 +89,8 @@ def write_outputs(run_dir: Path, config: ExperimentConfig, data: RunData, traine
     targets = data.test_targets
     y = np.array([t.label for t in targets])
     groups = [t.group for t in targets]
-    patients = groups if data.catalog.grouping in PATIENT_GROUPINGS else None
-    metrics = evaluate_predictions(y, trained.probs, data.class_names, patients, seed=config.train.seed)
+    metrics = evaluate_predictions(y, trained.probs, data.class_names, groups,
+                                   grouping=data.catalog.grouping, seed=config.train.seed)
     stage = _stage(config, data, trained, split, run_dir)
     lineage = [*trained.inherited_lineage, stage]
     model_file = run_dir / "model.safetensors"
