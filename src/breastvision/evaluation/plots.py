@@ -8,7 +8,7 @@ is needed, and no global figure state leaks between plots or threads.
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,26 +122,39 @@ def plot_roc(
     """One-vs-rest ROC curve per class (classes absent from ``y_true``, or making up all of it,
     have no curve and are named as such in the legend). ``auc`` maps class names to AUCs for
     the legend (``compute_metrics``'s per-class values)."""
-    y = np.asarray(y_true)
-    p = np.asarray(probs, dtype=np.float64)
     fig = Figure(figsize=(5, 5))
     ax = fig.add_subplot()
+    for name, is_k, p_k in _one_vs_rest(ax, y_true, probs, class_names):
+        fpr, tpr, _ = roc_curve(is_k, p_k)
+        value = (auc or {}).get(name)
+        ax.plot(fpr, tpr, label=name if value is None else f"{name} (AUC {value:.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+    _unit_axes(ax, "false positive rate", "true positive rate", "ROC, one vs rest")
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def _one_vs_rest(
+    ax: Any, y_true: Sequence[int] | np.ndarray, probs: np.ndarray, class_names: Sequence[str]
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """``(name, is_class, p_class)`` of each class that can have a one-vs-rest curve; a class
+    absent from ``y_true`` (or making up all of it) gets a legend line saying it has none."""
+    y = np.asarray(y_true)
+    p = np.asarray(probs, dtype=np.float64)
     for k, name in enumerate(class_names):
         is_k = y == k
         if not 0 < is_k.sum() < y.size:
             ax.plot([], [], " ", label=f"{name}: no curve (one class only)")
             continue
-        fpr, tpr, _ = roc_curve(is_k, p[:, k])
-        value = (auc or {}).get(name)
-        ax.plot(fpr, tpr, label=name if value is None else f"{name} (AUC {value:.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+        yield name, is_k, p[:, k]
+
+
+def _unit_axes(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title("ROC, one vs rest")
-    ax.legend(loc="lower right")
-    return _save(fig, path)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
 
 
 def plot_precision_recall(
@@ -149,24 +162,14 @@ def plot_precision_recall(
 ) -> Path:
     """One-vs-rest precision-recall curve per class with its average precision, and the class's
     prevalence (what a random ranking scores) as a dotted line of the same colour."""
-    y = np.asarray(y_true)
-    p = np.asarray(probs, dtype=np.float64)
     fig = Figure(figsize=(5, 5))
     ax = fig.add_subplot()
-    for k, name in enumerate(class_names):
-        is_k = y == k
-        if not 0 < is_k.sum() < y.size:
-            ax.plot([], [], " ", label=f"{name}: no curve (one class only)")
-            continue
-        precision, recall, _ = precision_recall_curve(is_k, p[:, k])
-        ap = average_precision_score(is_k, p[:, k])
+    for name, is_k, p_k in _one_vs_rest(ax, y_true, probs, class_names):
+        precision, recall, _ = precision_recall_curve(is_k, p_k)
+        ap = average_precision_score(is_k, p_k)
         (line,) = ax.plot(recall, precision, drawstyle="steps-post", label=f"{name} (AP {ap:.3f})")
         ax.axhline(is_k.mean(), color=line.get_color(), ls=":", lw=1)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_title("precision-recall, one vs rest (dotted: prevalence)")
+    _unit_axes(ax, "recall", "precision", "precision-recall, one vs rest (dotted: prevalence)")
     ax.legend(loc="lower left")
     return _save(fig, path)
 
