@@ -504,6 +504,12 @@ def create_app(
         description="Class probabilities and Grad-CAM heat-maps for one breast-cancer image classifier.",
     )
     app.state.service = service
+    _add_middleware(app, max_upload_bytes, body_timeout_s)
+    _add_routes(app, service)
+    return app
+
+
+def _add_middleware(app: FastAPI, max_upload_bytes: int, body_timeout_s: float) -> None:
     app.add_middleware(BodyDeadline, seconds=body_timeout_s)
     app.add_middleware(UploadLimit, limit=max_upload_bytes)
 
@@ -517,6 +523,9 @@ def create_app(
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
+
+def _add_routes(app: FastAPI, service: InferenceService) -> None:
+    predictor = service.predictor
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -549,8 +558,6 @@ def create_app(
         except UploadError as err:
             return JSONResponse({"detail": err.message}, status_code=err.status)
         return JSONResponse(result)
-
-    return app
 
 
 def _uvicorn_config(app: FastAPI, header_timeout_s: float, keep_alive_s: int, **options: Any) -> Any:
