@@ -15,7 +15,8 @@ import pytest
 
 from breastvision.data.io import load_image
 from breastvision.serving.predict import is_mask, load_predictor
-from breastvision.serving.web import background_server, create_app
+from breastvision.serving.web import create_app
+from webserver import background_server
 
 pytestmark = pytest.mark.browser
 

@@ -25,10 +25,12 @@ from PIL import Image
 
 from breastvision.data.io import decode_bytes
 from breastvision.errors import BreastvisionError
+from breastvision.serving import web
 from breastvision.serving.concurrency import MemoryBudget, MicroBatcher
 from breastvision.serving.export import export_onnx
 from breastvision.serving.predict import load_predictor
-from breastvision.serving.web import STATIC_DIR, InferenceService, background_server, create_app
+from breastvision.serving.web import STATIC_DIR, InferenceService, create_app
+from webserver import background_server
 
 MAX_UPLOAD = 200_000
 MAX_PIXELS = 300 * 300
@@ -275,12 +277,16 @@ def test_memory_budget_admits_only_what_fits() -> None:
     assert budget.peak == 1000
 
 
-def test_big_uploads_are_decoded_reduced_within_the_budget(model_file: Path) -> None:
+def test_big_uploads_are_decoded_reduced_within_the_budget(model_file: Path, monkeypatch) -> None:
+    # The full-decoding limit scaled down with the image, so the test stays small.
+    monkeypatch.setattr(web, "EXACT_DECODE_SIDE", 144)
     data = _smooth_png((1500, 1100))
-    reduced_cost = decode_bytes(_write(data), at_least=(144, 144))  # twice the model's resize of 72
+    side = 144  # twice the model's resize of 72
+    reduced_cost = decode_bytes(_write(data), at_least=(side, side))
     assert reduced_cost < decode_bytes(_write(data)) / 2
     app = create_app(model_file, memory_budget_bytes=2 * reduced_cost)
     service = app.state.service
+    assert service.decode_at_least == (side, side)
     with background_server(app) as url, httpx.Client(base_url=url, timeout=60) as http:
         def ask(_: int) -> httpx.Response:
             return http.post("/api/predict", files={"file": ("big.png", data, "image/png")})
@@ -290,6 +296,18 @@ def test_big_uploads_are_decoded_reduced_within_the_budget(model_file: Path) -> 
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     assert responses[0].json()["image"] == {"width": 1500, "height": 1100, "format": "PNG"}
     assert reduced_cost <= service.budget.peak <= 2 * reduced_cost
+
+
+def test_ordinary_uploads_get_the_cli_probabilities(model_file: Path) -> None:
+    """Within EXACT_DECODE_SIDE the page decodes in full, as predict does: the same numbers."""
+    data = _smooth_png((1500, 1100))
+    predictor = load_predictor(model_file)
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    expected = predictor.probabilities(predictor.preprocess(image)[None])[0]
+    with TestClient(create_app(model_file)) as client:
+        answer = client.post("/api/predict", files={"file": ("photo.png", data, "image/png")}).json()
+    got = [answer["probabilities"][name] for name in predictor.class_names]
+    assert got == pytest.approx([float(p) for p in expected], abs=1e-6)
 
 
 def _write(data: bytes) -> Path:

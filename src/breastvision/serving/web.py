@@ -33,10 +33,11 @@ copied, in chunks, to the private file ``data.io`` reads. The header is read fir
 above), then ``data.io.decode_bytes`` estimates what decoding will hold at its peak and the decode
 and pre-processing wait in a :class:`~breastvision.serving.concurrency.MemoryBudget` of
 ``memory_budget_bytes`` until that fits. Decoding is reduced (``load_image(at_least=...)``: JPEG's
-DCT scaling, box reduction by whole factors otherwise) to no less than twice the model's first
-resize on each side — an image under that, as every BreakHis and BUSI image is, is decoded as the
-CLI decodes it; a 6300×6300 scan for a model that resizes to 256 is reduced 12-fold on each side
-before anything else is made of it. glibc would keep the freed buffers of big images in its
+DCT scaling, box reduction by whole factors otherwise) to no less than :data:`EXACT_DECODE_SIDE`
+pixels, or twice the model's first resize if that is more, on each side — an image within that, as
+every BreakHis and BUSI image and an ordinary ultrasound export is, is decoded exactly as ``predict``
+decodes it, so the page and the CLI give the same probabilities; a 6300×6300 scan is reduced 3-fold
+on each side before anything else is made of it. glibc would keep the freed buffers of big images in its
 per-thread heaps (its mmap threshold grows to the largest buffer freed, so later ones come from the
 heaps, which it trims only from the top), so a decode of :data:`_TRIM_AFTER_BYTES` or more ends with
 ``malloc_trim``, which hands every free page back. (Fixing the threshold low with ``mallopt``
@@ -73,7 +74,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import socket
 import struct
 import tempfile
 import threading
@@ -299,6 +299,10 @@ def _upload_file(upload: IO[bytes]) -> Iterator[Path]:
             raise UploadError(400, str(err).removeprefix(f"{path}: ")) from None
 
 
+#: Images up to this many pixels on a side are decoded in full, as the CLI does.
+EXACT_DECODE_SIDE = 2048
+
+
 class InferenceService:
     """The model and the rules for using it from many request threads at once.
 
@@ -321,8 +325,8 @@ class InferenceService:
         self.card = predictor.card()
         self.card["source"]["explainable"] = self.can_explain
         first_size = predictor.preprocessing.resize or predictor.preprocessing.input_size
-        #: Reduced decoding keeps twice the model's first resize on each side (module docstring).
-        self.decode_at_least = (2 * first_size, 2 * first_size)
+        side = max(EXACT_DECODE_SIDE, 2 * first_size)  # reduced decoding only above (module docstring)
+        self.decode_at_least = (side, side)
         self.budget = MemoryBudget(memory_budget_bytes)
         self.batcher: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
             self._forward, max_batch=max_batch, max_wait_s=batch_wait_s, workers=inference_workers,
@@ -586,33 +590,3 @@ def serve(
     app = create_app(model, inference_workers=workers, **options)
     config = _uvicorn_config(app, header_timeout_s, keep_alive_s, host=host, port=port, log_level="info")
     uvicorn.Server(config).run()
-
-
-@contextmanager
-def background_server(
-    app: FastAPI, host: str = "127.0.0.1", timeout: float = 30.0,
-    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S, keep_alive_s: int = DEFAULT_KEEP_ALIVE_S,
-) -> Iterator[str]:
-    """Run ``app`` with uvicorn in a thread on a free port; yields its base URL, stops on exit.
-
-    For tests and benchmarks: the socket is bound here (port 0), so there is no race for a port.
-    """
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((host, 0))
-    server = uvicorn.Server(_uvicorn_config(app, header_timeout_s, keep_alive_s, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            sock.close()
-            raise BreastvisionError("the web server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
-        sock.close()
