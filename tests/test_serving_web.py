@@ -299,7 +299,7 @@ def test_big_uploads_are_decoded_reduced_within_the_budget(model_file: Path, mon
 
 
 def test_ordinary_uploads_get_the_cli_probabilities(model_file: Path) -> None:
-    """Within EXACT_DECODE_SIDE the page decodes in full, as predict does: the same numbers."""
+    """Under twice EXACT_DECODE_SIDE the page decodes in full, as predict does: the same numbers."""
     data = _smooth_png((1500, 1100))
     predictor = load_predictor(model_file)
     image = Image.open(io.BytesIO(data)).convert("RGB")

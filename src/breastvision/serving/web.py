@@ -34,14 +34,15 @@ above), then ``data.io.decode_bytes`` estimates what decoding will hold at its p
 and pre-processing wait in a :class:`~breastvision.serving.concurrency.MemoryBudget` of
 ``memory_budget_bytes`` until that fits. Decoding is reduced (``load_image(at_least=...)``: JPEG's
 DCT scaling, box reduction by whole factors otherwise) to no less than :data:`EXACT_DECODE_SIDE`
-pixels, or twice the model's first resize if that is more, on each side — an image within that, as
-every BreakHis and BUSI image and an ordinary ultrasound export is, is decoded exactly as ``predict``
-decodes it, so the page and the CLI give the same probabilities; a 6300×6300 scan is reduced 3-fold
-on each side before anything else is made of it. glibc would keep the freed buffers of big images in its
-per-thread heaps (its mmap threshold grows to the largest buffer freed, so later ones come from the
-heaps, which it trims only from the top), so a decode of :data:`_TRIM_AFTER_BYTES` or more ends with
-``malloc_trim``, which hands every free page back. (Fixing the threshold low with ``mallopt``
-instead made every large tensor of a forward pass a fresh mapping: a third more CPU per request.)
+pixels, or twice the model's first resize if that is more, on each side. The factors are whole, so
+a side under twice that is never reduced: every BreakHis and BUSI image and an ordinary ultrasound
+export is decoded exactly as ``predict`` decodes it, and the page and the CLI give the same
+probabilities; a 6300×6300 scan is reduced 6-fold on each side before anything else is made of it.
+glibc would keep the freed buffers of big images in its per-thread heaps (its mmap threshold grows
+to the largest buffer freed, so later ones come from the heaps, which it trims only from the top),
+so a decode of :data:`_TRIM_AFTER_BYTES` or more ends with ``malloc_trim``, which hands every free
+page back. (Fixing the threshold low with ``mallopt`` instead made every large tensor of a forward
+pass a fresh mapping: a third more CPU per request.)
 
 Inference: ``inference_workers`` threads run the forward passes, on micro-batches of concurrent
 requests (:class:`~breastvision.serving.concurrency.MicroBatcher`: what is waiting when a worker
@@ -299,8 +300,8 @@ def _upload_file(upload: IO[bytes]) -> Iterator[Path]:
             raise UploadError(400, str(err).removeprefix(f"{path}: ")) from None
 
 
-#: Images up to this many pixels on a side are decoded in full, as the CLI does.
-EXACT_DECODE_SIDE = 2048
+#: Reduced decoding keeps at least this many pixels a side (a side under twice it is decoded in full).
+EXACT_DECODE_SIDE = 1024
 
 
 class InferenceService:
