@@ -91,15 +91,41 @@ def test_run_folder(image_tree, tmp_path: Path) -> None:
     assert record.split.sha256 and record.split.protocol == "group_holdout"
     assert record.matches(tiny_config(image_tree(), tmp_path / "elsewhere", "train.threads=1"))
     assert not record.matches(tiny_config(image_tree(), tmp_path / "run", "train.lr=0.5"))
-    # The model file alone reproduces the run's test predictions: same weights, same pre-processing.
+    # The model file alone reproduces the run's (calibrated) test predictions: same weights, same
+    # pre-processing, softmax(logits / T) with its stored temperature.
     model = bundle.build_model()
     images = torch.stack([preprocess_image(load_image(image_tree() / r["path"]), bundle.preprocessing)
                           for r in rows])
     with torch.no_grad():
-        again = torch.softmax(model(images), 1).numpy()
+        again = torch.softmax(model(images) / bundle.temperature, 1).numpy()
     np.testing.assert_allclose(again, probabilities(run), atol=1e-5)
+    _check_calibration(run, bundle, split, image_tree())
     with pytest.raises(BreastvisionError, match="holds a run already"):
         train(tiny_config(image_tree(), tmp_path / "run"))
+
+
+def _check_calibration(run: Path, bundle: ModelBundle, split: Split, source: Path) -> None:
+    """The model file carries a temperature and thresholds fitted on validation; the thresholds reach
+    the target sensitivity on the validation images themselves; the report shows both on test."""
+    from breastvision.serving.predict import TorchPredictor
+
+    assert bundle.calibration["fitted_on"] == "validation" and bundle.temperature != 1.0
+    assert bundle.calibration["nll_after"] <= bundle.calibration["nll_before"]
+    points = bundle.operating_points
+    assert points["positive_class"] == "malignant"
+    assert set(points["thresholds"]) == {"sensitivity>=0.95", "youden"}
+    val = sorted(k for k, part in split.assignment.items() if part == "val")
+    images = torch.stack([preprocess_image(load_image(source / k), bundle.preprocessing) for k in val])
+    score = TorchPredictor(bundle, run / "model.safetensors").probabilities(images)[:, 1]
+    is_malignant = np.array([k.startswith("malignant/") for k in val])
+    # A threshold is one validation image's score: float32 rounding may land that image a hair below.
+    assert (score[is_malignant] >= points["thresholds"]["sensitivity>=0.95"] - 1e-6).mean() >= 0.95
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["operating_points"]["points"]) == set(points["thresholds"])
+    assert metrics["calibration"]["temperature"] == bundle.temperature
+    assert 0 <= metrics["calibration"]["ece_uncalibrated"] <= 1
+    report = (run / "report.md").read_text()
+    assert "### Operating points (malignant vs the rest)" in report and "uncalibrated →" in report
 
 
 # How closely training on cached features follows training that runs the prefix every step.

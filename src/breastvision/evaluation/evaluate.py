@@ -34,7 +34,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ import torch
 from breastvision.data.records import PATIENT_GROUPINGS, Catalog, Record, Skipped
 from breastvision.data.splits import Split
 from breastvision.errors import BreastvisionError
+
+if TYPE_CHECKING:
+    from breastvision.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +114,13 @@ def predict_probs(
     workers: int = 0,
     tta: bool = False,
     progress: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Softmax probabilities ``(N, C)`` for the image files (or ``(file, view)`` pairs) that could be
     prepared, in order, and the reason for each that could not, by its index in ``items``; with
     ``tta`` the mean over the 8 dihedral views (``data.transforms.dihedral_tta``). ``progress``
-    draws a bar (else slow runs log their pace)."""
+    draws a bar (else slow runs log their pace). ``temperature``: the model file's calibration, as
+    ``serving.predict.Predictor.probabilities`` applies it (``softmax(logits / T)``)."""
     from breastvision.data.transforms import dihedral_tta
     from breastvision.training.progress import progress_bar
 
@@ -125,6 +130,10 @@ def predict_probs(
         pin_memory=device.type == "cuda", collate_fn=_collate,
     )
     model = model.to(device).eval()
+
+    def scaled(x: torch.Tensor) -> torch.Tensor:
+        return model(x) / temperature
+
     out, failures = [], {}
     with progress_bar(None, len(loader), "evaluating", progress) as bar:
         for batch, failed in loader:
@@ -133,7 +142,7 @@ def predict_probs(
             if batch is None:
                 continue
             batch = batch.to(device, non_blocking=True)
-            probs = dihedral_tta(model, batch) if tta else model(batch).softmax(dim=1)
+            probs = dihedral_tta(scaled, batch) if tta else scaled(batch).softmax(dim=1)
             out.append(probs.float().cpu().numpy())
     if not out:
         first = min(failures, default=None)
@@ -276,6 +285,16 @@ def _write_listings(out_dir: Path, inputs: _Inputs, y_true: np.ndarray, probs: n
     _list_skipped(skipped, write_skipped_csv(out_dir / "skipped.csv", skipped))
 
 
+def _thresholds(bundle: ModelBundle, positive: str | None) -> dict[str, float]:
+    """The model file's operating points, unless ``--positive`` names another class than theirs."""
+    stored = bundle.operating_points
+    if positive is not None and stored and positive.lower() != stored["positive_class"].lower():
+        log.warning(f"not reporting the stored operating points: they take {stored['positive_class']} "
+                    f"as positive, not {positive}")
+        return {}
+    return bundle.thresholds
+
+
 def evaluate_model(
     model: str | Path,
     source: str,
@@ -311,7 +330,8 @@ def evaluate_model(
     start = time.perf_counter()
     probs, failures = predict_probs(network, list(zip([r.path for r in records], views, strict=True)),
                                     bundle.preprocessing, device=torch_device, batch_size=batch_size,
-                                    workers=workers, tta=tta, progress=progress)
+                                    workers=workers, tta=tta, progress=progress,
+                                    temperature=bundle.temperature)
     seconds = time.perf_counter() - start
     unreadable = [Skipped(records[i].path, reason) for i, reason in sorted(failures.items())]
     inputs.records, inputs.views = records, views = _without(records, failures), _without(views, failures)
@@ -320,7 +340,10 @@ def evaluate_model(
     groups = [r.group for r in records]
     metrics = evaluate_predictions(y_true, probs, bundle.class_names, groups, grouping=catalog.grouping,
                                    patient_level=patients, positive_class=positive,
-                                   n_resamples=n_resamples, seed=seed)
+                                   thresholds=_thresholds(bundle, positive), n_resamples=n_resamples,
+                                   seed=seed)
+    if bundle.calibration:
+        metrics["calibration"] = {"temperature": bundle.temperature}
 
     part = f"_{subset}" + (f"{fold}" if fold is not None else "") if split else ""
     out_dir = Path(out) if out else Path("runs") / "evaluate" / f"{model.stem}_{catalog.name}{part}"

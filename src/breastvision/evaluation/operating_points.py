@@ -29,6 +29,12 @@ from breastvision.evaluation.metrics import POSITIVE_NAMES, check_inputs, positi
 TARGET_SENSITIVITY = 0.95
 
 
+def has_positive_class(class_names: Sequence[str]) -> bool:
+    """Whether the malignant-vs-rest reading is defined without being told the positive class: a
+    binary task, or a class with a conventional positive name ("malignant", ...)."""
+    return len(class_names) == 2 or bool(set(POSITIVE_NAMES) & {str(c).lower() for c in class_names})
+
+
 def positive_scores(
     probs: np.ndarray, class_names: Sequence[str], positive_class: str | None = None
 ) -> tuple[int, np.ndarray]:
@@ -37,8 +43,7 @@ def positive_scores(
     A model of more than two classes must have a conventionally named positive class ("malignant",
     ...) or be told it: there, "the second class" would be an arbitrary choice.
     """
-    names = [str(c).lower() for c in class_names]
-    if len(names) > 2 and positive_class is None and not set(POSITIVE_NAMES) & set(names):
+    if positive_class is None and not has_positive_class(class_names):
         raise BreastvisionError(f"which of {list(class_names)} is the positive class? name it (--positive)")
     pos = positive_index(class_names, positive_class)
     return pos, np.asarray(probs, dtype=np.float64)[:, pos]

@@ -435,6 +435,8 @@ def _metrics_section(metrics: Mapping[str, Any], names: Sequence[str]) -> str:
         parts.append(f"Calibration: ECE is the top-label expected calibration error over {n_bins} "
                      "equal-width confidence bins (0 is perfect); Brier is the mean squared error of the "
                      "probabilities against the one-hot truth (one class's probability for two classes).")
+    if metrics.get("calibration"):
+        parts.append(_calibration_line(metrics))
     per_class = metrics.get("per_class", {})
     if per_class:
         header = ["class", "support", "precision", "recall", "f1", "auc"]
@@ -450,6 +452,16 @@ def _metrics_section(metrics: Mapping[str, Any], names: Sequence[str]) -> str:
         parts += ["", "### Confusion matrix (rows true, columns predicted)", "",
                   markdown_table(["", *(f"pred {c}" for c in names)], matrix)]
     return "\n".join(parts)
+
+
+def _calibration_line(metrics: Mapping[str, Any]) -> str:
+    calibration = metrics["calibration"]
+    line = (f"Probabilities are temperature-scaled, softmax(logits / T) with T = "
+            f"{calibration['temperature']:.3f} fitted on validation")
+    before = calibration.get("ece_uncalibrated")
+    if before is None or metrics.get("ece") is None:
+        return line + "."
+    return line + f": ECE {before:.3f} uncalibrated → {metrics['ece']:.3f} calibrated."
 
 
 def _operating_points_section(operating: Mapping[str, Any], column: str) -> str:

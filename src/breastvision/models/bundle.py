@@ -124,6 +124,37 @@ class Preprocessing:
         return _validated(cls, raw, what)
 
 
+class Calibration(BaseModel):
+    """Temperature scaling fitted after training (``evaluation.calibration.TemperatureScaler``):
+    predictions are ``softmax(logits / temperature)``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["temperature scaling"] = "temperature scaling"
+    temperature: _Positive
+    fitted_on: StrictStr = "validation"
+    n_images: StrictInt | None = None
+    nll_before: _Finite | None = None
+    nll_after: _Finite | None = None
+
+
+_Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class OperatingPoints(BaseModel):
+    """Malignant-vs-rest thresholds chosen on calibrated validation probabilities
+    (``evaluation.operating_points.choose_operating_points``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    positive_class: StrictStr
+    rule: StrictStr = ""
+    target_sensitivity: Annotated[float, Field(gt=0, le=1)]
+    thresholds: dict[StrictStr, _Probability] = Field(min_length=1)
+    validation: dict[str, dict[str, _Probability | None]] = Field(default_factory=dict)
+    n_validation: StrictInt | None = None
+
+
 def _unique(names: list[str]) -> list[str]:
     if any(not name.strip() for name in names):
         raise ValueError("class names must not be empty")
@@ -147,8 +178,18 @@ class ModelMetadata(BaseModel):
     lineage: list[dict[str, Any]] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
     extra: dict[str, Any] = Field(default_factory=dict)
+    #: Added later, so optional: files written before them predict uncalibrated, without thresholds.
+    calibration: Calibration | None = None
+    operating_points: OperatingPoints | None = None
 
     _distinct = field_validator("class_names")(_unique)
+
+    @model_validator(mode="after")
+    def _known_positive(self) -> ModelMetadata:
+        if self.operating_points and self.operating_points.positive_class not in self.class_names:
+            raise ValueError(f"operating_points.positive_class {self.operating_points.positive_class!r} "
+                             f"is not one of the class names {self.class_names}")
+        return self
 
     @field_validator("preprocessing", mode="before")
     @classmethod
@@ -174,6 +215,9 @@ class ModelBundle:
     lineage: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ``Calibration`` and ``OperatingPoints`` as dicts (``None``: not fitted, as in older files).
+    calibration: dict[str, Any] | None = None
+    operating_points: dict[str, Any] | None = None
     #: The file this bundle was read from (named in errors); not part of the metadata.
     source: Path | None = field(default=None, repr=False, compare=False)
 
@@ -188,7 +232,20 @@ class ModelBundle:
             "lineage": self.lineage,
             "metrics": self.metrics,
             "extra": self.extra,
+            # Written only when fitted, so a file without them stays readable by older releases.
+            **{k: v for k, v in (("calibration", self.calibration),
+                                 ("operating_points", self.operating_points)) if v is not None},
         }
+
+    @property
+    def temperature(self) -> float:
+        """What logits are divided by before the softmax: the fitted temperature, else 1."""
+        return float(self.calibration["temperature"]) if self.calibration else 1.0
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The stored operating points' thresholds by name (empty without them)."""
+        return dict(self.operating_points["thresholds"]) if self.operating_points else {}
 
     def _preprocessing_metadata(self) -> dict[str, Any]:
         # A field added later is written only when set, so a file that does not use it stays
@@ -240,6 +297,8 @@ class ModelBundle:
             lineage=valid.lineage,
             metrics=valid.metrics,
             extra=valid.extra,
+            calibration=valid.calibration.model_dump() if valid.calibration else None,
+            operating_points=valid.operating_points.model_dump() if valid.operating_points else None,
             source=Path(source) if isinstance(source, Path) else None,
         )
 

@@ -128,8 +128,12 @@ def _print_table(run) -> None:  # noqa: ANN001 - a PredictionRun
     table.add_column("predicted")
     for name in run.class_names:
         table.add_column(f"p({name})", justify="right")
+    columns = run.decision_columns()
+    for column in columns.values():
+        table.add_column(column)
     for p in run.predictions:
-        table.add_row(printable(p.name), p.predicted, *(f"{p.probabilities[c]:.4f}" for c in run.class_names))
+        table.add_row(printable(p.name), p.predicted, *(f"{p.probabilities[c]:.4f}" for c in run.class_names),
+                      *(str(p.decisions[k]) for k in columns))
     Console().print(table)
 
 

@@ -27,6 +27,12 @@ Choices recorded here:
   histopathology or ultrasound field keeps its class; averaging probabilities rather than logits
   keeps every view's vote bounded.
 - **ONNX** exports (``serving.export``) end in a softmax, so onnxruntime returns probabilities.
+- **Calibration.** Probabilities are ``softmax(logits / T)`` with the model file's fitted temperature
+  ``T`` (1 for files without one), in :meth:`Predictor.probabilities`, the one place every consumer
+  (predict, web, the Python API, slides) goes through. The ONNX graph stays uncalibrated; its
+  predictor applies ``T`` from the metadata the export carries, to the graph's log-probabilities.
+- **Decisions.** A model file with operating points (malignant-vs-rest thresholds chosen on
+  validation) adds, per image, whether ``P(malignant) >= threshold`` at each of them.
 """
 
 from __future__ import annotations
@@ -162,15 +168,21 @@ class Predictor(ABC):
         return self.info.preprocessing
 
     @abstractmethod
-    def _forward(self, batch: torch.Tensor) -> np.ndarray:
-        """B×K probabilities for one B×C×H×W batch."""
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """B×K float32 logits (or log-probabilities: the softmax treats them alike) for one
+        B×C×H×W batch, before calibration."""
 
     def probabilities(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
-        """B×K probabilities for a B×C×H×W batch; with ``tta``, the mean over the 8 dihedral views."""
+        """B×K probabilities ``softmax(logits / T)`` for a B×C×H×W batch, ``T`` the model file's
+        temperature (1 without one); with ``tta``, the mean over the 8 dihedral views."""
+        temperature = self.info.temperature
+
+        def scaled(view: torch.Tensor) -> torch.Tensor:
+            return self.logits(view) / temperature
+
         if not tta:
-            return self._forward(batch)
-        # dihedral_tta soft-maxes what it is given; softmax(log p) = p, so probabilities pass through.
-        return dihedral_tta(lambda view: torch.from_numpy(self._forward(view)).log(), batch).numpy()
+            return torch.softmax(scaled(batch), dim=1).numpy()
+        return dihedral_tta(scaled, batch).numpy()  # it soft-maxes each view's scaled logits
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return preprocess_image(image, self.preprocessing)
@@ -196,11 +208,10 @@ class TorchPredictor(Predictor):
         self.source = source
         self.model = bundle.build_model()
 
-    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
         # inference_mode, not a flag on the model: the model stays shareable between threads.
         with torch.inference_mode():
-            logits = self.model(batch)
-        return torch.softmax(logits.float(), dim=1).numpy()
+            return self.model(batch).float()
 
 
 class OnnxPredictor(Predictor):
@@ -242,9 +253,11 @@ class OnnxPredictor(Predictor):
         if problems:
             raise BreastvisionError(f"{self.source} does not match its own metadata: {'; '.join(problems)}")
 
-    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities: the graph ends in a softmax, and the temperature is applied here."""
         # TTA views can be strided (transposes); onnxruntime is given a packed float32 copy.
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch.numpy(), np.float32)})[0]
+        probs = self.session.run(None, {self.input_name: np.ascontiguousarray(batch.numpy(), np.float32)})[0]
+        return torch.from_numpy(probs).log()
 
 
 def _shape_fits(shape: Sequence[Any], expected: Sequence[int | None]) -> bool:
@@ -271,6 +284,8 @@ class Prediction:
     probabilities: dict[str, float]
     predicted: str
     overlays: dict[str, Path] = field(default_factory=dict)
+    #: Operating point name -> whether P(positive class) >= its threshold (empty without them).
+    decisions: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass
@@ -283,6 +298,23 @@ class PredictionRun:
     class_names: list[str]
     model: dict[str, Any]
     tta: bool
+    #: The model file's operating points (``ModelBundle.operating_points``), ``None`` without them.
+    operating_points: dict[str, Any] | None = None
+
+    def decision_columns(self) -> dict[str, str]:
+        """Operating point name -> its CSV column, ``<positive>_at_<name>`` (``malignant_at_youden``)."""
+        if not self.operating_points:
+            return {}
+        positive = self.operating_points["positive_class"]
+        return {name: f"{positive}_at_{name}" for name in self.operating_points["thresholds"]}
+
+
+def decide(probabilities: dict[str, float], operating_points: dict[str, Any] | None) -> dict[str, bool]:
+    """Whether each stored operating point calls this image positive: ``P(positive) >= threshold``."""
+    if not operating_points:
+        return {}
+    score = probabilities[operating_points["positive_class"]]
+    return {name: bool(score >= t) for name, t in operating_points["thresholds"].items()}
 
 
 def _prepared(
@@ -353,10 +385,9 @@ def predict_paths(
         probs = predictor.probabilities(torch.stack([tensor for *_, tensor in batch]), tta=tta)
         for (path, name, image, tensor), row in zip(batch, probs, strict=True):
             best = int(np.argmax(row))
-            prediction = Prediction(
-                name, path, dict(zip(predictor.class_names, map(float, row), strict=True)),
-                predictor.class_names[best],
-            )
+            probabilities = dict(zip(predictor.class_names, map(float, row), strict=True))
+            prediction = Prediction(name, path, probabilities, predictor.class_names[best],
+                                    decisions=decide(probabilities, predictor.info.operating_points))
             if explain_dir is not None:
                 prediction.overlays = _explain_one(
                     predictor, image, tensor, best, explain_dir, _overlay_stem(name, used_stems),
@@ -367,7 +398,8 @@ def predict_paths(
             on_batch(len(batch))
     model = {"architecture": predictor.info.architecture, "file": str(predictor.source),
              "backend": predictor.backend}
-    return PredictionRun(predictions, skipped, found.masks, predictor.class_names, model, tta)
+    return PredictionRun(predictions, skipped, found.masks, predictor.class_names, model, tta,
+                         predictor.info.operating_points)
 
 
 def _explain_one(
@@ -394,8 +426,10 @@ def write_results(run: PredictionRun, out: Path) -> Path:
             "model": run.model,
             "tta": run.tta,
             "class_names": run.class_names,
+            **({"operating_points": run.operating_points} if run.operating_points else {}),
             "predictions": [
                 {"path": printable(p.name), "predicted": p.predicted, "probabilities": p.probabilities,
+                 **({"decisions": p.decisions} if p.decisions else {}),
                  **({"overlays": {k: printable(v) for k, v in p.overlays.items()}} if p.overlays else {})}
                 for p in run.predictions
             ],
@@ -406,10 +440,14 @@ def write_results(run: PredictionRun, out: Path) -> Path:
         return out
     with out.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "predicted", *(f"p_{c}" for c in run.class_names), "skipped"])
+        columns = run.decision_columns()
+        writer.writerow(["path", "predicted", *(f"p_{c}" for c in run.class_names), *columns.values(),
+                         "skipped"])
         for p in run.predictions:
             probabilities = (f"{p.probabilities[c]:.6f}" for c in run.class_names)
-            writer.writerow([printable(p.name), p.predicted, *probabilities, ""])
+            decisions = (p.decisions[k] for k in columns)
+            writer.writerow([printable(p.name), p.predicted, *probabilities, *decisions, ""])
+        blank = [""] * (len(run.class_names) + len(columns))
         for s in run.skipped:
-            writer.writerow([printable(s.path), "", *([""] * len(run.class_names)), printable(s.reason)])
+            writer.writerow([printable(s.path), "", *blank, printable(s.reason)])
     return out

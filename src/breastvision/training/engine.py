@@ -13,8 +13,10 @@ A run (:func:`train`) is a few steps, each in its own module:
    only the trainable suffix (:func:`prepare_inputs`);
 3. ``loop.fit``: the epochs, keeping the best-on-validation weights (``train.monitor``) and a
    resumable ``last.ckpt`` (``checkpoint``);
-4. ``outputs.write_outputs``: the best weights evaluated on the test part, the model file and the
-   run folder, returned as a ``run_record.RunRecord``.
+4. ``calibrate``: a temperature fitted on the best weights' validation logits and malignant-vs-rest
+   operating points chosen on the calibrated validation probabilities;
+5. ``outputs.write_outputs``: the best weights evaluated on the test part, the model file and the
+   run folder, returned as a ``run_record.RunRecord``; test metrics are on calibrated probabilities.
 
 Devices, process launching (DDP; gloo on CPU) and mixed precision are Fabric's (``devices``).
 """
@@ -36,6 +38,7 @@ from torch.utils.data import Dataset
 
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import ModelBundle, Preprocessing
+from breastvision.training.calibrate import calibrate
 from breastvision.training.checkpoint import LoopState, check_resumable, load_best, read_checkpoint, restore
 from breastvision.training.config import ExperimentConfig, resolve_weights, weights_root
 from breastvision.training.data_setup import RunData, prepare_data
@@ -292,12 +295,21 @@ def _facts(data: RunData, inputs: Inputs, model: nn.Module, suffix: nn.Module, f
     )
 
 
-def _test_probabilities(loop: Loop, inputs: Inputs, data: RunData, config: ExperimentConfig) -> np.ndarray:
-    tc = config.train
-    loader, _ = make_loader(inputs.datasets["test"], loop.fabric, tc.eval_batch_size or tc.batch_size,
-                            tc.seed, False, inputs.workers)
-    logits = evaluate(loop.fabric, loop.trainable, loop.prefix, loader, len(data.test), loop.num_classes)
-    return average_per_target(torch.softmax(logits, 1), [i.target for i in data.test])
+def _logits(loop: Loop, inputs: Inputs, part: str, config: ExperimentConfig) -> torch.Tensor:
+    """One part's logits in item order, by the evaluation path the epochs validate with."""
+    tc, dataset = config.train, inputs.datasets[part]
+    loader, _ = make_loader(dataset, loop.fabric, tc.eval_batch_size or tc.batch_size, tc.seed, False,
+                            inputs.workers)
+    return evaluate(loop.fabric, loop.trainable, loop.prefix, loader, len(dataset), loop.num_classes)
+
+
+def _test_probabilities(
+    loop: Loop, inputs: Inputs, data: RunData, config: ExperimentConfig, temperature: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per test target: the calibrated probabilities and the uncalibrated ones (for ECE before)."""
+    logits, targets = _logits(loop, inputs, "test", config), [i.target for i in data.test]
+    return (average_per_target(torch.softmax(logits / temperature, 1), targets),
+            average_per_target(torch.softmax(logits, 1), targets))
 
 
 def _run(
@@ -329,10 +341,13 @@ def _run(
     state = fit(loop, config, inputs.datasets, inputs.workers, state, run_dir, say)
 
     load_best(run_dir / "checkpoints", model)
-    probs = _test_probabilities(loop, inputs, data, config)
+    val_labels = [i.record.label for i in data.val]
+    calibrated = calibrate(_logits(loop, inputs, "val", config), val_labels, data.class_names,
+                           say if fabric.is_global_zero else log.debug)
+    probs, uncalibrated = _test_probabilities(loop, inputs, data, config, calibrated.temperature)
     facts = _facts(data, inputs, model, suffix, fabric, config, state, started)
     if fabric.is_global_zero:
-        trained = Trained(model, inputs.preprocessing, lineage, state, probs, facts)
+        trained = Trained(model, inputs.preprocessing, lineage, state, probs, facts, calibrated, uncalibrated)
         write_outputs(run_dir, config, data, trained)
         say(f"run folder: {run_dir}")
     fabric.barrier()

@@ -1,5 +1,6 @@
 """The run folder a finished training run leaves: the model file (weights, class names,
-pre-processing with the fitted stain normaliser, lineage, validation and test metrics), the split,
+pre-processing with the fitted stain normaliser, lineage, validation and test metrics, the
+temperature and operating points fitted on validation), the split,
 and the :class:`~breastvision.training.run_record.RunRecord` with its report::
 
     model.safetensors   ModelBundle
@@ -19,6 +20,7 @@ import numpy as np
 from torch import nn
 
 from breastvision.models.bundle import ModelBundle, Preprocessing
+from breastvision.training.calibrate import Calibrated
 from breastvision.training.checkpoint import LoopState
 from breastvision.training.config import ExperimentConfig
 from breastvision.training.data_setup import RunData
@@ -28,8 +30,9 @@ from breastvision.training.run_record import Predictions, RunFacts, RunRecord, S
 @dataclass
 class Trained:
     """What training produced: the model with its best weights loaded, how to pre-process for it,
-    the lineage it inherited, the loop's final state, the test probabilities (one row per test
-    target) and the run's facts."""
+    the lineage it inherited, the loop's final state, the calibrated test probabilities (one row
+    per test target), the run's facts, the fitted calibration and operating points, and the test
+    probabilities before calibration."""
 
     model: nn.Module
     preprocessing: Preprocessing
@@ -37,6 +40,8 @@ class Trained:
     state: LoopState
     probs: np.ndarray
     facts: RunFacts
+    calibrated: Calibrated
+    uncalibrated_probs: np.ndarray
 
 
 def _stage(config: ExperimentConfig, data: RunData, trained: Trained, split: SplitRef,
@@ -77,11 +82,14 @@ def _bundle(config: ExperimentConfig, data: RunData, trained: Trained, lineage: 
         lineage=json.loads(json.dumps(lineage, default=str)),
         metrics=json.loads(json.dumps(scores, default=float)),
         extra={"weights_origin": model.weights_origin, "config_name": config.name},
+        calibration=trained.calibrated.calibration,
+        operating_points=trained.calibrated.operating_points,
     )
 
 
 def write_outputs(run_dir: Path, config: ExperimentConfig, data: RunData, trained: Trained) -> RunRecord:
     """Score the test predictions and write the run folder (module docstring); returns its record."""
+    from breastvision.evaluation.calibration import expected_calibration_error
     from breastvision.evaluation.report import evaluate_predictions
 
     split = SplitRef.read(data.split.save(run_dir / "split.json"))
@@ -89,8 +97,12 @@ def write_outputs(run_dir: Path, config: ExperimentConfig, data: RunData, traine
     targets = data.test_targets
     y = np.array([t.label for t in targets])
     groups = [t.group for t in targets]
+    operating = trained.calibrated.operating_points
     metrics = evaluate_predictions(y, trained.probs, data.class_names, groups,
-                                   grouping=data.catalog.grouping, seed=config.train.seed)
+                                   grouping=data.catalog.grouping, seed=config.train.seed,
+                                   thresholds=operating["thresholds"] if operating else None)
+    metrics["calibration"] = {"temperature": trained.calibrated.temperature,
+                              "ece_uncalibrated": expected_calibration_error(y, trained.uncalibrated_probs)}
     stage = _stage(config, data, trained, split, run_dir)
     lineage = [*trained.inherited_lineage, stage]
     model_file = run_dir / "model.safetensors"
