@@ -116,6 +116,10 @@ def _text(text: str) -> Callable[[Path, Path], Path]:
     return lambda good, folder: _rewrite(good, folder / "m.safetensors", lambda meta: text)
 
 
+def _points(**thresholds: float) -> dict:
+    return {"positive_class": CLASSES[1], "target_sensitivity": 0.95, "thresholds": thresholds}
+
+
 _BAD_STAIN = _stain({"stain_matrix": [[0.6, 0.2], [0.7, 0.9]], "max_concentrations": [1.9, 1.0]})
 
 #: name -> (how to make it from the good file and a folder, a regex the one-line error must match)
@@ -166,6 +170,15 @@ SAFETENSORS_CASES: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "bad_model_kwarg_value": (_merged(architecture="densenet121_se", model_kwargs={"drop_rate": "high"}),
                               r"model_kwargs .* cannot build 'densenet121_se' \(TypeError"),
     "vit_at_wrong_size": (lambda g, d: _vit_file(d / "m.safetensors"), "cannot take .* input_size 32"),
+    "temperature_zero": (_edited("calibration", {"temperature": 0}),
+                         r"calibration\.temperature: .*greater than 0"),
+    "temperature_infinite": (_edited("calibration", {"temperature": float("inf")}),
+                             r"calibration\.temperature: .*finite number"),
+    "threshold_above_one": (_edited("operating_points", _points(youden=1.5)),
+                            r"operating_points\.thresholds\.youden: .*less than or equal to 1"),
+    "operating_points_of_another_class": (_edited("operating_points", {**_points(youden=0.4),
+                                                                       "positive_class": "cancer"}),
+                                          "positive_class 'cancer' is not one of the class names"),
 }
 
 

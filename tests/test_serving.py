@@ -274,3 +274,65 @@ def test_predict_table_never_cuts_file_names(make_model_file, tmp_path: Path, mo
     shown = "".join(line.split("│")[1].strip() for line in capsys.readouterr().out.splitlines()
                     if line.count("│") > 2)
     assert all(name in shown for name in names)
+
+
+def _calibrated_copy(model_file: Path, out: Path, temperature: float, thresholds: dict[str, float]) -> Path:
+    """``model_file`` with a stored temperature and malignant-vs-rest thresholds, as training writes."""
+    bundle = ModelBundle.load(model_file)
+    bundle.calibration = {"method": "temperature scaling", "temperature": temperature,
+                          "fitted_on": "validation"}
+    bundle.operating_points = {"positive_class": "malignant", "target_sensitivity": 0.95,
+                               "thresholds": thresholds}
+    return bundle.save(out)
+
+
+def test_calibrated_file_predicts_softmax_of_logits_over_t(make_model_file, tmp_path: Path) -> None:
+    plain = make_model_file("resnet18")
+    calibrated = _calibrated_copy(plain, tmp_path / "calibrated.safetensors", 2.5, {"youden": 0.3})
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        logits = ModelBundle.load(plain).build_model()(x)
+    as_before = load_predictor(plain)
+    assert ModelBundle.load(plain).temperature == 1.0 and ModelBundle.load(plain).thresholds == {}
+    np.testing.assert_allclose(as_before.probabilities(x), torch.softmax(logits, 1).numpy(), atol=1e-6)
+    scaled = load_predictor(calibrated).probabilities(x)
+    np.testing.assert_allclose(scaled, torch.softmax(logits / 2.5, 1).numpy(), atol=1e-6)
+    assert np.abs(scaled - as_before.probabilities(x)).max() > 1e-3  # the temperature made a difference
+    assert (scaled.argmax(1) == as_before.probabilities(x).argmax(1)).all()
+    # TTA averages the calibrated views.
+    np.testing.assert_allclose(load_predictor(calibrated).probabilities(x, tta=True).sum(1), 1, atol=1e-5)
+
+
+def test_predict_writes_a_decision_per_operating_point(make_model_file, scans: Path, tmp_path: Path) -> None:
+    thresholds = {"sensitivity>=0.95": 0.2, "youden": 0.34}
+    calibrated = _calibrated_copy(make_model_file("resnet18"), tmp_path / "c.safetensors", 0.5, thresholds)
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(calibrated), str(scans), "--out", str(out)]) == 0
+    rows = _read_csv(out)
+    columns = ["malignant_at_sensitivity>=0.95", "malignant_at_youden"]
+    assert list(rows[0]) == ["path", "predicted", *(f"p_{c}" for c in CLASSES), *columns, "skipped"]
+    good = [r for r in rows if not r["skipped"]]
+    for column, threshold in zip(columns, thresholds.values(), strict=True):
+        assert [r[column] for r in good] == [str(float(r["p_malignant"]) >= threshold) for r in good]
+        assert all(r[column] == "" for r in rows if r["skipped"])
+    document_file = tmp_path / "preds.json"
+    assert main(["predict", str(calibrated), str(scans / "a.png"), "--out", str(document_file)]) == 0
+    document = json.loads(document_file.read_text())
+    assert document["operating_points"]["thresholds"] == thresholds
+    assert set(document["predictions"][0]["decisions"]) == set(thresholds)
+    # A file without operating points keeps the CSV as it was.
+    assert main(["predict", str(make_model_file("resnet18")), str(scans), "--out", str(out)]) == 0
+    assert list(_read_csv(out)[0]) == ["path", "predicted", *(f"p_{c}" for c in CLASSES), "skipped"]
+
+
+def test_onnx_export_applies_the_stored_temperature(make_model_file, tmp_path: Path) -> None:
+    plain = make_model_file("resnet18")
+    calibrated = _calibrated_copy(plain, tmp_path / "c.safetensors", 3.0, {"youden": 0.5})
+    exported = export_onnx(calibrated, tmp_path / "c.onnx").path
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    onnx_probs = load_predictor(exported).probabilities(x)
+    np.testing.assert_allclose(onnx_probs, load_predictor(calibrated).probabilities(x), atol=1e-4)
+    # The graph itself stays uncalibrated: its output is the plain softmax.
+    session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    raw = session.run(None, {"image": x.numpy()})[0]
+    np.testing.assert_allclose(raw, load_predictor(plain).probabilities(x), atol=1e-4)
