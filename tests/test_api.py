@@ -43,6 +43,7 @@ def test_model_predicts_explains_and_evaluates(make_model_file, image_tree, tmp_
                                list(by_path.probabilities.values()), atol=1e-6)
     assert sum(by_path.probabilities.values()) == pytest.approx(1, abs=1e-5)
     assert by_path.label == max(by_path.probabilities, key=by_path.probabilities.get)
+    assert by_path.decisions == {}  # a model file without operating points
     grey = np.asarray(Image.open(path).convert("L"))
     assert set(model.predict(grey).probabilities) == {"benign", "malignant"}
     with pytest.raises(BreastvisionError, match="uint8"):
@@ -60,6 +61,18 @@ def test_model_predicts_explains_and_evaluates(make_model_file, image_tree, tmp_
     evaluation = model.evaluate(str(image_tree()), out=tmp_path / "eval", n_resamples=20)
     assert evaluation.n_images == 16 and evaluation.report.is_file()
     assert 0 <= evaluation.metrics["accuracy"] <= 1
+
+
+def test_predict_decides_at_the_stored_operating_points(make_model_file, image_tree, tmp_path: Path) -> None:
+    from breastvision.models.bundle import ModelBundle
+
+    bundle = ModelBundle.load(make_model_file(class_names=("benign", "malignant")))
+    bundle.calibration = {"temperature": 2.0}
+    bundle.operating_points = {"positive_class": "malignant", "target_sensitivity": 0.95,
+                               "thresholds": {"low": 0.0, "high": 1.0}}
+    model = breastvision.load_model(bundle.save(tmp_path / "calibrated.safetensors"))
+    result = model.predict(next(image_tree().rglob("*.png")))
+    assert result.decisions == {"low": True, "high": result.probabilities["malignant"] >= 1.0}
 
 
 def test_train_takes_a_config_file_or_object(tmp_path: Path) -> None:

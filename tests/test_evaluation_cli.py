@@ -171,3 +171,28 @@ def test_evaluate_resamples_near_duplicate_groups(tmp_path: Path, model_file: Pa
     assert metrics["bootstrap"]["resampled"] == "near-duplicate groups"
     assert metrics["bootstrap"]["n_groups"] == metrics["n_images"] // 2
     assert "patient" not in metrics
+
+
+def test_evaluate_applies_the_stored_temperature_and_operating_points(
+    tmp_path: Path, model_file: Path, manifest: Path
+):
+    calibrated = ModelBundle.load(model_file)
+    calibrated.calibration = {"method": "temperature scaling", "temperature": 4.0, "fitted_on": "validation"}
+    calibrated.operating_points = {"positive_class": "malignant", "target_sensitivity": 0.95,
+                                   "thresholds": {"sensitivity>=0.95": 0.3, "youden": 0.5}}
+    calibrated_file = calibrated.save(tmp_path / "calibrated.safetensors")
+    plain_out, out = tmp_path / "plain", tmp_path / "calibrated"
+    assert _evaluate(model_file, manifest, "--out", plain_out, "--n-resamples", 20) == 0
+    assert _evaluate(calibrated_file, manifest, "--out", out, "--n-resamples", 20) == 0
+    plain, metrics = _check_report(plain_out), _check_report(out)
+    assert "operating_points" not in plain and "calibration" not in plain
+    assert metrics["calibration"] == {"temperature": 4.0}
+    points = metrics["operating_points"]["points"]
+    assert {k: p["threshold"] for k, p in points.items()} == {"sensitivity>=0.95": 0.3, "youden": 0.5}
+    rows = {r["path"]: r for r in csv.DictReader((out / "predictions.csv").open())}
+    plain_rows = {r["path"]: r for r in csv.DictReader((plain_out / "predictions.csv").open())}
+    for path, row in rows.items():  # softmax(logits / 4) of two classes: logit gap divided by 4
+        p, q = float(plain_rows[path]["prob_malignant"]), float(row["prob_malignant"])
+        expected = 1 / (1 + ((1 - p) / p) ** 0.25)
+        assert q == pytest.approx(expected, abs=2e-5)
+    assert "Operating points (malignant vs the rest)" in (out / "report.md").read_text()

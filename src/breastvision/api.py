@@ -8,6 +8,7 @@ Everything here is also reachable as ``breastvision.<name>`` (imported on first 
     model = breastvision.load_model("runs/busi_f1/model.safetensors")   # or an .onnx export
     result = model.predict("image.png")           # a path, a PIL image or an H×W(×3) uint8 array
     result.label, result.probabilities            # 'benign', {'benign': 0.91, ...}
+    result.decisions                              # {'sensitivity>=0.95': False, 'youden': False}
     model.predict_folder("folder/")               # every image below, bad files listed as skipped
     model.explain("image.png").overlay            # Grad-CAM heat-map over the image (PIL)
     model.evaluate("busi", split="runs/busi_f1/split.json").metrics["accuracy"]
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,10 +46,12 @@ ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 @dataclass(frozen=True)
 class Result:
-    """One image's prediction: the most probable class and every class's probability."""
+    """One image's prediction: the most probable class, every class's (calibrated) probability and,
+    for a model file with operating points, whether each calls the image malignant."""
 
     label: str
     probabilities: dict[str, float]
+    decisions: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -97,10 +100,13 @@ class Model:
 
     def predict(self, image: ImageInput, *, tta: bool = False) -> Result:
         """Class probabilities of one image; ``tta`` averages the 8 dihedral views."""
+        from breastvision.serving.predict import decide
+
         tensor = self._predictor.preprocess(as_image(image)).unsqueeze(0)
         row = self._predictor.probabilities(tensor, tta=tta)[0]
         probabilities = dict(zip(self.class_names, map(float, row), strict=True))
-        return Result(self.class_names[int(np.argmax(row))], probabilities)
+        decisions = decide(probabilities, self._predictor.info.operating_points)
+        return Result(self.class_names[int(np.argmax(row))], probabilities, decisions)
 
     def predict_folder(
         self, *paths: str | os.PathLike, tta: bool = False, batch_size: int = 8
