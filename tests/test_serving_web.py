@@ -188,6 +188,25 @@ def test_missing_file_field(client) -> None:
     assert response.status_code == 400 and "multipart field 'file'" in response.json()["detail"]
 
 
+def test_a_calibrated_model_file_serves_its_probabilities_and_decisions(model_file: Path, tmp_path: Path):
+    from breastvision.models.bundle import ModelBundle
+
+    bundle = ModelBundle.load(model_file)
+    bundle.calibration = {"temperature": 3.0}
+    bundle.operating_points = {"positive_class": "malignant", "target_sensitivity": 0.95,
+                               "thresholds": {"youden": 0.0}}
+    calibrated = bundle.save(tmp_path / "calibrated.safetensors")
+    (tmp_path / "x.png").write_bytes(_png(seed=2))
+    predictor = load_predictor(calibrated)
+    with TestClient(create_app(calibrated)) as calibrated_client:
+        body = _upload(calibrated_client, _png(seed=2)).json()
+    from breastvision.data.io import load_image
+
+    expected = predictor.probabilities(predictor.preprocess(load_image(tmp_path / "x.png"))[None])[0]
+    np.testing.assert_allclose([body["probabilities"][c] for c in body["class_names"]], expected, atol=1e-6)
+    assert body["decisions"] == {"youden": True}
+
+
 def test_onnx_model_serves_predictions_but_not_explanations(model_file: Path, tmp_path: Path) -> None:
     onnx_file = export_onnx(model_file, tmp_path / "m.onnx", opset=17, verify=False).path
     with TestClient(create_app(onnx_file)) as onnx_client:

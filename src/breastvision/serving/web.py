@@ -104,7 +104,7 @@ from breastvision.data import dicom
 from breastvision.data.io import IMAGE_FORMATS, decode_bytes, load_image
 from breastvision.errors import BreastvisionError
 from breastvision.serving.concurrency import MemoryBudget, MicroBatcher
-from breastvision.serving.predict import OnnxPredictor, Predictor, TorchPredictor, load_predictor
+from breastvision.serving.predict import OnnxPredictor, Predictor, TorchPredictor, decide, load_predictor
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 #: 40 megapixels: ten times a 2048×2048 scan; BreakHis (700×460) and BUSI (~500×500) are far below.
@@ -410,6 +410,8 @@ class InferenceService:
             "tta": self.tta,
             "image": prepared.facts,
         }
+        if decisions := decide(result["probabilities"], self.predictor.info.operating_points):
+            result["decisions"] = decisions  # at the model file's operating points
         if explain:
             result["explanation"] = self._explain(prepared, best)
         result["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 1)
