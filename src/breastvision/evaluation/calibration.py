@@ -27,7 +27,8 @@ from breastvision.errors import BreastvisionError
 N_BINS = 15
 
 #: Temperatures searched; far outside them a model is broken rather than mis-calibrated.
-_LOG_T_BOUNDS = (np.log(0.05), np.log(20.0))
+TEMPERATURE_RANGE = (0.05, 20.0)
+_LOG_T_BOUNDS = (np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1]))
 
 
 def _check_logits(logits: np.ndarray, y: Sequence[int] | np.ndarray | None = None) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from breastvision.errors import BreastvisionError
-from breastvision.evaluation.calibration import TemperatureScaler
+from breastvision.evaluation.calibration import TEMPERATURE_RANGE, TemperatureScaler
 from breastvision.evaluation.operating_points import choose_operating_points, has_positive_class
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,10 @@ def calibrate(
     calibration = {**scaler.to_dict(), "fitted_on": "validation", "n_images": int(labels.size)}
     say(f"temperature scaling on {labels.size} validation images: T = {scaler.temperature_:.3f}, "
         f"NLL {scaler.nll_before_:.4f} -> {scaler.nll_after_:.4f}")
+    if not TEMPERATURE_RANGE[0] * 1.01 < scaler.temperature_ < TEMPERATURE_RANGE[1] / 1.01:
+        # A separable validation set drives T to the lower end (NLL -> 0), a hopeless one to the upper.
+        log.warning(f"the temperature {scaler.temperature_:.3g} is at the end of the searched range "
+                    f"{TEMPERATURE_RANGE}: too few or too easy validation images to calibrate on")
     if not has_positive_class(class_names):
         say(f"no operating points: none of {list(class_names)} is a positive (malignant) class")
         return Calibrated(calibration, None)
