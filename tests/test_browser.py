@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from breastvision.data.io import load_image
+from breastvision.models.bundle import ModelBundle
 from breastvision.serving.predict import is_mask, load_predictor
 from breastvision.serving.web import create_app
 from webserver import background_server
@@ -42,7 +43,10 @@ def browser():
 
 def test_upload_a_busi_image_and_read_the_prediction(browser, make_model_file, busi_dir, tmp_path) -> None:
     image_path = next(p for p in sorted((busi_dir / "malignant").glob("*.png")) if not is_mask(p))
-    model_file = make_model_file("resnet18", input_size=64, resize=72)
+    bundle = ModelBundle.load(make_model_file("resnet18", input_size=64, resize=72))
+    bundle.operating_points = {"positive_class": "malignant", "target_sensitivity": 0.95,
+                               "thresholds": {"sensitivity>=0.95": 0.0, "youden": 1.0}}
+    model_file = bundle.save(tmp_path / "with_operating_points.safetensors")
     with background_server(create_app(model_file)) as url:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         requested: list[str] = []
@@ -67,6 +71,10 @@ def test_upload_a_busi_image_and_read_the_prediction(browser, make_model_file, b
             for row in page.query_selector_all("#probabilities .bar-row")
         }
         overlay_width = page.eval_on_selector("#overlay-gradcam img", "img => img.naturalWidth")
+        decisions = {
+            row.get_attribute("data-operating-point"): row.text_content()
+            for row in page.query_selector_all("#decisions li")
+        }
 
         screenshot = tmp_path / "breastvision-serve.png"
         page.screenshot(path=str(screenshot), full_page=True)
@@ -91,6 +99,9 @@ def test_upload_a_busi_image_and_read_the_prediction(browser, make_model_file, b
     for name, p in zip(predictor.class_names, expected, strict=True):
         assert bars[name] == pytest.approx(float(p), abs=1e-6)
     assert predicted == predictor.class_names[int(expected.argmax())]
+    # Thresholds 0 and 1 fix the decisions, whatever the untrained model's probabilities.
+    assert decisions == {"sensitivity>=0.95": "at sensitivity>=0.95 (P(malignant) ≥ 0.000): malignant",
+                         "youden": "at youden (P(malignant) ≥ 1.000): not malignant"}
     assert overlay_width == round(image.width * min(1.0, 1024 / max(image.size)))
     assert screenshot.stat().st_size > 10_000
     assert all(u.startswith((url, "data:", "blob:")) for u in requested), requested

@@ -14,8 +14,26 @@ function el(tag, attrs = {}, text) {
 function formatValue(value) {
   if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toFixed(4);
   if (value === null || value === undefined) return "—";
-  if (typeof value === "object") return JSON.stringify(value);
+  if (Array.isArray(value)) return value.map(formatValue).join(", ");
+  // Lineage entries such as weights per part read "cnn = densenet121….safetensors; vit = …".
+  if (typeof value === "object") return Object.entries(value).map(([k, v]) => `${k} = ${formatValue(v)}`).join("; ");
   return String(value);
+}
+
+let currentCard = null;  // the model card, for the operating points a result's decisions refer to
+
+function renderDecisions(decisions) {
+  const list = $("decisions");
+  list.replaceChildren();
+  const points = (currentCard && currentCard.operating_points) || {};
+  const positive = points.positive_class || "positive";
+  for (const [name, isPositive] of Object.entries(decisions || {})) {
+    const threshold = (points.thresholds || {})[name];
+    const rule = threshold === undefined ? "" : ` (P(${positive}) ≥ ${threshold.toFixed(3)})`;
+    list.append(el("li", { "data-operating-point": name, "data-positive": String(isPositive) },
+      `at ${name}${rule}: ${isPositive ? positive : `not ${positive}`}`));
+  }
+  list.hidden = list.children.length === 0;
 }
 
 // Nested metrics {"val": {"accuracy": 0.9}} become rows "val.accuracy | 0.9000".
@@ -40,6 +58,7 @@ function fillTable(table, rows, empty) {
 }
 
 function renderCard(card) {
+  currentCard = card;
   const pre = card.preprocessing || {};
   const source = card.source || {};
   $("model-title").textContent = `${card.architecture} · ${card.class_names.join(" / ")}`;
@@ -91,6 +110,7 @@ function renderResult(result) {
     row.append(el("span", { class: "bar-label" }, name), track, el("span", { class: "bar-value" }, `${(100 * p).toFixed(1)} %`));
     bars.append(row);
   }
+  renderDecisions(result.decisions);
   if (result.image && result.image.preview) {
     // A DICOM upload: the browser cannot show the file, so the server sends the decoded frame.
     $("preview").src = `data:image/png;base64,${result.image.preview}`;
