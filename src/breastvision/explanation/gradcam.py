@@ -229,6 +229,10 @@ def explain(
         raise BreastvisionError(f"explain takes one image, got a tensor of shape {tuple(tensor.shape)}")
     if torch.is_inference_mode_enabled():
         raise BreastvisionError("Grad-CAM needs gradients: call explain outside torch.inference_mode")
+    from breastvision.models.ensemble import EnsembleNetwork
+
+    if isinstance(model, EnsembleNetwork):
+        return _explain_ensemble(model, tensor, target, target_layers, method)
     layers = {"gradcam": list(target_layers)} if target_layers else default_target_layers(model, architecture)
     device = next(model.parameters()).device
     # The input requires grad so that the graph reaches the target layer even with frozen weights.
@@ -246,6 +250,24 @@ def explain(
         heatmaps = {"combined": scale_cam_image(combined[None])[0], **heatmaps}
     probabilities = torch.softmax(logits[0].float(), dim=0).cpu().numpy()
     return Explanation(int(target), heatmaps, probabilities, method, layers)
+
+
+def _explain_ensemble(
+    model: torch.nn.Module, tensor: torch.Tensor, target: int | None, target_layers: Sequence[str] | None,
+    method: str,
+) -> Explanation:
+    """An ensemble's map: the mean of its members' primary maps for the ensemble's class (each member
+    explained with its own default layers), followed by each member's."""
+    with torch.no_grad():
+        probabilities = model(tensor.to(model.temperatures.device)).exp()[0].cpu().numpy()
+    target = int(probabilities.argmax()) if target is None else target
+    parts = [explain(member, tensor, architecture=architecture, target=target, target_layers=target_layers,
+                     method=method) for member, architecture in zip(model.members, model.architectures,
+                                                                    strict=True)]
+    heatmaps = {"ensemble": np.mean(np.stack([p.primary for p in parts]), axis=0).astype(np.float32)}
+    heatmaps.update({f"member{i}": p.primary for i, p in enumerate(parts)})
+    layers = {f"member{i}.{name}": paths for i, p in enumerate(parts) for name, paths in p.layers.items()}
+    return Explanation(target, heatmaps, probabilities, method, layers)
 
 
 def input_region(size: tuple[int, int], preprocessing: Preprocessing) -> tuple[float, float, float, float]:

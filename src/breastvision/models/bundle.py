@@ -181,6 +181,8 @@ class ModelMetadata(BaseModel):
     #: Added later, so optional: files written before them predict uncalibrated, without thresholds.
     calibration: Calibration | None = None
     operating_points: OperatingPoints | None = None
+    #: An ensemble's members (``models.ensemble``); absent in single-model files.
+    ensemble: Ensemble | None = None
 
     _distinct = field_validator("class_names")(_unique)
 
@@ -189,6 +191,10 @@ class ModelMetadata(BaseModel):
         if self.operating_points and self.operating_points.positive_class not in self.class_names:
             raise ValueError(f"operating_points.positive_class {self.operating_points.positive_class!r} "
                              f"is not one of the class names {self.class_names}")
+        if (self.ensemble is not None) != (self.architecture == "ensemble"):
+            raise ValueError("architecture 'ensemble' goes with an 'ensemble' entry, and only it")
+        if self.ensemble and any(m.class_names != self.class_names for m in self.ensemble.members):
+            raise ValueError("ensemble members' class names differ from the file's")
         return self
 
     @field_validator("preprocessing", mode="before")
@@ -202,6 +208,18 @@ class ModelMetadata(BaseModel):
             if missing:
                 raise ValueError(f"lacks {', '.join(missing)}")
         return value
+
+
+class Ensemble(BaseModel):
+    """An ensemble file's members, each a model file's metadata (``models.ensemble``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    members: list[ModelMetadata] = Field(min_length=2)
+    combine: Literal["mean of calibrated probabilities"]
+
+
+ModelMetadata.model_rebuild()
 
 
 @dataclass
@@ -218,6 +236,8 @@ class ModelBundle:
     #: ``Calibration`` and ``OperatingPoints`` as dicts (``None``: not fitted, as in older files).
     calibration: dict[str, Any] | None = None
     operating_points: dict[str, Any] | None = None
+    #: ``Ensemble`` as a dict for an ensemble file (``models.ensemble``), else ``None``.
+    ensemble: dict[str, Any] | None = None
     #: The file this bundle was read from (named in errors); not part of the metadata.
     source: Path | None = field(default=None, repr=False, compare=False)
 
@@ -234,7 +254,8 @@ class ModelBundle:
             "extra": self.extra,
             # Written only when fitted, so a file without them stays readable by older releases.
             **{k: v for k, v in (("calibration", self.calibration),
-                                 ("operating_points", self.operating_points)) if v is not None},
+                                 ("operating_points", self.operating_points),
+                                 ("ensemble", self.ensemble)) if v is not None},
         }
 
     @property
@@ -299,6 +320,7 @@ class ModelBundle:
             extra=valid.extra,
             calibration=valid.calibration.model_dump() if valid.calibration else None,
             operating_points=valid.operating_points.model_dump() if valid.operating_points else None,
+            ensemble=meta["ensemble"] if valid.ensemble else None,  # validated, kept as written
             source=Path(source) if isinstance(source, Path) else None,
         )
 
@@ -323,6 +345,10 @@ class ModelBundle:
         from breastvision.models.registry import create_model
         from breastvision.models.weights import describe_mismatch
 
+        if self.ensemble:
+            from breastvision.models.ensemble import build_network
+
+            return build_network(self)
         where = f"{self.source}: " if self.source else ""
 
         def build() -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""``breastvision train``, ``breastvision transfer`` and ``breastvision crossval``."""
+"""``breastvision train``, ``transfer``, ``crossval`` and ``ensemble``."""
 
 from __future__ import annotations
 
@@ -52,7 +52,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     crossval.add_argument(
         "--out", type=Path, metavar="DIR", help="folder of the folds (default: the config's output_dir)"
     )
+    crossval.add_argument(
+        "--ensemble", action="store_true",
+        help="also write DIR/ensemble.safetensors: the k fold models as one ensemble model file",
+    )
     crossval.set_defaults(func=run_crossval)
+
+    ensemble = subparsers.add_parser(
+        "ensemble",
+        help="combine model files or run folders into one ensemble model file",
+        description="Write one model file whose prediction is the mean of its members' calibrated "
+        "probabilities. Members may differ in architecture but must share class names and pre-processing.",
+    )
+    ensemble.add_argument("models", nargs="+", type=Path, metavar="RUN_OR_MODEL",
+                          help="model files (.safetensors) or run folders holding one; ensembles are flattened")
+    ensemble.add_argument("--out", type=Path, required=True, metavar="FILE", help="the ensemble model file")
+    ensemble.set_defaults(func=run_ensemble)
 
 
 def _overrides(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +107,15 @@ def run_crossval(args: argparse.Namespace) -> int:
     from breastvision.evaluation.report import print_run_headline
     from breastvision.training.crossval import run_crossval as crossval
 
-    print_run_headline(crossval(args.config, args.folds, overrides(args), args.out).out_dir)
+    print_run_headline(crossval(args.config, args.folds, overrides(args), args.out,
+                                ensemble=args.ensemble).out_dir)
+    return 0
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    from breastvision.models.ensemble import ensemble_files
+
+    print(f"ensemble of {len(args.models)} written to {ensemble_files(args.models, args.out)}")
     return 0
 
 

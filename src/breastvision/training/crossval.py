@@ -75,9 +75,12 @@ def run_crossval(
     out: str | os.PathLike | None = None,
     *,
     title: str | None = None,
+    ensemble: bool = False,
 ) -> CrossValidation:
     """Train every fold of a ``group_kfold`` config (finished folds reused) and write the pooled
-    report into ``out`` (default: the config's run folder)."""
+    report into ``out`` (default: the config's run folder); with ``ensemble``, also
+    ``out/ensemble.safetensors`` of the k fold models (``models.ensemble``). That file is for use,
+    not for scoring on these folds: every image is in some member's training data."""
     from breastvision.training.config import load_config
 
     if folds < 2:
@@ -98,6 +101,10 @@ def run_crossval(
         for fold in range(folds)
     ]
     summary = aggregate_runs(runs, out_dir, title=title or f"{first.name}: {folds}-fold cross-validation")
+    if ensemble:
+        from breastvision.models.ensemble import ENSEMBLE_FILE_NAME, ensemble_files
+
+        ensemble_files([run.run_dir for run in runs], out_dir / ENSEMBLE_FILE_NAME)
     return CrossValidation(out_dir, runs, summary)
 
 
