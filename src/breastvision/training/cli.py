@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "probabilities. Members may differ in architecture but must share class names and pre-processing.",
     )
     ensemble.add_argument("models", nargs="+", type=Path, metavar="RUN_OR_MODEL",
-                          help="model files (.safetensors) or run folders holding one; ensembles are flattened")
+                          help="model files (.safetensors) or run folders; ensembles given are flattened")
     ensemble.add_argument("--out", type=Path, required=True, metavar="FILE", help="the ensemble model file")
     ensemble.set_defaults(func=run_ensemble)
 
