@@ -120,3 +120,14 @@ def test_patient_groupings_pool_per_patient(tmp_path: Path) -> None:
     assert summary["pooled"]["bootstrap"]["resampled"] == "patients"
     assert summary["wall_clock_seconds"] is None and (tmp_path / "pooled" / "report.md").is_file()
     assert crossval.fold_overrides(5, 3) == ["data.split.options.k=5", "data.fold=3"]
+
+
+def test_ensemble_of_the_folds(image_tree, tmp_path: Path) -> None:
+    from breastvision.models.bundle import ModelBundle
+
+    source = image_tree(per_class=6)
+    cv = run_crossval(write_config(tmp_path / "cv.yaml", source), folds=3, out=tmp_path / "cv", ensemble=True)
+    bundle = ModelBundle.load(cv.out_dir / "ensemble.safetensors")
+    members = [ModelBundle.load(r.run_dir / "model.safetensors") for r in cv.runs]
+    assert [m["calibration"] for m in bundle.ensemble["members"]] == [m.calibration for m in members]
+    assert bundle.state_dict["member2.fc.bias"].equal(members[2].state_dict["fc.bias"])
