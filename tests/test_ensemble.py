@@ -84,6 +84,19 @@ def test_mismatched_class_names_are_a_one_line_error(members, tmp_path: Path, ca
     assert main(["ensemble", str(members[0]), str(other), "--out", str(tmp_path / "bad.safetensors")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "bad.safetensors").exists()
+    resized = ModelBundle.load(members[1])
+    resized.preprocessing = Preprocessing(input_size=64, resize=72)
+    with pytest.raises(BreastvisionError, match="pre-processing differs"):
+        ensemble_files([members[0], resized.save(tmp_path / "r.safetensors")], tmp_path / "b.safetensors")
+
+
+def test_metadata_without_members_is_refused(ensemble) -> None:
+    meta = ModelBundle.load(ensemble).metadata()
+    with pytest.raises(BreastvisionError, match="goes with an 'ensemble' entry"):
+        ModelBundle.from_metadata({k: v for k, v in meta.items() if k != "ensemble"}, {})
+    meta["ensemble"]["members"][1]["class_names"] = ["b", "m"]
+    with pytest.raises(BreastvisionError, match="class names differ"):
+        ModelBundle.from_metadata(meta, {})
 
 
 def test_one_onnx_graph_matches_pytorch(ensemble, tmp_path: Path) -> None:
