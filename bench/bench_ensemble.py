@@ -55,11 +55,13 @@ def cross_validation(folders: list[Path], out: Path, folds: int) -> dict:
         splits = {(f / f"fold{k}" / "split.json").read_bytes() for f in folders}
         if len(splits) != 1:
             raise SystemExit(f"fold {k}: the runs were not trained on the same split")
-        model = ensemble_files([f / f"fold{k}" for f in folders], out / f"fold{k}.safetensors")
-        result = evaluate_model(model, "busi", split=folders[0] / f"fold{k}" / "split.json", fold=k,
-                                out=out / f"fold{k}", n_resamples=0)
-        names = result.metrics["class_names"]
-        g, y, p = _read(result.out_dir / "predictions.csv", names)
+        done = out / f"fold{k}" / "metrics.json"
+        if not done.is_file():  # a fold evaluated by an interrupted run is reused
+            model = ensemble_files([f / f"fold{k}" for f in folders], out / f"fold{k}.safetensors")
+            evaluate_model(model, "busi", split=folders[0] / f"fold{k}" / "split.json", fold=k,
+                           out=out / f"fold{k}", n_resamples=0)
+        names = json.loads(done.read_text())["class_names"]
+        g, y, p = _read(done.parent / "predictions.csv", names)
         groups += g
         labels += y
         probs.append(p)
