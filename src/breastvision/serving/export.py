@@ -123,7 +123,9 @@ def export_onnx(
         "opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, "torch": torch.__version__,
         "source_file": model_file.name, "source_sha256": file_sha256(model_file),
     }
-    for key, value in ((ONNX_METADATA_KEY, bundle.metadata()), (f"{ONNX_METADATA_KEY}_onnx", export_info)):
+    # The graph gives no features, so the scope stays behind: its flag needs the model file.
+    meta = {k: v for k, v in bundle.metadata().items() if k != "scope"}
+    for key, value in ((ONNX_METADATA_KEY, meta), (f"{ONNX_METADATA_KEY}_onnx", export_info)):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
     onnx.save(proto, str(out))

@@ -329,7 +329,7 @@ class InferenceService:
         side = max(EXACT_DECODE_SIDE, 2 * first_size)  # reduced decoding only above (module docstring)
         self.decode_at_least = (side, side)
         self.budget = MemoryBudget(memory_budget_bytes)
-        self.batcher: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
+        self.batcher: MicroBatcher[torch.Tensor, tuple[np.ndarray, float | None]] = MicroBatcher(
             self._forward, max_batch=max_batch, max_wait_s=batch_wait_s, workers=inference_workers,
             name="breastvision-inference",
         )
@@ -339,8 +339,9 @@ class InferenceService:
     def close(self) -> None:
         self.batcher.close()
 
-    def _forward(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
-        return list(self.predictor.probabilities(torch.stack(tensors), tta=self.tta))
+    def _forward(self, tensors: list[torch.Tensor]) -> list[tuple[np.ndarray, float | None]]:
+        probs, scores = self.predictor.assess(torch.stack(tensors), tta=self.tta)
+        return [(row, None if scores is None else float(scores[i])) for i, row in enumerate(probs)]
 
     def _check_size(self, width: int, height: int) -> None:
         if width * height > self.max_pixels:
@@ -399,7 +400,7 @@ class InferenceService:
         if explain and not self.can_explain:
             raise UploadError(400, "explanations need the .safetensors model file, not an ONNX export")
         prepared = self.prepare(upload, keep_image=explain, frame=frame)
-        probs = self.batcher.submit(prepared.tensor).result()
+        probs, scope_score = self.batcher.submit(prepared.tensor).result()
         names = self.predictor.class_names
         best = int(np.argmax(probs))
         result: dict[str, Any] = {
@@ -412,6 +413,9 @@ class InferenceService:
         }
         if decisions := decide(result["probabilities"], self.predictor.info.operating_points):
             result["decisions"] = decisions  # at the model file's operating points
+        if scope_score is not None:  # models.scope: far from the training images
+            result["scope_score"] = scope_score
+            result["out_of_scope"] = self.predictor.info.scope.outside(scope_score)
         if explain:
             result["explanation"] = self._explain(prepared, best)
         result["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 1)
