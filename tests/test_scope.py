@@ -96,7 +96,8 @@ def test_predict_flags_off_domain_images_in_csv_and_json(scoped: tuple[Path, Pat
     rows = _rows(out)
     assert list(rows[0])[-3:] == ["out_of_scope", "scope_score", "skipped"]
     flags = {Path(r["path"]).name: r["out_of_scope"] for r in rows if not r["skipped"]}
-    assert flags == {**{f"grey{i}.png": "False" for i in range(3)}, **{f"noise{i}.png": "True" for i in range(3)}}
+    expected = {**{f"grey{i}.png": "False" for i in range(3)}, **{f"noise{i}.png": "True" for i in range(3)}}
+    assert flags == expected
     assert [(r["out_of_scope"], r["scope_score"]) for r in rows if r["skipped"]] == [("", "")]
     # The score is the stored scope's, of the features computed by hand.
     bundle = ModelBundle.load(model_file)
