@@ -213,15 +213,16 @@ class TorchPredictor(Predictor):
     backend = "pytorch"
     can_explain = True
 
-    def __init__(self, bundle: ModelBundle, source: Path) -> None:
+    def __init__(self, bundle: ModelBundle, source: Path, device: torch.device | str = "cpu") -> None:
         self.info = bundle
         self.source = source
-        self.model = bundle.build_model()
+        self.device = torch.device(device)
+        self.model = bundle.build_model().to(self.device)
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         # inference_mode, not a flag on the model: the model stays shareable between threads.
         with torch.inference_mode():
-            return self.model(batch).float()
+            return self.model(batch.to(self.device)).float().cpu()
 
     def assess(self, batch: torch.Tensor, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         scope = self.info.scope
@@ -229,24 +230,26 @@ class TorchPredictor(Predictor):
             return super().assess(batch, tta)
         from breastvision.models.scope import pooled_features
 
-        logits, features = pooled_features(self.model, batch)  # one pass gives both
+        logits, features = pooled_features(self.model, batch.to(self.device))  # one pass gives both
+        logits, features = logits.cpu(), features.cpu()
         probs = self.probabilities(batch, tta) if tta else torch.softmax(logits / self.info.temperature, 1)
         return np.asarray(probs), scope.score(features)
 
 
 class OnnxPredictor(Predictor):
-    """An ONNX export of a model file, run by onnxruntime on the CPU."""
+    """An ONNX export of a model file, run by onnxruntime: on a GPU (CUDAExecutionProvider) when the
+    device is CUDA, which needs the onnxruntime-gpu build, else on the CPU."""
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, device: torch.device | str = "cpu") -> None:
         import onnxruntime as ort
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options, providers=_providers(device))
         except (ort_errors.Fail, ort_errors.InvalidProtobuf, ort_errors.InvalidGraph,
                 ort_errors.NoSuchFile, ort_errors.NotImplemented, ort_errors.InvalidArgument) as err:
             raise BreastvisionError(f"{path} is not a usable ONNX model: {one_line(err)}") from None
@@ -289,12 +292,29 @@ def _shape_fits(shape: Sequence[Any], expected: Sequence[int | None]) -> bool:
     )
 
 
-def load_predictor(path: str | os.PathLike) -> Predictor:
-    """A predictor for a ``.onnx`` export or a breastvision model file (anything else)."""
+def _providers(device: torch.device | str) -> list[str]:
+    """onnxruntime's providers for ``device``: CUDA first only for a CUDA device, and only if this
+    onnxruntime build has it (a CPU-only build asked for CUDA is a one-line error)."""
+    import onnxruntime as ort
+
+    if torch.device(device).type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BreastvisionError(f"--device {device}: this onnxruntime has no CUDAExecutionProvider "
+                                "(install onnxruntime-gpu, or use the .safetensors model file)")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def load_predictor(path: str | os.PathLike, device: str = "cpu") -> Predictor:
+    """A predictor for a ``.onnx`` export or a breastvision model file (anything else), on ``device``
+    (``devices.resolve_device``'s names: ``auto``, ``cpu``, ``cuda[:N]``)."""
+    from breastvision.devices import resolve_device
+
+    torch_device = resolve_device(device)
     path = check_model_path(path)
     if path.suffix.lower() == ".onnx":
-        return OnnxPredictor(path)
-    return TorchPredictor(ModelBundle.load(path), path)
+        return OnnxPredictor(path, torch_device)
+    return TorchPredictor(ModelBundle.load(path), path, torch_device)
 
 
 @dataclass
