@@ -323,7 +323,8 @@ def test_predict_writes_a_decision_per_operating_point(make_model_file, scans: P
     assert set(document["predictions"][0]["decisions"]) == set(thresholds)
     # A file without operating points keeps the CSV as it was.
     assert main(["predict", str(make_model_file("resnet18")), str(scans), "--out", str(out)]) == 0
-    assert list(_read_csv(out)[0]) == ["path", "predicted", *(f"p_{c}" for c in CLASSES), "skipped"]
+    assert list(_read_csv(out)[0]) == ["path", "predicted", *(f"p_{c}" for c in CLASSES), "out_of_scope",
+                                       "scope_score", "skipped"]
 
 
 def test_onnx_export_applies_the_stored_temperature(make_model_file, tmp_path: Path) -> None:

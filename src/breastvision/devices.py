@@ -6,10 +6,12 @@ the device is absent. Training has its own (``training.devices``: Lightning Fabr
 from __future__ import annotations
 
 import argparse
-
-import torch
+from typing import TYPE_CHECKING
 
 from breastvision.errors import BreastvisionError
+
+if TYPE_CHECKING:  # building the CLI parser must not import torch
+    import torch
 
 DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N (default: auto)"
 
@@ -21,6 +23,8 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
 def resolve_device(name: str) -> torch.device:
     """``auto``: the first CUDA GPU when torch sees one, else the CPU; a named device that this
     machine lacks is a one-line ``BreastvisionError``."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
