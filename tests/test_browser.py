@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from breastvision.data.io import load_image
 from breastvision.models.bundle import ModelBundle
@@ -106,3 +107,26 @@ def test_upload_a_busi_image_and_read_the_prediction(browser, make_model_file, b
     assert screenshot.stat().st_size > 10_000
     assert all(u.startswith((url, "data:", "blob:")) for u in requested), requested
     assert [p for p in problems if "415" not in p] == []  # the refused text file's 415 is expected
+
+
+def test_an_image_outside_the_scope_gets_the_notice(browser, make_model_file, busi_dir, tmp_path) -> None:
+    from breastvision.models.scope import Scope
+
+    image_path = next(p for p in sorted((busi_dir / "benign").glob("*.png")) if not is_mask(p))
+    bundle = ModelBundle.load(make_model_file("resnet18", input_size=64, resize=72))
+    seen = {}
+    for threshold in (0.0, 1e9):  # every image outside, then every image inside
+        bundle.scope = Scope(torch.zeros(3, 512), torch.eye(512), threshold)
+        model_file = bundle.save(tmp_path / f"scope_{threshold:g}.safetensors")
+        with background_server(create_app(model_file)) as url:
+            page = browser.new_page()
+            page.goto(url)
+            page.set_input_files("#file", str(image_path))
+            page.click("#predict-button")
+            page.wait_for_selector('#result[data-state="done"]', timeout=60_000)
+            seen[threshold] = (page.is_visible("#scope-notice"), page.text_content("#scope-notice"),
+                               float(page.get_attribute("#scope-notice", "data-scope-score")))
+            page.close()
+    assert seen[0.0][0] and "Outside this model's scope" in seen[0.0][1]
+    assert not seen[1e9][0]
+    assert seen[0.0][2] == pytest.approx(seen[1e9][2]) and seen[0.0][2] > 0

@@ -310,7 +310,8 @@ def test_predict_writes_a_decision_per_operating_point(make_model_file, scans: P
     assert main(["predict", str(calibrated), str(scans), "--out", str(out)]) == 0
     rows = _read_csv(out)
     columns = ["malignant_at_sensitivity>=0.95", "malignant_at_youden"]
-    assert list(rows[0]) == ["path", "predicted", *(f"p_{c}" for c in CLASSES), *columns, "skipped"]
+    assert list(rows[0]) == ["path", "predicted", *(f"p_{c}" for c in CLASSES), *columns, "out_of_scope",
+                            "scope_score", "skipped"]
     good = [r for r in rows if not r["skipped"]]
     for column, threshold in zip(columns, thresholds.values(), strict=True):
         assert [r[column] for r in good] == [str(float(r["p_malignant"]) >= threshold) for r in good]
@@ -322,7 +323,8 @@ def test_predict_writes_a_decision_per_operating_point(make_model_file, scans: P
     assert set(document["predictions"][0]["decisions"]) == set(thresholds)
     # A file without operating points keeps the CSV as it was.
     assert main(["predict", str(make_model_file("resnet18")), str(scans), "--out", str(out)]) == 0
-    assert list(_read_csv(out)[0]) == ["path", "predicted", *(f"p_{c}" for c in CLASSES), "skipped"]
+    assert list(_read_csv(out)[0]) == ["path", "predicted", *(f"p_{c}" for c in CLASSES), "out_of_scope",
+                                       "scope_score", "skipped"]
 
 
 def test_onnx_export_applies_the_stored_temperature(make_model_file, tmp_path: Path) -> None:

@@ -256,8 +256,9 @@ def test_micro_batches_give_the_single_image_probabilities(model_file: Path) -> 
         service.close()
     # Submitted well within the wait: one full batch, then the rest together.
     assert service.batcher.batch_sizes == {4: 1, 2: 1}
-    for tensor, probs in zip(tensors, batched, strict=True):
+    for tensor, (probs, scope_score) in zip(tensors, batched, strict=True):
         np.testing.assert_allclose(probs, predictor.probabilities(tensor[None])[0], atol=1e-5)
+        assert scope_score is None  # the file has no scope
 
 
 def test_a_failing_batch_fails_each_of_its_requests() -> None:

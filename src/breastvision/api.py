@@ -52,6 +52,10 @@ class Result:
     label: str
     probabilities: dict[str, float]
     decisions: dict[str, bool] = field(default_factory=dict)
+    #: For a model file with a scope (``models.scope``): whether the image lies outside it, and its
+    #: score; ``None`` without one (or from an ONNX export).
+    out_of_scope: bool | None = None
+    scope_score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -103,10 +107,13 @@ class Model:
         from breastvision.serving.predict import decide
 
         tensor = self._predictor.preprocess(as_image(image)).unsqueeze(0)
-        row = self._predictor.probabilities(tensor, tta=tta)[0]
+        rows, scores = self._predictor.assess(tensor, tta=tta)
+        row = rows[0]
         probabilities = dict(zip(self.class_names, map(float, row), strict=True))
         decisions = decide(probabilities, self._predictor.info.operating_points)
-        return Result(self.class_names[int(np.argmax(row))], probabilities, decisions)
+        scope = {} if scores is None else {
+            "scope_score": float(scores[0]), "out_of_scope": self._predictor.info.scope.outside(scores[0])}
+        return Result(self.class_names[int(np.argmax(row))], probabilities, decisions, **scope)
 
     def predict_folder(
         self, *paths: str | os.PathLike, tta: bool = False, batch_size: int = 8

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from breastvision.devices import add_device_option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -25,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tta", action="store_true", help="average the 8 dihedral views (rotations × flip)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default: 0)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    add_device_option(parser)
     parser.add_argument("--positive", help="positive class of a binary task (default: malignant)")
     parser.add_argument("--patient-level", choices=("auto", "on", "off"), default="auto",
                         help="treat the dataset's groups as patients (auto: BreakHis slides/patients)")

@@ -41,6 +41,7 @@ import torch
 
 from breastvision.data.records import PATIENT_GROUPINGS, Catalog, Record, Skipped
 from breastvision.data.splits import Split
+from breastvision.devices import resolve_device
 from breastvision.errors import BreastvisionError
 
 if TYPE_CHECKING:
@@ -149,18 +150,6 @@ def predict_probs(
         detail = f": none of the {len(pairs)} could be read, e.g. {pairs[first][0]}: {failures[first]}"
         raise BreastvisionError("no images to predict" + (detail if first is not None else ""))
     return np.concatenate(out), failures
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise BreastvisionError(f"unknown device {name!r}: {err}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BreastvisionError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def select_items(
@@ -366,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
     from breastvision.evaluation.report import print_headline
     from breastvision.training.progress import wanted
 
+    resolve_device(args.device)  # an absent device is said before the data is read
     result = evaluate_model(
         args.model, args.source, data=args.data, split=args.split, subset=args.subset, fold=args.fold,
         out=args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers, device=args.device,

@@ -155,6 +155,21 @@ class OperatingPoints(BaseModel):
     n_validation: StrictInt | None = None
 
 
+class ScopeMetadata(BaseModel):
+    """How far from the training images an input may be before it is flagged (``models.scope``);
+    the class means and the precision matrix are the file's ``scope.*`` tensors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["mahalanobis"] = "mahalanobis"
+    threshold: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    fitted_on: StrictStr = "train"
+    threshold_from: StrictStr = ""
+    n_images: StrictInt = 0
+    feature_dim: Annotated[StrictInt, Field(ge=1)]
+    n_classes: Annotated[StrictInt, Field(ge=1)]
+
+
 def _unique(names: list[str]) -> list[str]:
     if any(not name.strip() for name in names):
         raise ValueError("class names must not be empty")
@@ -183,6 +198,7 @@ class ModelMetadata(BaseModel):
     operating_points: OperatingPoints | None = None
     #: An ensemble's members (``models.ensemble``); absent in single-model files.
     ensemble: Ensemble | None = None
+    scope: ScopeMetadata | None = None
 
     _distinct = field_validator("class_names")(_unique)
 
@@ -238,6 +254,9 @@ class ModelBundle:
     operating_points: dict[str, Any] | None = None
     #: ``Ensemble`` as a dict for an ensemble file (``models.ensemble``), else ``None``.
     ensemble: dict[str, Any] | None = None
+    #: ``models.scope.Scope`` (``None``: not fitted, as in older files); its tensors are saved beside
+    #: the weights under ``scope.*`` and are not part of ``state_dict``.
+    scope: Any = None
     #: The file this bundle was read from (named in errors); not part of the metadata.
     source: Path | None = field(default=None, repr=False, compare=False)
 
@@ -256,6 +275,7 @@ class ModelBundle:
             **{k: v for k, v in (("calibration", self.calibration),
                                  ("operating_points", self.operating_points),
                                  ("ensemble", self.ensemble)) if v is not None},
+            **({"scope": self.scope.metadata()} if self.scope is not None else {}),
         }
 
     @property
@@ -286,7 +306,8 @@ class ModelBundle:
         meta = self.metadata()
         _validated(ModelMetadata, meta, f"not writing {path}, its metadata would not load")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict.items()}
+        scope = self.scope.tensors() if self.scope is not None else {}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in {**self.state_dict, **scope}.items()}
         save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta)})
         return path
 
@@ -309,6 +330,12 @@ class ModelBundle:
                 f"breastvision reads ({FORMAT_VERSION})"
             )
         valid = _validated(ModelMetadata, meta, f"{source}: bad metadata")
+        scope = None
+        if valid.scope is not None:
+            from breastvision.models.scope import SCOPE_PREFIX, Scope
+
+            scope = Scope.from_file(valid.scope.model_dump(), state_dict, str(source))
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(SCOPE_PREFIX)}
         return cls(
             architecture=valid.architecture,
             class_names=list(valid.class_names),
@@ -321,6 +348,7 @@ class ModelBundle:
             calibration=valid.calibration.model_dump() if valid.calibration else None,
             operating_points=valid.operating_points.model_dump() if valid.operating_points else None,
             ensemble=meta["ensemble"] if valid.ensemble else None,  # validated, kept as written
+            scope=scope,
             source=Path(source) if isinstance(source, Path) else None,
         )
 

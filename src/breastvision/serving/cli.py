@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from breastvision.devices import add_device_option
 from breastvision.errors import BreastvisionError
 
 #: Skipped files listed one by one before the rest are only counted by reason.
@@ -32,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--frame", default="all", metavar="K|all",
                          help="multi-frame DICOM: predict frame K (from 1) of each, or all (default); "
                          "rows name frames file.dcm#frame=K")
+    add_device_option(predict)
     predict.set_defaults(func=_predict)
 
     export = subparsers.add_parser(
@@ -43,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--onnx", type=Path, required=True, metavar="OUT", help="the .onnx file to write")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset, 17 or newer (default 18)")
     export.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    add_device_option(export)
     export.set_defaults(func=_export)
 
     serve = subparsers.add_parser(
@@ -72,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="seconds a client has to send the request headers (default 10)")
     serve.add_argument("--body-timeout", type=float, default=60.0, metavar="S",
                        help="seconds a client has to send the request body (default 60)")
+    add_device_option(serve)
     serve.set_defaults(func=_serve)
 
 
@@ -88,7 +92,7 @@ def _predict(args: argparse.Namespace) -> int:
 
         if args.method not in METHODS:
             raise BreastvisionError(f"unknown --method '{args.method}' (choose from {', '.join(METHODS)})")
-    predictor = load_predictor(args.model)
+    predictor = load_predictor(args.model, args.device)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("predicting", total=None)
         run = predict_paths(
@@ -152,7 +156,8 @@ def _report_skipped(run) -> None:  # noqa: ANN001 - a PredictionRun
 def _export(args: argparse.Namespace) -> int:
     from breastvision.serving.export import DEFAULT_OPSET, export_onnx
 
-    result = export_onnx(args.model, args.onnx, opset=args.opset or DEFAULT_OPSET, verify=not args.no_verify)
+    result = export_onnx(args.model, args.onnx, opset=args.opset or DEFAULT_OPSET, verify=not args.no_verify,
+                         device=args.device)
     diff = result.max_abs_diff
     check = "" if diff is None else f"; onnxruntime vs PyTorch max |Δp| = {diff:.1e}"
     print(f"wrote {result.path} (opset {result.opset}, passes onnx.checker{check})")
@@ -175,7 +180,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     print(f"breastvision: serving {args.model} on http://{args.host}:{args.port}/  (Ctrl-C stops)")
     serve(
-        args.model, host=args.host, port=args.port, backend=args.backend, tta=args.tta,
+        args.model, host=args.host, port=args.port, backend=args.backend, tta=args.tta, device=args.device,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=int(args.max_megapixels * 1_000_000), max_batch=args.max_batch,
         inference_workers=args.inference_workers,

@@ -97,11 +97,16 @@ def _torch_export(module: torch.nn.Module, example: torch.Tensor, out: Path, ops
 
 
 def export_onnx(
-    model_file: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET, verify: bool = True
+    model_file: str | os.PathLike, out: str | os.PathLike, opset: int = DEFAULT_OPSET, verify: bool = True,
+    device: str = "cpu",
 ) -> ExportResult:
-    """Export a model file to ONNX at ``out``; raises ``BreastvisionError`` if any check fails."""
+    """Export a model file to ONNX at ``out``; raises ``BreastvisionError`` if any check fails.
+    Tracing runs on the CPU (the graph is the same); ``device`` is where onnxruntime verifies it."""
     import onnx
 
+    from breastvision.devices import resolve_device
+
+    torch_device = resolve_device(device)
     if opset < MIN_OPSET:
         raise BreastvisionError(f"--opset must be {MIN_OPSET} or newer, not {opset}")
     model_file, out = Path(model_file), Path(out)
@@ -123,7 +128,9 @@ def export_onnx(
         "opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, "torch": torch.__version__,
         "source_file": model_file.name, "source_sha256": file_sha256(model_file),
     }
-    for key, value in ((ONNX_METADATA_KEY, bundle.metadata()), (f"{ONNX_METADATA_KEY}_onnx", export_info)):
+    # The graph gives no features, so the scope stays behind: its flag needs the model file.
+    meta = {k: v for k, v in bundle.metadata().items() if k != "scope"}
+    for key, value in ((ONNX_METADATA_KEY, meta), (f"{ONNX_METADATA_KEY}_onnx", export_info)):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
     onnx.save(proto, str(out))
@@ -132,7 +139,7 @@ def export_onnx(
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
         raise BreastvisionError(f"the exported ONNX model fails onnx.checker: {err}") from None
 
-    diff = _verify(module, out, example) if verify else None
+    diff = _verify(module, out, example, torch_device) if verify else None
     if diff is not None and diff > TOLERANCE:
         raise BreastvisionError(
             f"onnxruntime and PyTorch disagree by {diff:.2e} (> {TOLERANCE:g}) on a random batch"
@@ -140,12 +147,13 @@ def export_onnx(
     return ExportResult(out, opset, diff)
 
 
-def _verify(module: torch.nn.Module, out: Path, example: torch.Tensor) -> float:
-    """Largest absolute probability difference between onnxruntime and PyTorch on ``example``."""
+def _verify(module: torch.nn.Module, out: Path, example: torch.Tensor, device: torch.device) -> float:
+    """Largest absolute probability difference between onnxruntime (on ``device``) and PyTorch (on
+    the CPU) on ``example``."""
     from breastvision.serving.predict import OnnxPredictor
 
     with torch.inference_mode():
         expected = module(example).numpy()
     # The graph's own output: the predictor's calibration (the model file's temperature) comes after it.
-    actual = OnnxPredictor(out).logits(example).exp().numpy()
+    actual = OnnxPredictor(out, device).logits(example).exp().numpy()
     return float(np.abs(actual - expected).max())

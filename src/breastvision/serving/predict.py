@@ -33,6 +33,12 @@ Choices recorded here:
   predictor applies ``T`` from the metadata the export carries, to the graph's log-probabilities.
 - **Decisions.** A model file with operating points (malignant-vs-rest thresholds chosen on
   validation) adds, per image, whether ``P(malignant) >= threshold`` at each of them.
+- **Scope.** A model file with a fitted scope (``models.scope``) adds, per image, ``scope_score``
+  (the smallest Mahalanobis distance of its pooled features to a training class mean) and
+  ``out_of_scope`` (score above the stored threshold): an image so flagged is "outside this model's
+  scope" and its label should not be trusted. The score is of the image as given (identity view),
+  also under TTA. A file without a scope, and an ONNX export (which carries no features: the flag
+  needs the .safetensors model file), leave both CSV cells blank, so the CSV has one shape.
 """
 
 from __future__ import annotations
@@ -184,6 +190,10 @@ class Predictor(ABC):
             return torch.softmax(scaled(batch), dim=1).numpy()
         return dihedral_tta(scaled, batch).numpy()  # it soft-maxes each view's scaled logits
 
+    def assess(self, batch: torch.Tensor, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """``probabilities`` and, for a model file with a scope, each image's scope score (else None)."""
+        return self.probabilities(batch, tta), None
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return preprocess_image(image, self.preprocessing)
 
@@ -203,30 +213,43 @@ class TorchPredictor(Predictor):
     backend = "pytorch"
     can_explain = True
 
-    def __init__(self, bundle: ModelBundle, source: Path) -> None:
+    def __init__(self, bundle: ModelBundle, source: Path, device: torch.device | str = "cpu") -> None:
         self.info = bundle
         self.source = source
-        self.model = bundle.build_model()
+        self.device = torch.device(device)
+        self.model = bundle.build_model().to(self.device)
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         # inference_mode, not a flag on the model: the model stays shareable between threads.
         with torch.inference_mode():
-            return self.model(batch).float()
+            return self.model(batch.to(self.device)).float().cpu()
+
+    def assess(self, batch: torch.Tensor, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        scope = self.info.scope
+        if scope is None:
+            return super().assess(batch, tta)
+        from breastvision.models.scope import pooled_features
+
+        logits, features = pooled_features(self.model, batch.to(self.device))  # one pass gives both
+        logits, features = logits.cpu(), features.cpu()
+        probs = self.probabilities(batch, tta) if tta else torch.softmax(logits / self.info.temperature, 1)
+        return np.asarray(probs), scope.score(features)
 
 
 class OnnxPredictor(Predictor):
-    """An ONNX export of a model file, run by onnxruntime on the CPU."""
+    """An ONNX export of a model file, run by onnxruntime: on a GPU (CUDAExecutionProvider) when the
+    device is CUDA, which needs the onnxruntime-gpu build, else on the CPU."""
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, device: torch.device | str = "cpu") -> None:
         import onnxruntime as ort
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options, providers=_providers(device))
         except (ort_errors.Fail, ort_errors.InvalidProtobuf, ort_errors.InvalidGraph,
                 ort_errors.NoSuchFile, ort_errors.NotImplemented, ort_errors.InvalidArgument) as err:
             raise BreastvisionError(f"{path} is not a usable ONNX model: {one_line(err)}") from None
@@ -269,12 +292,29 @@ def _shape_fits(shape: Sequence[Any], expected: Sequence[int | None]) -> bool:
     )
 
 
-def load_predictor(path: str | os.PathLike) -> Predictor:
-    """A predictor for a ``.onnx`` export or a breastvision model file (anything else)."""
+def _providers(device: torch.device | str) -> list[str]:
+    """onnxruntime's providers for ``device``: CUDA first only for a CUDA device, and only if this
+    onnxruntime build has it (a CPU-only build asked for CUDA is a one-line error)."""
+    import onnxruntime as ort
+
+    if torch.device(device).type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BreastvisionError(f"--device {device}: this onnxruntime has no CUDAExecutionProvider "
+                                "(install onnxruntime-gpu, or use the .safetensors model file)")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def load_predictor(path: str | os.PathLike, device: str = "cpu") -> Predictor:
+    """A predictor for a ``.onnx`` export or a breastvision model file (anything else), on ``device``
+    (``devices.resolve_device``'s names: ``auto``, ``cpu``, ``cuda[:N]``)."""
+    from breastvision.devices import resolve_device
+
+    torch_device = resolve_device(device)
     path = check_model_path(path)
     if path.suffix.lower() == ".onnx":
-        return OnnxPredictor(path)
-    return TorchPredictor(ModelBundle.load(path), path)
+        return OnnxPredictor(path, torch_device)
+    return TorchPredictor(ModelBundle.load(path), path, torch_device)
 
 
 @dataclass
@@ -286,6 +326,9 @@ class Prediction:
     overlays: dict[str, Path] = field(default_factory=dict)
     #: Operating point name -> whether P(positive class) >= its threshold (empty without them).
     decisions: dict[str, bool] = field(default_factory=dict)
+    #: The model file's scope score and whether it exceeds the threshold (``None``: no scope).
+    scope_score: float | None = None
+    out_of_scope: bool | None = None
 
 
 @dataclass
@@ -382,12 +425,15 @@ def predict_paths(
     predictions: list[Prediction] = []
     used_stems: set[str] = set()
     for batch in batched(_prepared(predictor, found.images, skipped), batch_size):
-        probs = predictor.probabilities(torch.stack([tensor for *_, tensor in batch]), tta=tta)
-        for (path, name, image, tensor), row in zip(batch, probs, strict=True):
+        probs, scores = predictor.assess(torch.stack([tensor for *_, tensor in batch]), tta=tta)
+        for i, ((path, name, image, tensor), row) in enumerate(zip(batch, probs, strict=True)):
             best = int(np.argmax(row))
             probabilities = dict(zip(predictor.class_names, map(float, row), strict=True))
             prediction = Prediction(name, path, probabilities, predictor.class_names[best],
                                     decisions=decide(probabilities, predictor.info.operating_points))
+            if scores is not None:
+                prediction.scope_score = float(scores[i])
+                prediction.out_of_scope = predictor.info.scope.outside(scores[i])
             if explain_dir is not None:
                 prediction.overlays = _explain_one(
                     predictor, image, tensor, best, explain_dir, _overlay_stem(name, used_stems),
@@ -430,6 +476,8 @@ def write_results(run: PredictionRun, out: Path) -> Path:
             "predictions": [
                 {"path": printable(p.name), "predicted": p.predicted, "probabilities": p.probabilities,
                  **({"decisions": p.decisions} if p.decisions else {}),
+                 **({"out_of_scope": p.out_of_scope, "scope_score": p.scope_score}
+                    if p.scope_score is not None else {}),
                  **({"overlays": {k: printable(v) for k, v in p.overlays.items()}} if p.overlays else {})}
                 for p in run.predictions
             ],
@@ -442,12 +490,13 @@ def write_results(run: PredictionRun, out: Path) -> Path:
         writer = csv.writer(handle)
         columns = run.decision_columns()
         writer.writerow(["path", "predicted", *(f"p_{c}" for c in run.class_names), *columns.values(),
-                         "skipped"])
+                         "out_of_scope", "scope_score", "skipped"])
         for p in run.predictions:
             probabilities = (f"{p.probabilities[c]:.6f}" for c in run.class_names)
             decisions = (p.decisions[k] for k in columns)
-            writer.writerow([printable(p.name), p.predicted, *probabilities, *decisions, ""])
-        blank = [""] * (len(run.class_names) + len(columns))
+            scope = ["", ""] if p.scope_score is None else [p.out_of_scope, f"{p.scope_score:.4f}"]
+            writer.writerow([printable(p.name), p.predicted, *probabilities, *decisions, *scope, ""])
+        blank = [""] * (len(run.class_names) + len(columns) + 2)
         for s in run.skipped:
             writer.writerow([printable(s.path), "", *blank, printable(s.reason)])
     return out

@@ -329,7 +329,7 @@ class InferenceService:
         side = max(EXACT_DECODE_SIDE, 2 * first_size)  # reduced decoding only above (module docstring)
         self.decode_at_least = (side, side)
         self.budget = MemoryBudget(memory_budget_bytes)
-        self.batcher: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
+        self.batcher: MicroBatcher[torch.Tensor, tuple[np.ndarray, float | None]] = MicroBatcher(
             self._forward, max_batch=max_batch, max_wait_s=batch_wait_s, workers=inference_workers,
             name="breastvision-inference",
         )
@@ -339,8 +339,9 @@ class InferenceService:
     def close(self) -> None:
         self.batcher.close()
 
-    def _forward(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
-        return list(self.predictor.probabilities(torch.stack(tensors), tta=self.tta))
+    def _forward(self, tensors: list[torch.Tensor]) -> list[tuple[np.ndarray, float | None]]:
+        probs, scores = self.predictor.assess(torch.stack(tensors), tta=self.tta)
+        return [(row, None if scores is None else float(scores[i])) for i, row in enumerate(probs)]
 
     def _check_size(self, width: int, height: int) -> None:
         if width * height > self.max_pixels:
@@ -399,7 +400,7 @@ class InferenceService:
         if explain and not self.can_explain:
             raise UploadError(400, "explanations need the .safetensors model file, not an ONNX export")
         prepared = self.prepare(upload, keep_image=explain, frame=frame)
-        probs = self.batcher.submit(prepared.tensor).result()
+        probs, scope_score = self.batcher.submit(prepared.tensor).result()
         names = self.predictor.class_names
         best = int(np.argmax(probs))
         result: dict[str, Any] = {
@@ -412,6 +413,9 @@ class InferenceService:
         }
         if decisions := decide(result["probabilities"], self.predictor.info.operating_points):
             result["decisions"] = decisions  # at the model file's operating points
+        if scope_score is not None:  # models.scope: far from the training images
+            result["scope_score"] = scope_score
+            result["out_of_scope"] = self.predictor.info.scope.outside(scope_score)
         if explain:
             result["explanation"] = self._explain(prepared, best)
         result["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 1)
@@ -442,20 +446,26 @@ class InferenceService:
         }
 
 
-def _predictor(model: str | os.PathLike | Predictor, backend: str | None) -> tuple[Predictor, Path | None]:
+def _predictor(model: str | os.PathLike | Predictor, backend: str | None,
+               device: str = "cpu") -> tuple[Predictor, Path | None]:
     """The predictor running forward passes on ``backend``, and the model file an ONNX export of it
     explains with. None: the file's own back-end; "auto": onnxruntime for a model file, exported on
-    start, unless the export fails (then PyTorch, with a warning)."""
+    start, unless the export fails (then PyTorch, with a warning) — or the file has a scope (the
+    out-of-scope flag needs PyTorch's features, ``models.scope``) or the model is on a GPU."""
     if backend not in (None, *BACKENDS):
         raise BreastvisionError(f"unknown back-end '{backend}' (choose from {', '.join(BACKENDS)})")
-    loaded = model if isinstance(model, Predictor) else load_predictor(model)
+    loaded = model if isinstance(model, Predictor) else load_predictor(model, device)
     if backend is None or backend == loaded.backend or (backend == "auto" and loaded.backend != "pytorch"):
+        return loaded, None
+    if backend == "auto" and isinstance(loaded, TorchPredictor) and (
+            loaded.info.scope is not None or loaded.device.type == "cuda"):
         return loaded, None
     if not isinstance(loaded, TorchPredictor):
         raise BreastvisionError("an ONNX file runs on onnxruntime only: serve the .safetensors model file")
     try:
         with tempfile.TemporaryDirectory(prefix="breastvision-serve-") as tmp:
-            onnx_predictor = OnnxPredictor(_export_in_subprocess(loaded.source, Path(tmp) / "model.onnx"))
+            exported = _export_in_subprocess(loaded.source, Path(tmp) / "model.onnx")
+            onnx_predictor = OnnxPredictor(exported, loaded.device)
     except Exception as err:  # noqa: BLE001 - any exporter failure: PyTorch still serves, or a clear error
         if backend != "auto":
             raise BreastvisionError(f"the ONNX export of {loaded.source.name} failed: {err}") from err
@@ -488,13 +498,15 @@ def create_app(
     batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
     inference_workers: int = 1,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    device: str = "cpu",
 ) -> FastAPI:
     """The web application for a model file, an ONNX export, or an already loaded predictor.
 
     ``backend``: None keeps the file's own back-end; "onnxruntime" runs a model file's forward
     passes on onnxruntime by exporting it on start; "auto" does so unless the export fails.
+    ``device``: where a model given by path runs (``devices.resolve_device``).
     """
-    predictor, explain_file = _predictor(model, backend)
+    predictor, explain_file = _predictor(model, backend, device)
     service = InferenceService(
         predictor, explain_file=explain_file, max_pixels=max_pixels, tta=tta,
         memory_budget_bytes=memory_budget_bytes, max_batch=max_batch, batch_wait_s=batch_wait_s,

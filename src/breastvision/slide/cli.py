@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from breastvision.devices import add_device_option
 from breastvision.errors import BreastvisionError
 
 
@@ -33,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass (default 16)")
     parser.add_argument("--tta", action="store_true", help="average over the 8 rotations/flips")
     parser.add_argument("--heatmap-size", type=int, default=2048, help="longest side of the heat-map PNG")
+    add_device_option(parser)
     parser.set_defaults(func=_predict_slide)
 
 
@@ -49,7 +51,7 @@ def _predict_slide(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise BreastvisionError("--batch-size must be at least 1")
-    predictor = load_predictor(args.model)
+    predictor = load_predictor(args.model, args.device)
     model_mpp = model_scale(predictor.preprocessing, parse_mpp(args.mpp_model))
     positive = positive_class(predictor.class_names, args.positive)
     slide_mpp = parse_mpp(args.mpp)

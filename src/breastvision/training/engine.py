@@ -14,7 +14,8 @@ A run (:func:`train`) is a few steps, each in its own module:
 3. ``loop.fit``: the epochs, keeping the best-on-validation weights (``train.monitor``) and a
    resumable ``last.ckpt`` (``checkpoint``);
 4. ``calibrate``: a temperature fitted on the best weights' validation logits and malignant-vs-rest
-   operating points chosen on the calibrated validation probabilities;
+   operating points chosen on the calibrated validation probabilities; ``scope.fit_scope``: the
+   out-of-scope detector fitted on the training images' features (``models.scope``);
 5. ``outputs.write_outputs``: the best weights evaluated on the test part, the model file and the
    run folder, returned as a ``run_record.RunRecord``; test metrics are on calibrated probabilities.
 
@@ -58,6 +59,7 @@ from breastvision.training.loop import (
 from breastvision.training.outputs import Trained, write_outputs
 from breastvision.training.progress import progress_bar, wanted
 from breastvision.training.run_record import RunFacts, RunRecord
+from breastvision.training.scope import fit_scope
 from breastvision.training.views import ViewDataset, ViewRenderer
 
 log = logging.getLogger(__name__)
@@ -347,7 +349,9 @@ def _run(
     probs, uncalibrated = _test_probabilities(loop, inputs, data, config, calibrated.temperature)
     facts = _facts(data, inputs, model, suffix, fabric, config, state, started)
     if fabric.is_global_zero:
-        trained = Trained(model, inputs.preprocessing, lineage, state, probs, facts, calibrated, uncalibrated)
+        scope = fit_scope(model, data.train, data.val, inputs.preprocessing, fabric.device, tc.seed, say)
+        trained = Trained(model, inputs.preprocessing, lineage, state, probs, facts, calibrated, uncalibrated,
+                          scope)
         write_outputs(run_dir, config, data, trained)
         say(f"run folder: {run_dir}")
     fabric.barrier()

@@ -1,6 +1,6 @@
 """The run folder a finished training run leaves: the model file (weights, class names,
 pre-processing with the fitted stain normaliser, lineage, validation and test metrics, the
-temperature and operating points fitted on validation), the split,
+temperature and operating points fitted on validation, the scope of ``models.scope``), the split,
 and the :class:`~breastvision.training.run_record.RunRecord` with its report::
 
     model.safetensors   ModelBundle
@@ -42,6 +42,8 @@ class Trained:
     facts: RunFacts
     calibrated: Calibrated
     uncalibrated_probs: np.ndarray
+    #: ``models.scope.Scope`` fitted on the training images (``None``: not fitted).
+    scope: Any = None
 
 
 def _stage(config: ExperimentConfig, data: RunData, trained: Trained, split: SplitRef,
@@ -84,6 +86,7 @@ def _bundle(config: ExperimentConfig, data: RunData, trained: Trained, lineage: 
         extra={"weights_origin": model.weights_origin, "config_name": config.name},
         calibration=trained.calibrated.calibration,
         operating_points=trained.calibrated.operating_points,
+        scope=trained.scope,
     )
 
 

@@ -111,6 +111,10 @@ function renderResult(result) {
     bars.append(row);
   }
   renderDecisions(result.decisions);
+  // A model file with a scope flags an upload far from its training images instead of trusting its label.
+  const scope = $("scope-notice");
+  scope.hidden = result.out_of_scope !== true;
+  scope.dataset.scopeScore = result.scope_score === undefined ? "" : String(result.scope_score);
   if (result.image && result.image.preview) {
     // A DICOM upload: the browser cannot show the file, so the server sends the decoded frame.
     $("preview").src = `data:image/png;base64,${result.image.preview}`;
