@@ -13,7 +13,9 @@ softmax of that is the mean itself, so code that soft-maxes a network's output (
 ensemble's own temperature of 1, the ONNX export's final softmax) gets the averaged probabilities.
 
 The members' operating points are not carried over: they were chosen on each member's validation
-probabilities, not on the mean's, so an ensemble file predicts without stored thresholds.
+probabilities, not on the mean's, so an ensemble file predicts without stored thresholds. Nor are
+their out-of-scope statistics (``models.scope``): each member's were fitted on its own features, and
+an ensemble's flag would need a rule for combining them, so an ensemble file has no scope flag.
 """
 
 from __future__ import annotations
@@ -101,8 +103,12 @@ def combine(bundles: Sequence[ModelBundle], names: Sequence[str] | None = None) 
         architecture=ARCHITECTURE, class_names=list(first.class_names), state_dict=state,
         preprocessing=first.preprocessing,
         lineage=[{"stage": "ensemble", "members": names}],
-        ensemble={"members": [b.metadata() for b in parts], "combine": COMBINE},
+        ensemble={"members": [_without_scope(b.metadata()) for b in parts], "combine": COMBINE},
     )
+
+
+def _without_scope(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != "scope"}  # module docstring: not carried over
 
 
 def ensemble_files(inputs: Sequence[str | Path], out: str | Path) -> Path:
