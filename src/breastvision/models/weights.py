@@ -72,7 +72,7 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         from safetensors.torch import load_file
 
         try:
-            raw: object = load_file(str(path))
+            raw: object = _model_weights(load_file(str(path)))
         except (SafetensorError, OSError, ValueError) as err:
             raise BreastvisionError(f"cannot read weights file {path}: {one_line(err)}") from None
     elif suffix in _TORCH_SUFFIXES:
@@ -92,6 +92,14 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         (k[len("module.") :] if strip else k): (v.float() if v.is_floating_point() else v)
         for k, v in raw.items()
     }
+
+
+def _model_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A breastvision model file's weights without its out-of-scope statistics (``scope.*``, saved
+    beside the weights), so a run's model file can start the next stage of a transfer chain."""
+    from breastvision.models.scope import SCOPE_PREFIX
+
+    return {k: v for k, v in tensors.items() if not k.startswith(SCOPE_PREFIX)}
 
 
 def load_torch_file(path: Path, what: str = "checkpoint") -> object:
