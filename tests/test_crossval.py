@@ -66,6 +66,20 @@ def test_pooled_metrics_are_those_of_the_concatenated_folds(image_tree, tmp_path
     per_fold_acc = [json.loads((d / "metrics.json").read_text())["accuracy"] for d in folds]
     assert summary["mean_sd"]["accuracy"]["mean"] == pytest.approx(np.mean(per_fold_acc))
     assert summary["mean_sd"]["accuracy"]["sd"] == pytest.approx(np.std(per_fold_acc, ddof=1))
+    # ECE on each held-out test fold before and after its validation-fitted temperature.
+    before = [json.loads((d / "metrics.json").read_text())["calibration"]["ece_uncalibrated"] for d in folds]
+    assert summary["mean_sd"]["calibration.ece_uncalibrated"]["mean"] == pytest.approx(np.mean(before))
+    assert summary["mean_sd"]["ece"]["n"] == 3
+    # Recipes are compared on the folds' validation predictions, never on the pooled test ones.
+    val_parts = [RunRecord.load(d).val_predictions for d in folds]
+    assert all(not set(v.keys) & set(t.keys) for v, t in zip(val_parts, parts, strict=True))
+    val_y = np.concatenate([p.y_true for p in val_parts])
+    val_expected = evaluate_predictions(val_y, np.concatenate([p.probs for p in val_parts]),
+                                        parts[0].class_names, n_resamples=0)
+    assert summary["validation"]["n_images"] == len(val_y)
+    assert summary["validation"]["accuracy"] == pytest.approx(val_expected["accuracy"])
+    assert summary["validation"]["recall"] == pytest.approx(
+        {c: v["recall"] for c, v in val_expected["per_class"].items()})
     report = (out / "report.md").read_text()
     assert "## Folds" in report and all(str(d) in report for d in folds)
     sha = summary["per_fold"][0]["split_sha256"]

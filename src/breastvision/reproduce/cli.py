@@ -1,4 +1,5 @@
-"""``breastvision reproduce busi|breakhis``: each paper's comparison table, one command."""
+"""``breastvision reproduce busi|breakhis|ablation``: each paper's comparison table, or an ablation
+table, one command."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ REPRODUCTIONS = {
     "breakhis": (
         "breastvision.reproduce.breakhis",
         "System H, paper 000 Tables 3-5: DenseNet / DenseNet+SE / multi-level, P_arp and P_img",
+    ),
+    "ablation": (
+        "breastvision.reproduce.ablation",
+        "what each ingredient of a recipe adds: one cross-validated row per step of a plan",
     ),
 }
 

@@ -34,7 +34,10 @@ from breastvision.training.run_record import RunRecord
 log = logging.getLogger(__name__)
 
 #: Headline metrics whose per-fold mean ± sd is reported (dotted paths into a metrics dict).
-FOLD_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auc", "patient.P_arp")
+#: ``calibration.ece_uncalibrated`` beside ``ece``: each fold's ECE on its held-out test part before and
+#: after the temperature fitted on its validation part.
+FOLD_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auc", "patient.P_arp",
+                "calibration.ece_uncalibrated", "ece")
 
 
 def fold_overrides(folds: int, fold: int) -> list[str]:
@@ -181,6 +184,22 @@ def _folds_section(per_fold: list[dict[str, Any]], mean_sd: dict[str, Any], wall
     )
 
 
+def _validation_summary(records: Sequence[RunRecord]) -> dict[str, Any] | None:
+    """The folds' validation predictions pooled (no intervals): what recipes are chosen on. A
+    validation image may serve several folds, so this is a mean over folds, not a held-out score."""
+    from breastvision.evaluation.report import evaluate_predictions
+
+    parts = [r.val_predictions for r in records]
+    if any(p is None for p in parts):
+        return None
+    metrics = evaluate_predictions(np.concatenate([p.y_true for p in parts]),
+                                   np.concatenate([p.probs for p in parts]), parts[0].class_names,
+                                   grouping=None, n_resamples=0)
+    keep = ("n_images", "accuracy", "recall_macro", "f1_macro", "auc", "ece", "brier")
+    return {**{k: metrics[k] for k in keep if k in metrics},
+            "recall": {c: v["recall"] for c, v in metrics["per_class"].items()}}
+
+
 def aggregate_runs(
     runs: Sequence[RunRecord | str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -194,8 +213,9 @@ def aggregate_runs(
     The runs (records or run folders) must test disjoint images (the folds of one
     cross-validation); their class lists must agree. The summary (also ``crossval.json``) holds
     ``pooled`` (``evaluate_predictions``' dict), ``per_fold`` (each fold's headline metrics, split
-    file hash, wall-clock), ``mean_sd`` and ``wall_clock_seconds`` (the sum of the folds' training
-    sessions).
+    file hash, wall-clock), ``mean_sd``, ``wall_clock_seconds`` (the sum of the folds' training
+    sessions) and ``validation`` (:func:`_validation_summary`; ``None`` when a run has no
+    validation predictions).
     """
     from breastvision.evaluation.report import evaluate_predictions, write_predictions_csv, write_report
 
@@ -237,6 +257,6 @@ def aggregate_runs(
         extra_sections=[_folds_section(per_fold, mean_sd, wall)],
     )
     summary = {"title": title, "class_names": pooled.class_names, "pooled": metrics, "per_fold": per_fold,
-               "mean_sd": mean_sd, "wall_clock_seconds": wall}
+               "mean_sd": mean_sd, "wall_clock_seconds": wall, "validation": _validation_summary(records)}
     (out / "crossval.json").write_text(json.dumps(summary, indent=1, default=float))
     return summary

@@ -344,14 +344,16 @@ def _run(
 
     load_best(run_dir / "checkpoints", model)
     val_labels = [i.record.label for i in data.val]
-    calibrated = calibrate(_logits(loop, inputs, "val", config), val_labels, data.class_names,
+    val_logits = _logits(loop, inputs, "val", config)
+    calibrated = calibrate(val_logits, val_labels, data.class_names,
                            say if fabric.is_global_zero else log.debug)
+    val_probs = torch.softmax(val_logits.double() / calibrated.temperature, 1).numpy()
     probs, uncalibrated = _test_probabilities(loop, inputs, data, config, calibrated.temperature)
     facts = _facts(data, inputs, model, suffix, fabric, config, state, started)
     if fabric.is_global_zero:
         scope = fit_scope(model, data.train, data.val, inputs.preprocessing, fabric.device, tc.seed, say)
         trained = Trained(model, inputs.preprocessing, lineage, state, probs, facts, calibrated, uncalibrated,
-                          scope)
+                          scope, val_probs)
         write_outputs(run_dir, config, data, trained)
         say(f"run folder: {run_dir}")
     fabric.barrier()

@@ -7,6 +7,7 @@ and the :class:`~breastvision.training.run_record.RunRecord` with its report::
     split.json          the split used;  config.yaml  the resolved config
     history.csv         per-epoch train/val loss and accuracy, learning rate, seconds (the loop's)
     report.md, metrics.json, provenance.json, predictions.csv, plots/   (RunRecord.save)
+    val_predictions.csv the best weights' calibrated validation probabilities (same format)
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class Trained:
     uncalibrated_probs: np.ndarray
     #: ``models.scope.Scope`` fitted on the training images (``None``: not fitted).
     scope: Any = None
+    #: Calibrated probabilities of the validation items at the best epoch (``val_predictions.csv``:
+    #: what recipes are compared on, never the test part).
+    val_probs: np.ndarray | None = None
 
 
 def _stage(config: ExperimentConfig, data: RunData, trained: Trained, split: SplitRef,
@@ -90,6 +94,13 @@ def _bundle(config: ExperimentConfig, data: RunData, trained: Trained, lineage: 
     )
 
 
+def _val_predictions(data: RunData, trained: Trained) -> Predictions | None:
+    if trained.val_probs is None:
+        return None
+    return Predictions([i.relpath for i in data.val], [i.record.group for i in data.val],
+                       np.array([i.record.label for i in data.val]), trained.val_probs, data.class_names)
+
+
 def write_outputs(run_dir: Path, config: ExperimentConfig, data: RunData, trained: Trained) -> RunRecord:
     """Score the test predictions and write the run folder (module docstring); returns its record."""
     from breastvision.evaluation.calibration import expected_calibration_error
@@ -115,6 +126,7 @@ def write_outputs(run_dir: Path, config: ExperimentConfig, data: RunData, traine
         run_dir=run_dir, config=config.to_dict(), split=split, metrics=metrics, facts=trained.facts,
         lineage=lineage, weights_origin=trained.model.weights_origin,
         predictions=Predictions([t.key for t in targets], groups, y, trained.probs, data.class_names),
+        val_predictions=_val_predictions(data, trained),
     )
     # A chain's stage is named "<chain>/<stage>": the stage name would only repeat it.
     named = stage["stage"] in (config.name, config.name.rsplit("/", 1)[-1])

@@ -10,6 +10,7 @@ folder expects (``evaluation.report`` writes the human-readable ones)::
     metrics.json      evaluate_predictions' dict        -> RunRecord.metrics
     provenance.json   weights' origin, lineage, facts   -> .weights_origin, .lineage, .facts
     predictions.csv   per-test-image probabilities      -> RunRecord.predictions
+    val_predictions.csv  the same for the validation part  -> RunRecord.val_predictions
     model.safetensors the model file                    -> RunRecord.model_file
 
 :func:`config_differences` is the only comparison of a saved config with a new one: reusing a
@@ -39,6 +40,8 @@ SPEED_KEYS = frozenset({
     "output_dir", "weights_root", "data.num_workers",
     "train.threads", "train.progress", "train.cache_backend",
 })
+
+VAL_PREDICTIONS = "val_predictions.csv"
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -109,7 +112,7 @@ class Predictions:
     @classmethod
     def read(cls, path: Path) -> Predictions:
         if not path.is_file():
-            raise BreastvisionError(f"{path.parent} has no predictions.csv: not a finished run")
+            raise BreastvisionError(f"{path.parent} has no {path.name}: not a finished run")
         with path.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
         if not rows:
@@ -171,6 +174,8 @@ class RunRecord:
     lineage: list[dict[str, Any]] = field(default_factory=list)
     weights_origin: dict[str, Any] | str | None = None
     predictions: Predictions | None = None
+    #: The best weights' calibrated validation probabilities (absent in runs of older releases).
+    val_predictions: Predictions | None = None
 
     @property
     def model_file(self) -> Path:
@@ -199,6 +204,8 @@ class RunRecord:
             lineage=list(provenance.get("lineage") or []),
             weights_origin=provenance.get("weights_origin"),
             predictions=Predictions.read(run_dir / "predictions.csv"),
+            val_predictions=(Predictions.read(run_dir / VAL_PREDICTIONS)
+                             if (run_dir / VAL_PREDICTIONS).is_file() else None),
         )
 
     def save(self, *, title: str, history: Path | None = None) -> Path:
@@ -210,6 +217,8 @@ class RunRecord:
             raise BreastvisionError("a run record needs its predictions to be saved")
         p = self.predictions
         p.save(self.run_dir / "predictions.csv")
+        if self.val_predictions is not None:
+            self.val_predictions.save(self.run_dir / VAL_PREDICTIONS)
         return write_report(
             self.run_dir, metrics=self.metrics, config=self.config,
             split_info=self.split.file if self.split else None, weights_origin=self.weights_origin,

@@ -1,0 +1,154 @@
+"""``breastvision reproduce ablation PLAN``: what each ingredient of a recipe adds, one table.
+
+A plan (YAML; shipped ones in ``configs/ablations/``) lists steps, each a config plus ``--set``
+overrides, usually cumulative (each step adds one ingredient to the one before). Every step is a
+full k-fold cross-validation (``training.crossval.run_crossval``, finished folds reused, so an
+interrupted ablation continues where it stopped) and becomes one row:
+
+- **validation** columns: the folds' validation predictions pooled (``crossval``'s
+  ``validation``), which is what the recipe was chosen on;
+- **test** columns: the pooled out-of-fold test predictions with 95% bootstrap intervals
+  (resampling near-duplicate groups or patients), reported, never chosen on;
+- the wall-clock: the sum of the folds' training sessions; it is a cold-cache time only if the
+  feature cache was empty when the step ran (point ``$BREASTVISION_CACHE`` at an empty folder).
+
+Plan format::
+
+    title: what the table is about
+    folds: 5
+    metrics: [accuracy, recall_macro, per_class.malignant.auc]   # dotted paths into metrics.json
+    steps:
+      - {label: "frozen fusion head", config: busi_fusion_cpu_noaug.yaml}
+      - {label: "+ class-balanced loss", config: busi_fusion_cpu_noaug.yaml,
+         set: [train.class_weighting=balanced]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
+
+from breastvision.errors import BreastvisionError, describe_validation_error
+from breastvision.paths import CONFIGS_DIR
+
+log = logging.getLogger(__name__)
+
+PLANS_DIR = CONFIGS_DIR / "ablations"
+#: Columns every table has besides the plan's ``metrics``.
+VALIDATION_COLUMNS = ("accuracy", "recall_macro")
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
+class Step:
+    label: str
+    config: str
+    set: list[str] = Field(default_factory=list)
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
+class Plan:
+    title: str
+    steps: list[Step]
+    folds: int = Field(default=5, ge=2)
+    metrics: list[str] = Field(default_factory=lambda: ["accuracy", "recall_macro", "auc"])
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> Plan:
+        """A plan file; a bare name is looked up among the shipped plans."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file() and (PLANS_DIR / path).is_file():
+            path = PLANS_DIR / path
+        if not path.is_file():
+            shipped = ", ".join(sorted(p.name for p in PLANS_DIR.glob("*.yaml")))
+            raise BreastvisionError(f"ablation plan not found: {path} (shipped: {shipped})")
+        try:
+            return cls(**(yaml.safe_load(path.read_text()) or {}))
+        except ValidationError as err:
+            raise BreastvisionError(f"ablation plan {path}: {describe_validation_error(err)}") from None
+        except TypeError as err:
+            raise BreastvisionError(f"ablation plan {path}: {err}") from None
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_") or "step"
+
+
+def run_steps(plan: Plan, out: Path, overrides: list[str]) -> list[dict[str, Any]]:
+    """Cross-validate every step into ``out/<slug>``; the ``crossval.json`` summaries in order."""
+    from breastvision.paths import config_path
+    from breastvision.training.crossval import run_crossval
+
+    summaries = []
+    for number, step in enumerate(plan.steps, 1):
+        log.info(f"ablation step {number}/{len(plan.steps)}: {step.label}")
+        cv = run_crossval(config_path(step.config), plan.folds, [*overrides, *step.set],
+                          out / slug(step.label), title=f"{plan.title}: {step.label}")
+        summaries.append(cv.summary)
+    return summaries
+
+
+def table(plan: Plan, summaries: list[dict[str, Any]]) -> str:
+    """The markdown table of the module docstring."""
+    from breastvision.evaluation.report import lookup, markdown_table, with_interval
+
+    header = ["step", *(f"val {m}" for m in VALIDATION_COLUMNS), *(f"test {m}" for m in plan.metrics),
+              "minutes"]
+    rows = []
+    for step, summary in zip(plan.steps, summaries, strict=True):
+        validation = summary.get("validation") or {}
+        wall = summary.get("wall_clock_seconds")
+        rows.append([step.label, *(validation.get(m) for m in VALIDATION_COLUMNS),
+                     *(with_interval(summary["pooled"], m) for m in plan.metrics),
+                     None if wall is None else f"{wall / 60:.1f}"])
+    n = lookup(summaries[0]["pooled"], "n_images") if summaries else None
+    resampled = lookup(summaries[0]["pooled"], "bootstrap.resampled") if summaries else None
+    return (f"### {plan.title}\n\n{plan.folds}-fold cross-validation, {n} images pooled out of fold; "
+            f"test intervals: 95% bootstrap over {resampled}. Validation columns: the folds' "
+            "validation predictions pooled (what the recipe is chosen on).\n\n"
+            + markdown_table(header, rows))
+
+
+def reproduce_ablation(plan: Plan, out: Path, overrides: list[str] = ()) -> str:
+    """Run the plan into ``out`` and write ``out/ablation.md`` and ``out/ablation.json``."""
+    from breastvision.evaluation.report import with_interval
+
+    summaries = run_steps(plan, out, list(overrides))
+    text = table(plan, summaries)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation.md").write_text(text + "\n")
+    rows = [{"label": s.label, "config": s.config, "set": s.set, "validation": summary.get("validation"),
+             "test": {m: with_interval(summary["pooled"], m) for m in plan.metrics},
+             "wall_clock_seconds": summary.get("wall_clock_seconds")}
+            for s, summary in zip(plan.steps, summaries, strict=True)]
+    summary = {"title": plan.title, "rows": rows}
+    (out / "ablation.json").write_text(json.dumps(summary, indent=1, default=float))
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("plan", metavar="PLAN", help="ablation plan YAML (a path or a shipped name, "
+                        "e.g. busi.yaml)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="output folder (default runs/ablation_<plan>)")
+    parser.add_argument("--data", type=Path, metavar="DIR", help="data root (default: the usual data root)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value in every step (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = Plan.read(args.plan)
+    out = args.out or Path(f"runs/ablation_{Path(args.plan).stem}")
+    data = [f"data.root={Path(args.data).expanduser().resolve()}"] if args.data else []
+    print(reproduce_ablation(plan, out, [*data, *args.overrides]))
+    print(f"table: {out / 'ablation.md'}")
+    return 0

@@ -1,0 +1,58 @@
+"""``reproduce ablation``: one cross-validated row per plan step, numbers read from each step's report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from breastvision.cli import main
+from breastvision.errors import BreastvisionError
+from breastvision.reproduce.ablation import PLANS_DIR, Plan, slug
+from test_crossval import write_config
+
+
+def test_each_step_is_a_cross_validation_and_one_row(image_tree, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cv.yaml", image_tree(per_class=6))
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({
+        "title": "tiny", "folds": 3, "metrics": ["accuracy", "per_class.malignant.recall"],
+        "steps": [{"label": "head only", "config": str(config)},
+                  {"label": "+ label smoothing", "config": str(config),
+                   "set": ["train.label_smoothing=0.1"]}],
+    }))
+    assert main(["reproduce", "ablation", str(plan), "--out", str(tmp_path / "abl")]) == 0
+    rows = json.loads((tmp_path / "abl" / "ablation.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["head only", "+ label smoothing"]
+    for row in rows:
+        summary = json.loads((tmp_path / "abl" / slug(row["label"]) / "crossval.json").read_text())
+        assert row["test"]["accuracy"] == pytest.approx(summary["pooled"]["intervals"]["accuracy"])
+        assert row["validation"] == summary["validation"]
+        assert all((tmp_path / "abl" / slug(row["label"]) / f"fold{k}" / "model.safetensors").is_file()
+                   for k in range(3))
+    fold0 = tmp_path / "abl" / slug("+ label smoothing") / "fold0"
+    smoothing = yaml.safe_load((fold0 / "config.yaml").read_text())
+    assert smoothing["train"]["label_smoothing"] == 0.1
+    table = (tmp_path / "abl" / "ablation.md").read_text()
+    assert table.count("\n| ") == 3 and "val accuracy" in table and "test per_class.malignant.recall" in table
+
+
+def test_plans_are_validated_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"title": "x", "steps": [{"label": "a", "config": "c.yaml", "epochs": 3}]}))
+    with pytest.raises(BreastvisionError, match="epochs"):
+        Plan.read(bad)
+    with pytest.raises(BreastvisionError, match="not found"):
+        Plan.read(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(PLANS_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_plans_name_shipped_configs(path: Path) -> None:
+    from breastvision.paths import config_path
+    from breastvision.training.config import load_config
+
+    plan = Plan.read(path.name)
+    for step in plan.steps:
+        load_config(config_path(step.config), step.set)
