@@ -144,17 +144,29 @@ _CACHE_AGREEMENT = {
 }
 
 
+#: A fusion of timm's test models (EfficientNet ∥ ViT at 160 px, 0.7M parameters) cut inside both
+#: branches: its prefix yields the pair (CNN map, ViT tokens), cached as two tensors per view.
+PER_BRANCH_FUSION = (
+    "model.name=fusion", "model.kwargs.cnn=test_efficientnet", "model.kwargs.vit=test_vit",
+    "model.first_trainable_stage=cnn.block5,vit.block6", "data.input_size=160", "data.resize=176",
+)
+_CACHED_MODELS = {"resnet18": ((), [256, 2, 2]), "per_branch_fusion": (PER_BRANCH_FUSION, [[48, 10, 10], [101, 64]])}
+
+
+@pytest.mark.parametrize("model", list(_CACHED_MODELS))
 @pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
 def test_cached_and_uncached_training_agree(
-    image_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+    image_tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, model: str
 ) -> None:
-    """Same seed, same batches, same dropout: training on cached prefix outputs is training."""
+    """Same seed, same batches, same dropout: training on cached prefix outputs is training, for
+    one cached tensor per view and for a fusion's pair of branch outputs alike."""
     from breastvision.training import feature_cache
 
     monkeypatch.setattr(feature_cache, "ONNX_MIN_VIEWS", 0)  # 24 views: ORT even so
     source = image_tree()
     tolerance = _CACHE_AGREEMENT[backend]
-    common = [f"train.optimizer={tolerance['optimizer']}", f"train.cache_backend={backend}"]
+    model_overrides, shape = _CACHED_MODELS[model]
+    common = [f"train.optimizer={tolerance['optimizer']}", f"train.cache_backend={backend}", *model_overrides]
     cache = f"train.cache_dir={tmp_path / 'features'}"
     cached = train(tiny_config(source, tmp_path / "cached", "train.cache_features=true", cache, *common)
                    ).run_dir
@@ -164,6 +176,7 @@ def test_cached_and_uncached_training_agree(
                    ).run_dir
     first = json.loads((cached / "provenance.json").read_text())["facts"]["feature_cache"]
     assert first["backend"] == backend and first["backend_note"] is None
+    assert first["feature_shape"] == shape
     if backend == "onnxruntime":
         assert first["onnx_max_abs_diff"] <= 1e-4
     for a, b in zip(history(cached), history(uncached), strict=True):
@@ -182,6 +195,16 @@ def test_cached_and_uncached_training_agree(
     assert facts["backend"] is None  # nothing computed
     for a, b in zip(history(again), history(cached), strict=True):
         assert a["train_loss"] == b["train_loss"]
+
+
+@pytest.mark.parametrize("stage", ["cnn.block5,vit.patch_embed", "cnn.stem,vit.block6", "vit"])
+def test_a_prefix_that_hands_on_the_image_is_not_cached(image_tree, tmp_path: Path, stage: str) -> None:
+    """A fusion branch trained whole gets the image itself from the prefix: caching it saves nothing."""
+    overrides = [*PER_BRANCH_FUSION, f"model.first_trainable_stage={stage}", "train.epochs=1"]
+    with pytest.raises(BreastvisionError, match="hands on the image itself"):
+        train(tiny_config(image_tree(), tmp_path / "forced", "train.cache_features=true", *overrides))
+    run = train(tiny_config(image_tree(), tmp_path / "auto", *overrides)).run_dir
+    assert json.loads((run / "provenance.json").read_text())["facts"]["feature_cache"] == {"used": False}
 
 
 class _Views(torch.utils.data.Dataset):

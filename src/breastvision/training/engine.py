@@ -181,12 +181,14 @@ class Inputs:
     workers: int
 
 
-def _probe_is_tensor(prefix: nn.Module, dataset: ViewDataset, fabric: Fabric) -> bool:
-    """Whether the frozen prefix yields one tensor (cacheable); a fusion cut between its branches
-    yields a pair holding the image itself, which is not worth caching."""
+def _passes_image_on(prefix: nn.Module, dataset: ViewDataset, fabric: Fabric) -> bool:
+    """Whether the frozen prefix's output holds the image itself (a fusion branch left wholly
+    trainable: its part of the output has the input's shape), which is not worth caching."""
     x = fabric.to_device(dataset[0][0].unsqueeze(0))
     with torch.no_grad(), fabric.autocast():
-        return isinstance(prefix.eval()(x), torch.Tensor)
+        out = prefix.eval()(x)
+    parts = out if isinstance(out, tuple) else (out,)
+    return any(part.shape == x.shape for part in parts)
 
 
 def _use_cache(
@@ -200,8 +202,11 @@ def _use_cache(
         reasons.append("no stage is frozen (set model.first_trainable_stage)")
     elif not renderer.fixed:
         reasons.append("views are re-drawn every epoch (data.views.fresh_each_epoch)")
-    elif not _probe_is_tensor(prefix, probe, fabric):
-        reasons.append(f"the prefix before '{config.model.first_trainable_stage}' does not output one tensor")
+    elif _passes_image_on(prefix, probe, fabric):
+        reasons.append(
+            f"the prefix before '{config.model.first_trainable_stage}' hands on the image itself "
+            "(a branch trained whole), which is not worth caching"
+        )
     if reasons and setting is True:
         raise BreastvisionError(f"train.cache_features is true but {reasons[0]}")
     return not reasons
@@ -235,7 +240,7 @@ def _cache_features(
         features = cache.features(dataset, paths, views, fabric, batch_size, workers, f"{part} features")
         datasets[part] = FeatureDataset(features, [i.record.label for i in items])
         hits, computed = hits + cache.hits, computed + cache.computed
-    shape = list(datasets["train"].features.shape[1:])
+    shape = datasets["train"].item_shape
     return {
         "used": True, "entries_reused": hits, "entries_computed": computed, "feature_shape": shape,
         "backend": cache.backend, "backend_note": cache.backend_note, "onnx_max_abs_diff": cache.max_abs_diff,

@@ -10,8 +10,12 @@ runs under the same autocast as the uncached path, so training on cached feature
 result as running the prefix every step — exactly with the eager backend, within the ONNX Runtime
 backend's checked tolerance otherwise (below; ``tests/test_training_engine.py`` checks both).
 
-On disk each entry is one safetensors file, named by the SHA-256 of everything its value depends
-on: the prefix's weights and buffers (``module_hash``), the run's pre-processing and view recipe
+A prefix's output is one tensor, or a tuple of tensors (a fusion cut inside its branches yields
+``(cnn_map, vit_tokens)``, ``FusionNet.split_branches``); :func:`features` stacks each part over
+the views and hands back the same structure.
+
+On disk each entry is one safetensors file (key ``x`` for one tensor, ``x0``, ``x1``, … for the
+parts of a tuple), named by the SHA-256 of everything its value depends on: the prefix's weights and buffers (``module_hash``), the run's pre-processing and view recipe
 (``context``: input size, normalisation, stain normaliser state, view kind and seed), the image
 file (path, size, modification time) and the view name. Change any of them and the entry is simply
 not found. One file per image view rather than one per run so that the folds of a cross-validation,
@@ -66,6 +70,9 @@ _CHECK_IMAGES = 4
 ONNX_MIN_VIEWS = 64
 BACKENDS = ("onnxruntime", "eager")
 
+#: A prefix's output: one tensor, or a tuple of tensors (per view, or stacked over views).
+Features = torch.Tensor | tuple[torch.Tensor, ...]
+
 
 def module_hash(module: nn.Module) -> str:
     """SHA-256 of a module's class, parameter and buffer names, shapes, dtypes and values."""
@@ -111,7 +118,7 @@ class FeatureCache:
         self.backend: str | None = None
         self.backend_note: str | None = None
         self.max_abs_diff: float | None = None
-        self._run: Callable[[torch.Tensor], torch.Tensor] | None = None  # chosen once, on first use
+        self._run: Callable[[torch.Tensor], Features] | None = None  # chosen once, on first use
         self.namespace = hashlib.sha256(
             (module_hash(prefix) + json.dumps(context, sort_keys=True, default=str)).encode()
         ).hexdigest()
@@ -133,9 +140,9 @@ class FeatureCache:
         batch_size: int,
         num_workers: int = 0,
         describe: str = "features",
-    ) -> torch.Tensor:
+    ) -> Features:
         """The prefix's output for every item of ``dataset`` (item ``i`` is view ``views[i]`` of
-        ``images[i]``), stacked on the CPU in float32.
+        ``images[i]``), stacked on the CPU in float32: a tensor, or a tuple of them (one per part).
 
         With a directory, each process of a distributed run computes its share of the missing
         entries and writes them; all then read them back. Without one, each process computes all.
@@ -152,13 +159,11 @@ class FeatureCache:
         computed = self._compute(dataset, mine, fabric, batch_size, num_workers, describe)
         self.computed = len(missing)
         if entries is None:
-            return torch.stack([computed[i] for i in range(n)])
+            return _stack([computed[i] for i in range(n)])
         for i, value in computed.items():
             _atomic_save(value, entries[i])
         fabric.barrier()
-        return torch.stack(
-            [computed[i] if i in computed else load_file(str(entries[i]))["x"] for i in range(n)]
-        )
+        return _stack([computed[i] if i in computed else _load(entries[i]) for i in range(n)])
 
     @torch.no_grad()
     def _compute(
@@ -169,8 +174,8 @@ class FeatureCache:
         batch_size: int,
         num_workers: int,
         describe: str,
-    ) -> dict[int, torch.Tensor]:
-        out: dict[int, torch.Tensor] = {}
+    ) -> dict[int, Features]:
+        out: dict[int, Features] = {}
         if not indices:
             return out
         self.prefix.eval()
@@ -180,15 +185,18 @@ class FeatureCache:
                 x = fabric.to_device(x)
                 self._run = self._run or self._runner(x, fabric, len(indices))
                 feats = self._run(x)
-                for j, value in zip(idx.tolist(), feats.float().cpu(), strict=True):
-                    out[j] = value.clone()
+                parts = [part.float().cpu() for part in _parts(feats)]
+                for b, j in enumerate(idx.tolist()):
+                    # Cloned: a slice would keep its whole batch alive.
+                    value = tuple(part[b].clone() for part in parts)
+                    out[j] = value if isinstance(feats, tuple) else value[0]
                 bar.advance()
         return out
 
-    def _runner(self, x: torch.Tensor, fabric: Any, views: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _runner(self, x: torch.Tensor, fabric: Any, views: int) -> Callable[[torch.Tensor], Features]:
         """How this run computes the prefix: ORT if wanted, possible and within tolerance of eager."""
 
-        def eager(batch: torch.Tensor) -> torch.Tensor:
+        def eager(batch: torch.Tensor) -> Features:
             with fabric.autocast():
                 return self.prefix(batch)
 
@@ -204,7 +212,8 @@ class FeatureCache:
         try:
             onnx = OnnxPrefix(self.prefix, x)
             check = x[:_CHECK_IMAGES]
-            self.max_abs_diff = float((onnx(check) - eager(check).float()).abs().max())
+            pairs = zip(_parts(onnx(check)), _parts(eager(check)), strict=True)
+            self.max_abs_diff = max(float((a - b.float()).abs().max()) for a, b in pairs)
         except Exception as err:  # any exporter or runtime failure: eager still gives the features
             self.backend_note = f"ONNX export or run failed ({type(err).__name__}: {err}); computed eagerly"
             log.warning("feature cache: %s", self.backend_note)
@@ -221,39 +230,61 @@ class FeatureCache:
 
 
 class OnnxPrefix:
-    """A module (one tensor in, one out) exported to ONNX and run by ONNX Runtime on CPU, with as
-    many threads as torch uses; called like the module on float32 CPU tensors."""
+    """A module (one tensor in; one tensor or a tuple of them out) exported to ONNX and run by ONNX
+    Runtime on CPU, with as many threads as torch uses; called like the module on float32 CPU tensors."""
 
     def __init__(self, module: nn.Module, example: torch.Tensor) -> None:
         import onnxruntime as ort
 
         # Two images when tracing, so the exporter cannot mistake the batch axis for a constant 1.
         example = example[:2] if len(example) > 1 else example.expand(2, *example.shape[1:])
+        with torch.no_grad():
+            probe = module(example.float())
+        self.single = not isinstance(probe, tuple)
+        outputs = ["y"] if self.single else [f"y{k}" for k in range(len(probe))]
         buffer = io.BytesIO()
         # The exporter narrates its passes on stdout and warns about its own deprecation: keep quiet.
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                module, (example.float(),), buffer, input_names=["x"], output_names=["y"],
-                opset_version=17, dynamo=False, dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+                module, (example.float(),), buffer, input_names=["x"], output_names=outputs,
+                opset_version=17, dynamo=False,
+                dynamic_axes={name: {0: "batch"} for name in ["x", *outputs]},
             )
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [
-            torch.from_numpy(self.session.run(None, {"x": part.float().contiguous().numpy()})[0])
-            for part in x.split(_ONNX_BATCH)
-        ]
-        return torch.cat(parts)
+    def __call__(self, x: torch.Tensor) -> Features:
+        chunks = [self.session.run(None, {"x": chunk.float().contiguous().numpy()}) for chunk in x.split(_ONNX_BATCH)]
+        outputs = tuple(torch.cat([torch.from_numpy(c[k]) for c in chunks]) for k in range(len(chunks[0])))
+        return outputs[0] if self.single else outputs
 
 
-def _atomic_save(value: torch.Tensor, path: Path) -> None:
+def _parts(value: Features) -> tuple[torch.Tensor, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _stack(values: list[Features]) -> Features:
+    """Per-view values stacked over views, part by part."""
+    if isinstance(values[0], tuple):
+        return tuple(torch.stack(column) for column in zip(*values, strict=True))
+    return torch.stack(values)
+
+
+def _load(path: Path) -> Features:
+    tensors = load_file(str(path))
+    return tensors["x"] if "x" in tensors else tuple(tensors[f"x{k}"] for k in range(len(tensors)))
+
+
+def _atomic_save(value: Features, path: Path) -> None:
     """Write then rename, so a concurrent reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
-    save_file({"x": value.contiguous()}, tmp)
+    if isinstance(value, tuple):
+        save_file({f"x{k}": part.contiguous() for k, part in enumerate(value)}, tmp)
+    else:
+        save_file({"x": value.contiguous()}, tmp)
     os.replace(tmp, path)

@@ -72,17 +72,27 @@ class EpochSampler(Sampler[int]):
 
 
 class FeatureDataset(Dataset):
-    """Cached prefix outputs as ``(features, label, index)`` items."""
+    """Cached prefix outputs as ``(features, label, index)`` items. ``features`` is one tensor, or a
+    tuple of tensors (a fusion cut inside its branches), whose items are then tuples of parts."""
 
-    def __init__(self, features: torch.Tensor, labels: Sequence[int]):
+    def __init__(self, features: torch.Tensor | tuple[torch.Tensor, ...], labels: Sequence[int]):
         self.features = features
         self.labels = list(labels)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        if isinstance(self.features, tuple):
+            return tuple(part[index] for part in self.features), self.labels[index], index
         return self.features[index], self.labels[index], index
+
+    @property
+    def item_shape(self) -> list[int] | list[list[int]]:
+        """One item's shape, or one shape per part."""
+        if isinstance(self.features, tuple):
+            return [list(part.shape[1:]) for part in self.features]
+        return list(self.features.shape[1:])
 
 
 def make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
