@@ -150,7 +150,11 @@ PER_BRANCH_FUSION = (
     "model.name=fusion", "model.kwargs.cnn=test_efficientnet", "model.kwargs.vit=test_vit",
     "model.first_trainable_stage=cnn.block5,vit.block6", "data.input_size=160", "data.resize=176",
 )
-_CACHED_MODELS = {"resnet18": ((), [256, 2, 2]), "per_branch_fusion": (PER_BRANCH_FUSION, [[48, 10, 10], [101, 64]])}
+#: Per model: its overrides and the cached feature shape (one per part).
+_CACHED_MODELS = {
+    "resnet18": ((), [256, 2, 2]),
+    "per_branch_fusion": (PER_BRANCH_FUSION, [[48, 10, 10], [101, 64]]),
+}
 
 
 @pytest.mark.parametrize("model", list(_CACHED_MODELS))

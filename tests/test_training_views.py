@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from breastvision.data.readers import read_dataset
+from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import Preprocessing
 from breastvision.training.config import ViewConfig
 from breastvision.training.views import Item, ViewRenderer, training_views
@@ -41,3 +43,27 @@ def test_dihedral_views(image_tree) -> None:
     # Up to one grey level (1/255/std): the uint8 resize rounds its two passes in the other order.
     torch.testing.assert_close(rot90, torch.rot90(identity, 1, (-2, -1)), atol=1.001 / 255 / 0.224, rtol=0)
     assert training_views(renderer.config) == ["rot90", "rot180", "rot270", "hflip", "vflip"]
+
+
+@pytest.mark.parametrize("augment", ["ultrasound_mild", "histology_mild"])
+def test_mild_preset_views_are_fixed_per_seed(image_tree, augment: str) -> None:
+    """What lets their features be cached: draw k of an image is the same in every epoch and process."""
+    root = image_tree()
+    pre = Preprocessing(input_size=32, resize=36)
+    renderer = ViewRenderer(ViewConfig(kind="random", count=2, augment=augment, seed=3), pre)
+    a0 = renderer(_item(root, "aug0"))
+    again = ViewRenderer(ViewConfig(kind="random", count=2, augment=augment, seed=3), pre)
+    assert torch.equal(a0, again(_item(root, "aug0"), epoch=4))
+    assert not torch.equal(a0, renderer(_item(root, "aug1")))
+    assert not torch.equal(a0, renderer(_item(root, "identity")))
+
+
+def test_include_identity_adds_the_evaluated_image_to_the_draws(image_tree) -> None:
+    config = ViewConfig(kind="random", count=2, augment="ultrasound_mild", include_identity=True)
+    assert training_views(config) == ["identity", "aug0", "aug1"]
+    pre = Preprocessing(input_size=32, resize=36)
+    root = image_tree()
+    identity = ViewRenderer(config, pre)(_item(root, "identity"))
+    assert torch.equal(identity, ViewRenderer(ViewConfig(), pre)(_item(root, "identity")))
+    with pytest.raises(BreastvisionError, match="include_identity goes with kind: random"):
+        training_views(ViewConfig(kind="dihedral", include_identity=True))

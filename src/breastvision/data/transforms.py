@@ -25,6 +25,15 @@ is what ``RandomResizedCrop(224)`` does when the paper names no range; configs m
 random draws of this pipeline per image; :func:`augmented_view` makes draw ``k`` reproducible so
 frozen-branch features can be cached per (image, draw).
 
+**Mild presets for cached views.** With frozen, cached branches the paper's crops (down to 8 % of
+the area) give features unlike any test image's; :func:`ultrasound_mild_transform` and
+:func:`histology_mild_transform` keep each draw close to the evaluated image: the evaluation
+geometry plus small perturbations a scan or a slide really shows. Ultrasound gets horizontal flips
+only (depth runs top-down, so a vertical flip makes an image no probe produces), ±10° rotation,
+0.9–1.1 scale, 5 % translation, ±0.1 brightness and contrast. Histology has no up or down: any of
+the 8 dihedral views (:class:`RandomDihedral`), a zoom of up to ~12 % (crop area 0.8–1) and stain
+jitter in HED space (:class:`HedJitter`, Tellez et al. 2019, ``data.hed``).
+
 **Evaluation.** :func:`eval_transform` is built from the model file's ``Preprocessing`` alone: resize
 to ``resize``×``resize`` then centre-crop ``input_size`` (System U: 256 → 224, mirroring training),
 or resize straight to ``input_size``×``input_size`` (System H: BreakHis tiles are used whole), then
@@ -41,8 +50,10 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from breastvision.data.hed import hed_jitter
 from breastvision.data.stain import cached_normalizer
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import Preprocessing
@@ -112,14 +123,20 @@ def _scale_and_normalize(pre: Preprocessing) -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pre.mean), list(pre.std))]
 
 
+def _resize(pre: Preprocessing) -> list[v2.Transform]:
+    side = pre.resize or pre.input_size
+    return [v2.Resize((side, side))]
+
+
+def _centre_crop(pre: Preprocessing) -> list[v2.Transform]:
+    # Preprocessing guarantees resize >= input_size
+    return [] if pre.resize is None else [v2.CenterCrop(pre.input_size)]
+
+
 def eval_transform(preprocessing: Preprocessing | Mapping[str, Any]) -> v2.Compose:
     """The deterministic transform of a model file's ``Preprocessing`` (see the module docstring)."""
     pre = _as_preprocessing(preprocessing)
-    if pre.resize is None:
-        geometry: list[v2.Transform] = [v2.Resize((pre.input_size, pre.input_size))]
-    else:  # Preprocessing guarantees resize >= input_size
-        geometry = [v2.Resize((pre.resize, pre.resize)), v2.CenterCrop(pre.input_size)]
-    return v2.Compose([v2.ToImage(), *geometry, *_scale_and_normalize(pre)])
+    return v2.Compose([v2.ToImage(), *_resize(pre), *_centre_crop(pre), *_scale_and_normalize(pre)])
 
 
 def busi_paper_transform(
@@ -151,10 +168,101 @@ def busi_paper_transform(
     )
 
 
+def ultrasound_mild_transform(
+    preprocessing: Preprocessing | Mapping[str, Any],
+    flip_p: float = 0.5,
+    degrees: float = 10.0,
+    scale: Sequence[float] = (0.9, 1.1),
+    translate: float = 0.05,
+    brightness: float = 0.1,
+    contrast: float = 0.1,
+) -> v2.Compose:
+    """Mild ultrasound augmentation (module docstring): the evaluation geometry with a horizontal
+    flip and a small affine before the centre crop, then brightness and contrast."""
+    pre = _as_preprocessing(preprocessing)
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            *_resize(pre),
+            v2.RandomHorizontalFlip(flip_p),
+            v2.RandomAffine(degrees=degrees, translate=(translate, translate), scale=tuple(scale)),
+            *_centre_crop(pre),
+            v2.ColorJitter(brightness=brightness, contrast=contrast),
+            *_scale_and_normalize(pre),
+        ]
+    )
+
+
+class RandomDihedral(v2.Transform):
+    """One of the 8 views of :data:`DIHEDRAL_8`, uniformly (masks get the same one)."""
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"view": DIHEDRAL_8[int(torch.randint(len(DIHEDRAL_8), ()))]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, Image.Image):
+            return apply_view(inpt, params["view"])
+        out = apply_view(inpt.as_subclass(torch.Tensor), params["view"])
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
+
+
+class HedJitter(v2.Transform):
+    """Stain jitter (``data.hed``): per image, HED channel ``i`` scaled by ``U(1−sigma, 1+sigma)`` and
+    shifted by ``U(−bias, bias)``. Takes float RGB in [0, 1] (after ``ToDtype``); masks pass through."""
+
+    _transformed_types = (tv_tensors.Image, lambda inpt: type(inpt) is torch.Tensor)
+
+    def __init__(self, sigma: float = 0.05, bias: float = 0.01) -> None:
+        super().__init__()
+        self.sigma, self.bias = sigma, bias
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        alpha = 1 + (torch.rand(3) * 2 - 1) * self.sigma
+        return {"alpha": alpha, "beta": (torch.rand(3) * 2 - 1) * self.bias}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not inpt.is_floating_point():
+            raise BreastvisionError("HedJitter takes float RGB in [0, 1]: put it after ToDtype(scale=True)")
+        out = hed_jitter(inpt.as_subclass(torch.Tensor), params["alpha"], params["beta"])
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
+
+
+def histology_mild_transform(
+    preprocessing: Preprocessing | Mapping[str, Any],
+    dihedral: bool = True,
+    crop_scale: Sequence[float] = (0.8, 1.0),
+    hed_sigma: float = 0.05,
+    hed_bias: float = 0.01,
+) -> v2.Compose:
+    """Mild histology augmentation (module docstring): the evaluation geometry, a random dihedral
+    view, a square crop of ``crop_scale`` of the area resized back, then HED stain jitter.
+
+    ``hed_bias`` is in scikit-image's current HED units (``data.hed``), in which tissue's stain
+    amounts lie around 0–0.3; Tellez et al.'s 0.05 was stated in the older, different units of
+    scikit-image at the time, and 0.05 here would shift pixels by about 40 grey levels on average.
+    """
+    pre = _as_preprocessing(preprocessing)
+    side = pre.input_size
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            *_resize(pre),
+            *_centre_crop(pre),
+            *([RandomDihedral()] if dihedral else []),
+            v2.RandomResizedCrop(side, scale=tuple(crop_scale), ratio=(1.0, 1.0)),
+            v2.ToDtype(torch.float32, scale=True),
+            HedJitter(hed_sigma, hed_bias),
+            v2.Normalize(list(pre.mean), list(pre.std)),
+        ]
+    )
+
+
 #: Training transforms by the name a config gives them. ``none`` is the deterministic eval
 #: transform: System H's augmentation is the offline dihedral views, not an online pipeline.
 TRAIN_TRANSFORMS: dict[str, Callable[..., v2.Compose]] = {
     "busi_paper": busi_paper_transform,
+    "ultrasound_mild": ultrasound_mild_transform,
+    "histology_mild": histology_mild_transform,
     "none": eval_transform,
 }
 

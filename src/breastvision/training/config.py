@@ -69,7 +69,10 @@ class ViewConfig:
     ``random``: ``count`` draws ``aug0 … aug<count-1>`` of the ``augment`` pipeline (paper 003's
     "expanded 5x"), each a fixed function of (image, view name, ``seed``) so that frozen-layer
     outputs can be cached; with ``fresh_each_epoch`` the draws change every epoch instead (no
-    caching; for GPU runs). A split made after augmentation (``*_after_aug``) dictates the views.
+    caching; for GPU runs). ``include_identity`` (``random`` only) adds the image as evaluated to
+    the draws, so a mild augmentation widens the training views rather than replacing the one every
+    test image is seen as (and its cached features are the ones validation and test share).
+    A split made after augmentation (``*_after_aug``) dictates the views.
     """
 
     kind: Literal["identity", "dihedral", "random"] = "identity"
@@ -78,6 +81,7 @@ class ViewConfig:
     augment: str | dict[str, Any] = "busi_paper"
     seed: int = 0
     fresh_each_epoch: bool = False
+    include_identity: bool = False
 
 
 @dataclass(config=_STRICT)

@@ -15,11 +15,12 @@ A prefix's output is one tensor, or a tuple of tensors (a fusion cut inside its 
 the views and hands back the same structure.
 
 On disk each entry is one safetensors file (key ``x`` for one tensor, ``x0``, ``x1``, … for the
-parts of a tuple), named by the SHA-256 of everything its value depends on: the prefix's weights and buffers (``module_hash``), the run's pre-processing and view recipe
-(``context``: input size, normalisation, stain normaliser state, view kind and seed), the image
-file (path, size, modification time) and the view name. Change any of them and the entry is simply
-not found. One file per image view rather than one per run so that the folds of a cross-validation,
-or a second run with another split, reuse what the first computed.
+parts of a tuple), named by the SHA-256 of everything its value depends on: the prefix's weights
+and buffers (``module_hash``), the run's pre-processing and view recipe (``context``: input size,
+normalisation, stain normaliser state, view kind and seed; the engine adds the architecture and
+the split point), the image file (path, size, modification time) and the view name. Change any of
+them and the entry is simply not found. One file per image view rather than one per run so that the
+folds of a cross-validation, or a second run with another split, reuse what the first computed.
 
 **Compute backend.** Computing the prefix is the cost of a cold run. On CPU in float32 the prefix
 is exported to ONNX (TorchScript exporter, dynamic batch) and run by ONNX Runtime, whose graph
@@ -257,7 +258,8 @@ class OnnxPrefix:
         self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor) -> Features:
-        chunks = [self.session.run(None, {"x": chunk.float().contiguous().numpy()}) for chunk in x.split(_ONNX_BATCH)]
+        run = self.session.run
+        chunks = [run(None, {"x": chunk.float().contiguous().numpy()}) for chunk in x.split(_ONNX_BATCH)]
         outputs = tuple(torch.cat([torch.from_numpy(c[k]) for c in chunks]) for k in range(len(chunks[0])))
         return outputs[0] if self.single else outputs
 

@@ -43,6 +43,10 @@ def derive_seed(*parts: object) -> int:
 
 def training_views(config: ViewConfig) -> list[str]:
     """The view names each training image contributes under ``config``."""
+    if config.include_identity and config.kind != "random":
+        raise BreastvisionError(
+            "data.views.include_identity goes with kind: random (a dihedral view list names 'identity')"
+        )
     if config.kind == "identity":
         return ["identity"]
     if config.kind == "dihedral":
@@ -52,7 +56,8 @@ def training_views(config: ViewConfig) -> list[str]:
                 f"unknown dihedral view(s) {unknown}; choose from {', '.join(transforms.DIHEDRAL_8)}"
             )
         return list(config.names)
-    return [f"{AUG_PREFIX}{k}" for k in range(config.count)]
+    draws = [f"{AUG_PREFIX}{k}" for k in range(config.count)]
+    return ["identity", *draws] if config.include_identity else draws
 
 
 @dataclass
