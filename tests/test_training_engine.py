@@ -145,10 +145,12 @@ _CACHE_AGREEMENT = {
 
 
 #: A fusion of timm's test models (EfficientNet ∥ ViT at 160 px, 0.7M parameters) cut inside both
-#: branches: its prefix yields the pair (CNN map, ViT tokens), cached as two tensors per view.
+#: branches: its prefix yields the pair (CNN map, ViT tokens), cached as two tensors per view; its
+#: views are the image plus two draws of the mild ultrasound preset.
 PER_BRANCH_FUSION = (
     "model.name=fusion", "model.kwargs.cnn=test_efficientnet", "model.kwargs.vit=test_vit",
     "model.first_trainable_stage=cnn.block5,vit.block6", "data.input_size=160", "data.resize=176",
+    "data.views.augment=ultrasound_mild", "data.views.include_identity=true",
 )
 #: Per model: its overrides and the cached feature shape (one per part).
 _CACHED_MODELS = {
@@ -329,17 +331,22 @@ def test_two_processes_count_every_test_image_once(image_tree, tmp_path: Path) -
     assert json.loads((run / "metrics.json").read_text())["n_images"] == len(test_files)
 
 
-@pytest.mark.slow
-def test_shipped_busi_cpu_config_on_real_files(busi_dir: Path, weights_dir: Path, tmp_path: Path) -> None:
-    """configs/busi_fusion_cpu.yaml (DenseNet-121 ∥ ViT-Tiny, both frozen and cached) on 4 real
-    BUSI images per class, read by the BUSI reader (masks beside them), one epoch."""
-    tree = tmp_path / "busi"
+def _busi_sample(busi_dir: Path, tree: Path) -> Path:
+    """4 real BUSI images per class (masks beside them), linked into ``tree``."""
     for name in ("benign", "malignant", "normal"):
         (tree / name).mkdir(parents=True)
         images = sorted(p for p in (busi_dir / name).glob("*.png") if "_mask" not in p.name)[:4]
         for image in images:
             for source in (image, *image.parent.glob(f"{image.stem}_mask*.png")):
                 (tree / name / source.name).symlink_to(source)
+    return tree
+
+
+@pytest.mark.slow
+def test_shipped_busi_cpu_config_on_real_files(busi_dir: Path, weights_dir: Path, tmp_path: Path) -> None:
+    """configs/busi_fusion_cpu.yaml (DenseNet-121 ∥ ViT-Tiny, both frozen and cached) on 4 real
+    BUSI images per class, read by the BUSI reader (masks beside them), one epoch."""
+    tree = _busi_sample(busi_dir, tmp_path / "busi")
     config = load_config(CONFIGS / "busi_fusion_cpu.yaml", [
         f"data.source={tree}", "data.split.options.k=4", "data.views.count=1", f"weights_root={weights_dir}",
         "train.epochs=1", "train.cache_dir=null", "train.progress=none", f"output_dir={tmp_path / 'run'}",
@@ -354,3 +361,28 @@ def test_shipped_busi_cpu_config_on_real_files(busi_dir: Path, weights_dir: Path
     assert facts["feature_cache"]["feature_shape"] == [1024 + 192]  # pooled DenseNet ∥ ViT-Tiny
     assert facts["trainable_parameters"] < 1_000_000  # the fusion head only
     assert len(predictions(run)) == json.loads((run / "metrics.json").read_text())["n_images"]
+
+
+@pytest.mark.slow
+def test_shipped_partial_fusion_config_on_real_files(
+    busi_dir: Path, weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """configs/busi_fusion_partial_cpu.yaml: each branch's frozen prefix cached as the pair
+    (transition3's map, block10's tokens) by ONNX Runtime, whose check passes on the real weights
+    (ViT-Tiny's tokens reach hundreds: the check is relative to their scale), one epoch."""
+    from breastvision.training import feature_cache
+
+    monkeypatch.setattr(feature_cache, "ONNX_MIN_VIEWS", 0)
+    tree = _busi_sample(busi_dir, tmp_path / "busi")
+    config = load_config(CONFIGS / "busi_fusion_partial_cpu.yaml", [
+        f"data.source={tree}", "data.split.options.k=4", f"weights_root={weights_dir}", "train.epochs=1",
+        "train.batch_size=4", "train.cache_dir=null", "train.progress=none", f"output_dir={tmp_path / 'run'}",
+    ])  # fmt: skip
+    run = train(config).run_dir
+    facts = json.loads((run / "provenance.json").read_text())["facts"]
+    cache = facts["feature_cache"]
+    assert cache["used"] and cache["backend"] == "onnxruntime", cache["backend_note"]
+    assert cache["feature_shape"] == [[512, 7, 7], [197, 192]]
+    lineage = ModelBundle.load(run / "model.safetensors").lineage[-1]
+    assert lineage["frozen_stages"][-2:] == ["vit.block9", "vit.block10"]
+    assert facts["trainable_parameters"] > 2_000_000  # denseblock4 and two ViT blocks besides the head
