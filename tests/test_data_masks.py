@@ -115,3 +115,18 @@ def test_with_mask_on_a_generated_image() -> None:
     expected = torch.zeros(16, 16, dtype=torch.bool)
     expected[:8, :4] = True
     assert torch.equal(target[0], expected)
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_a_mask_rendered_alone_is_the_mask_rendered_with_its_image(two_lesions: Record, fresh: bool) -> None:
+    """Mask-guided training on cached features renders the masks without the images: the same draw
+    (colour jitter consumes random numbers too), the same dihedral view, the same geometry."""
+    config = ViewConfig(kind="random", count=3, seed=5, augment="busi_paper", fresh_each_epoch=fresh)
+    renderer = ViewRenderer(config, PRE)
+    masks = []
+    for view in ("aug0", "aug1", "aug2", "identity", "rot90", "transpose"):
+        item = Item(two_lesions, "benign/benign (100).png", view, 1)
+        alone = renderer.render_mask(item, epoch=3)
+        assert torch.equal(alone, renderer.render_with_mask(item, epoch=3)[1]), view
+        masks.append(alone)
+    assert all(not torch.equal(a, b) for a, b in zip(masks, masks[1:], strict=False))  # six geometries

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from breastvision.evaluation.segmentation import dice_per_image, dice_summary
+from breastvision.evaluation.segmentation import dice_per_image, dice_summary, pool_dice
 from breastvision.training.segmentation import mask_loss
 
 
@@ -46,3 +46,16 @@ def test_mask_loss_prefers_the_right_mask():
     mask_loss(logits, target).backward()
     # Gradient pushes lesion pixels up and background pixels down.
     assert (logits.grad[target] < 0).all() and (logits.grad[~target] > 0).all()
+
+
+def test_pooled_dice_is_the_dice_of_all_images_at_once():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 1, 6, 6)
+    target = torch.rand(7, 1, 6, 6) > 0.6
+    target[4:6] = False  # normal images, one fold without any lesion image
+    folds = [slice(0, 3), slice(3, 4), slice(4, 6), slice(6, 7)]
+    pooled = pool_dice([dice_summary(logits[f], target[f]) for f in folds])
+    whole = dice_summary(logits, target)
+    assert pooled["images"] == whole["images"] == 7 and pooled["lesion_images"] == whole["lesion_images"] == 5
+    assert pooled["dice"] == pytest.approx(whole["dice"])
+    assert pooled["dice_lesion"] == pytest.approx(whole["dice_lesion"])

@@ -64,10 +64,17 @@ def with_mask(
     return out_image, _binary(out_mask)
 
 
+def mask_alone(transform: Callable[[Any], Any], mask: Image.Image) -> torch.Tensor:
+    """``transform`` applied to the mask without its image: the 1×H×W bool mask :func:`with_mask`
+    gives, as long as the image has the mask's size. ``v2`` transforms draw their random parameters
+    whatever they are applied to (colour jitter included), so a seeded draw is the same draw."""
+    return _binary(transform(_as_mask(mask)))
+
+
 def mask_target(
     record: Record, preprocessing: Preprocessing | Mapping[str, Any], view: str = "identity"
 ) -> torch.Tensor:
     """The 1×H×W bool target of ``record`` under dihedral ``view`` and the deterministic
     pre-processing (``transforms.preprocess_image``'s geometry), e.g. for Dice on test images."""
     mask = transforms.apply_view(union_mask(record), view)
-    return _binary(transforms.eval_transform(preprocessing)(_as_mask(mask)))
+    return mask_alone(transforms.eval_transform(preprocessing), mask)

@@ -437,6 +437,8 @@ def _metrics_section(metrics: Mapping[str, Any], names: Sequence[str]) -> str:
                      "probabilities against the one-hot truth (one class's probability for two classes).")
     if metrics.get("calibration"):
         parts.append(_calibration_line(metrics))
+    if metrics.get("segmentation"):
+        parts.append(_segmentation_line(metrics["segmentation"]))
     per_class = metrics.get("per_class", {})
     if per_class:
         header = ["class", "support", "precision", "recall", "f1", "auc"]
@@ -462,6 +464,13 @@ def _calibration_line(metrics: Mapping[str, Any]) -> str:
     if before is None or metrics.get("ece") is None:
         return line + "."
     return line + f": ECE {before:.3f} uncalibrated → {metrics['ece']:.3f} calibrated."
+
+
+def _segmentation_line(dice: Mapping[str, Any]) -> str:
+    return (f"Auxiliary lesion-mask head (trained beside the classifier, unused by prediction): Dice "
+            f"{format_value(dice['dice'])} over {dice['images']} test views, "
+            f"{format_value(dice['dice_lesion'])} over the {dice['lesion_images']} with a lesion (an image "
+            "without a lesion scores 1 when its predicted mask is empty, else 0).")
 
 
 def _operating_points_section(operating: Mapping[str, Any], column: str) -> str:

@@ -182,8 +182,12 @@ class FusionNet(nn.Module):
 
     def forward_with_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits, mask_logits)``, the latter B×1×H×W at the input size (training only)."""
-        spatial = _spatial_layer(self.cnn) if self.seg_head is not None else None
-        return _logits_and_mask(self, x, spatial, self.seg_head)
+        return _logits_and_mask(self, x, self.mask_source(), self.seg_head)
+
+    def mask_source(self) -> nn.Module | None:
+        """The CNN layer whose output map the mask head reads (``None`` without a mask head): a
+        split must leave it in the trainable suffix for the head to train."""
+        return _spatial_layer(self.cnn) if self.seg_head is not None else None
 
     def _cnn_stage(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cnn(x), x

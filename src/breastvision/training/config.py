@@ -163,6 +163,16 @@ class TrainConfig:
     gamma: float = Field(default=0.1, gt=0)
     loss: Literal["cross_entropy"] = "cross_entropy"
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    #: Class weights of the training loss: ``balanced`` weighs class ``c`` by ``n / (K · n_c)``
+    #: over the training items (scikit-learn's ``compute_class_weight("balanced")``).
+    class_weighting: Literal["none", "balanced"] = "none"
+    #: Training order per epoch: ``shuffle`` (each item once) or ``balanced`` (as many items, drawn
+    #: with replacement with equal probability per class); both a function of (seed, epoch).
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
+    #: Weight ``w`` of the auxiliary lesion-mask loss (training loss CE + w · mask loss,
+    #: ``training.segmentation``); > 0 needs a fusion built with ``model.kwargs.seg_head: true``,
+    #: its CNN branch's last block trainable and training images with masks (BUSI).
+    mask_loss_weight: float = Field(default=0.0, ge=0)
     seed: int = 0
     #: ``auto``: bf16-mixed on CUDA when supported, else 16-mixed; 32-true on CPU.
     precision: str = "auto"

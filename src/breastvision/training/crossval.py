@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 #: ``calibration.ece_uncalibrated`` beside ``ece``: each fold's ECE on its held-out test part before and
 #: after the temperature fitted on its validation part.
 FOLD_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auc", "patient.P_arp",
-                "calibration.ece_uncalibrated", "ece")
+                "calibration.ece_uncalibrated", "ece", "segmentation.dice", "segmentation.dice_lesion")
 
 
 def fold_overrides(folds: int, fold: int) -> list[str]:
@@ -232,6 +232,11 @@ def aggregate_runs(
         grouping = "patient" if groupings <= PATIENT_GROUPINGS else None
     metrics = evaluate_predictions(pooled.y_true, pooled.probs, pooled.class_names, pooled.groups,
                                    grouping=grouping, n_resamples=n_resamples, seed=seed)
+    dice = [r.metrics.get("segmentation") for r in records]
+    if all(dice):  # mask-guided folds: the Dice of all their test views (disjoint, like the predictions)
+        from breastvision.evaluation.segmentation import pool_dice
+
+        metrics["segmentation"] = pool_dice(dice)
     per_fold = [_fold_row(r) for r in records]
     mean_sd = {m: v for m in FOLD_METRICS if (v := _mean_sd([f[m] for f in per_fold])) is not None}
     times = [f["wall_clock_seconds"] for f in per_fold if f["wall_clock_seconds"] is not None]

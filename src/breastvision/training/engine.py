@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import ModelBundle, Preprocessing
+from breastvision.training.balance import classification_loss
 from breastvision.training.calibrate import calibrate
 from breastvision.training.checkpoint import LoopState, check_resumable, load_best, read_checkpoint, restore
 from breastvision.training.config import ExperimentConfig, resolve_weights, weights_root
@@ -60,6 +61,7 @@ from breastvision.training.outputs import Trained, write_outputs
 from breastvision.training.progress import progress_bar, wanted
 from breastvision.training.run_record import RunFacts, RunRecord
 from breastvision.training.scope import fit_scope
+from breastvision.training.segmentation import prepare_mask_head, render_masks, test_dice, with_training_masks
 from breastvision.training.views import ViewDataset, ViewRenderer
 
 log = logging.getLogger(__name__)
@@ -319,6 +321,14 @@ def _test_probabilities(
             average_per_target(torch.softmax(logits, 1), targets))
 
 
+def _mask_inputs(config: ExperimentConfig, data: RunData, inputs: Inputs) -> torch.Tensor:
+    """Give the training items their masks (``segmentation.with_training_masks``); return the test
+    items'. Masks are rendered from the mask files alone, so this renderer needs no stain cache."""
+    renderer = ViewRenderer(config.data.views, inputs.preprocessing)
+    inputs.datasets["train"] = with_training_masks(inputs.datasets["train"], data.train, renderer)
+    return render_masks(renderer, data.test)
+
+
 def _run(
     fabric: Fabric, config: ExperimentConfig, run_dir: Path, resume: Path | None,
     checkpoint: dict[str, Any] | None,
@@ -334,13 +344,19 @@ def _run(
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
     prefix, suffix = freeze_before(model, config.model.first_trainable_stage)
+    prepare_mask_head(config, model, suffix, [i.record for i in data.train])
     model.to(fabric.device)
     inputs = prepare_inputs(config, data, model, prefix, fabric, show)
+    test_masks = _mask_inputs(config, data, inputs) if tc.mask_loss_weight else None
+    loss_fn, balance = classification_loss(tc, inputs.datasets["train"].labels, data.class_names)
     optimizer = make_optimizer(tc, [p for p in suffix.parameters() if p.requires_grad])
     scheduler = make_scheduler(tc, optimizer)
     trainable, optimizer = fabric.setup(suffix, optimizer)
+    if tc.mask_loss_weight:
+        trainable.mark_forward_method("forward_with_mask")  # through DDP's forward, as gradients need
     num_classes = len(data.class_names)
-    loop = Loop(fabric, model, trainable, inputs.step_prefix, optimizer, scheduler, num_classes, show)
+    loop = Loop(fabric, model, trainable, inputs.step_prefix, optimizer, scheduler, num_classes, show,
+                loss_fn.to(fabric.device))
     state = LoopState()
     if checkpoint is not None:
         state = restore(checkpoint, optimizer, scheduler)
@@ -355,10 +371,14 @@ def _run(
     val_probs = torch.softmax(val_logits.double() / calibrated.temperature, 1).numpy()
     probs, uncalibrated = _test_probabilities(loop, inputs, data, config, calibrated.temperature)
     facts = _facts(data, inputs, model, suffix, fabric, config, state, started)
+    facts.class_balance = balance
     if fabric.is_global_zero:
         scope = fit_scope(model, data.train, data.val, inputs.preprocessing, fabric.device, tc.seed, say)
+        segmentation = None if test_masks is None else test_dice(
+            fabric, suffix, inputs.step_prefix, inputs.datasets["test"], test_masks,
+            tc.eval_batch_size or tc.batch_size)
         trained = Trained(model, inputs.preprocessing, lineage, state, probs, facts, calibrated, uncalibrated,
-                          scope, val_probs)
+                          scope, val_probs, segmentation)
         write_outputs(run_dir, config, data, trained)
         say(f"run folder: {run_dir}")
     fabric.barrier()

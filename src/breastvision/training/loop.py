@@ -27,35 +27,42 @@ import torch
 from lightning.fabric import Fabric
 from lightning.fabric.utilities.seed import seed_everything
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from breastvision.errors import BreastvisionError
+from breastvision.training.balance import sample_weights
 from breastvision.training.checkpoint import LoopState, save_epoch
 from breastvision.training.config import ExperimentConfig, TrainConfig
 from breastvision.training.progress import progress_bar
+from breastvision.training.segmentation import mask_loss
 from breastvision.training.views import ViewDataset, derive_seed
 
 log = logging.getLogger(__name__)
 
 
 class EpochSampler(Sampler[int]):
-    """This process's share of ``n`` items: shuffled by (seed, epoch) or in order.
+    """This process's share of ``n`` items: shuffled by (seed, epoch) or in order; with ``weights``
+    (per item), ``n`` draws with replacement in proportion to them (``balance.sample_weights``),
+    also a function of (seed, epoch).
 
     With ``pad`` (training) every process gets the same number of items, as DDP needs the same
     number of steps everywhere; without (evaluation) nothing is duplicated.
     """
 
-    def __init__(self, n: int, rank: int, world: int, seed: int, shuffle: bool, pad: bool):
+    def __init__(self, n: int, rank: int, world: int, seed: int, shuffle: bool, pad: bool,
+                 weights: torch.Tensor | None = None):
         self.n, self.rank, self.world, self.seed = n, rank, world, seed
-        self.shuffle, self.pad = shuffle, pad
+        self.shuffle, self.pad, self.weights = shuffle, pad, weights
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _order(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
+        if self.weights is not None:
+            order = list(WeightedRandomSampler(self.weights, self.n, replacement=True, generator=g))
+        elif self.shuffle:
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
@@ -117,10 +124,11 @@ def make_scheduler(
 
 
 def make_loader(
-    dataset: Dataset, fabric: Fabric, batch_size: int, seed: int, train: bool, num_workers: int
+    dataset: Dataset, fabric: Fabric, batch_size: int, seed: int, train: bool, num_workers: int,
+    weights: torch.Tensor | None = None,
 ) -> tuple[DataLoader, EpochSampler]:
     sampler = EpochSampler(
-        len(dataset), fabric.global_rank, fabric.world_size, seed, shuffle=train, pad=train
+        len(dataset), fabric.global_rank, fabric.world_size, seed, shuffle=train, pad=train, weights=weights
     )
     loader = DataLoader(
         dataset,
@@ -137,6 +145,20 @@ def make_loader(
     return loader, sampler
 
 
+def _losses(
+    model: nn.Module, x: Any, y: torch.Tensor, masks: torch.Tensor | None, loss_fn: nn.Module,
+    mask_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(training loss, logits, mask loss)``: ``loss_fn`` on the logits, plus ``mask_weight`` times
+    the auxiliary head's mask loss (``training.segmentation``) when it is > 0 (else the mask loss is 0)."""
+    if not mask_weight:
+        logits = model(x)
+        return loss_fn(logits, y), logits, torch.zeros((), device=y.device)
+    logits, mask_logits = model.forward_with_mask(x)
+    seg = mask_loss(mask_logits, masks)
+    return loss_fn(logits, y) + mask_weight * seg, logits, seg
+
+
 def train_one_epoch(
     fabric: Fabric,
     model: nn.Module,
@@ -146,18 +168,21 @@ def train_one_epoch(
     loss_fn: nn.Module,
     description: str = "train",
     show_progress: bool = False,
+    mask_weight: float = 0.0,
 ) -> dict[str, float]:
-    """One pass over ``loader``; mean loss and accuracy over every process's samples."""
+    """One pass over ``loader``; mean loss and accuracy over every process's samples, and with a
+    ``mask_weight`` (batches ``(x, y, index, mask)``) the mean mask loss too."""
     model.train()
-    totals = torch.zeros(3, dtype=torch.float64, device=fabric.device)  # loss sum, correct, count
+    # loss sum, correct, count, mask-loss sum
+    totals = torch.zeros(4, dtype=torch.float64, device=fabric.device)
     with progress_bar(fabric, len(loader), description, show_progress) as bar:
-        for x, y, _ in loader:
-            x, y = fabric.to_device((x, y))
+        for batch in loader:
+            x, y = fabric.to_device((batch[0], batch[1]))
+            masks = fabric.to_device(batch[3]) if mask_weight else None
             with fabric.autocast():
                 with torch.no_grad():
                     x = prefix(x)
-                logits = model(x)
-                loss = loss_fn(logits, y)
+                loss, logits, seg = _losses(model, x, y, masks, loss_fn, mask_weight)
             optimizer.zero_grad(set_to_none=True)
             fabric.backward(loss)
             optimizer.step()
@@ -167,11 +192,15 @@ def train_one_epoch(
                     loss.detach().double() * n,
                     (logits.argmax(1) == y).sum().double(),
                     torch.tensor(n, dtype=torch.float64, device=fabric.device),
+                    seg.detach().double() * n,
                 ]
             )
             bar.advance(loss=float(totals[0] / totals[2]), acc=float(totals[1] / totals[2]))
     totals = fabric.all_reduce(totals, reduce_op="sum")
-    return {"loss": float(totals[0] / totals[2]), "acc": float(totals[1] / totals[2])}
+    out = {"loss": float(totals[0] / totals[2]), "acc": float(totals[1] / totals[2])}
+    if mask_weight:
+        out["mask_loss"] = float(totals[3] / totals[2])
+    return out
 
 
 @torch.no_grad()
@@ -236,21 +265,23 @@ class Loop:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     num_classes: int
     show: bool
+    #: The training loss on the logits (``balance.classification_loss``), on the device.
+    loss_fn: nn.Module
 
 
 def _epoch(loop: Loop, train_loader: DataLoader, val_loader: DataLoader, val_labels: torch.Tensor,
            epoch: int, tc: TrainConfig) -> dict[str, Any]:
     """Train one epoch and validate; returns the row history.csv gets."""
     t0 = time.perf_counter()
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
-    fit = train_one_epoch(loop.fabric, loop.trainable, loop.prefix, train_loader, loop.optimizer, loss_fn,
-                          f"epoch {epoch + 1}/{tc.epochs}", loop.show)
+    fit = train_one_epoch(loop.fabric, loop.trainable, loop.prefix, train_loader, loop.optimizer,
+                          loop.loss_fn, f"epoch {epoch + 1}/{tc.epochs}", loop.show, tc.mask_loss_weight)
     val_logits = evaluate(loop.fabric, loop.trainable, loop.prefix, val_loader, len(val_labels),
                           loop.num_classes)
     val_loss = float(nn.functional.cross_entropy(val_logits, val_labels))
     val_acc = float((val_logits.argmax(1) == val_labels).float().mean())
-    return {"epoch": epoch + 1, "train_loss": fit["loss"], "train_acc": fit["acc"], "val_loss": val_loss,
-            "val_acc": val_acc, "lr": loop.optimizer.param_groups[0]["lr"],
+    masks = {"train_mask_loss": fit["mask_loss"]} if "mask_loss" in fit else {}
+    return {"epoch": epoch + 1, "train_loss": fit["loss"], "train_acc": fit["acc"], **masks,
+            "val_loss": val_loss, "val_acc": val_acc, "lr": loop.optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - t0}
 
 
@@ -269,7 +300,9 @@ def fit(
     (``train.monitor``) and a resumable checkpoint after every epoch; returns the final state."""
     tc, fabric = config.train, loop.fabric
     eval_batch = tc.eval_batch_size or tc.batch_size
-    train_loader, sampler = make_loader(datasets["train"], fabric, tc.batch_size, tc.seed, True, workers)
+    weights = sample_weights(datasets["train"].labels) if tc.sampler == "balanced" else None
+    train_loader, sampler = make_loader(datasets["train"], fabric, tc.batch_size, tc.seed, True, workers,
+                                        weights)
     val_loader, _ = make_loader(datasets["val"], fabric, eval_batch, tc.seed, False, workers)
     val_labels = torch.tensor(datasets["val"].labels)
     for epoch in range(state.epoch, tc.epochs):

@@ -48,6 +48,8 @@ class Trained:
     #: Calibrated probabilities of the validation items at the best epoch (``val_predictions.csv``:
     #: what recipes are compared on, never the test part).
     val_probs: np.ndarray | None = None
+    #: The mask head's Dice on the test views (``training.segmentation.test_dice``; mask-guided runs).
+    segmentation: dict[str, Any] | None = None
 
 
 def _stage(config: ExperimentConfig, data: RunData, trained: Trained, split: SplitRef,
@@ -117,6 +119,8 @@ def write_outputs(run_dir: Path, config: ExperimentConfig, data: RunData, traine
                                    thresholds=operating["thresholds"] if operating else None)
     metrics["calibration"] = {"temperature": trained.calibrated.temperature,
                               "ece_uncalibrated": expected_calibration_error(y, trained.uncalibrated_probs)}
+    if trained.segmentation is not None:
+        metrics["segmentation"] = trained.segmentation
     stage = _stage(config, data, trained, split, run_dir)
     lineage = [*trained.inherited_lineage, stage]
     model_file = run_dir / "model.safetensors"

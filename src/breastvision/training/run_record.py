@@ -149,6 +149,9 @@ class RunFacts:
     seconds_to_best_epoch: float | None = None
     wall_clock_seconds_this_session: float | None = None
     test_time_augmentation: str | None = None
+    #: Class imbalance: ``train.class_weighting`` and ``train.sampler``, the training items per
+    #: class and, when weighted, the loss weight of each class (``training.balance``).
+    class_balance: dict[str, Any] | None = None
     model_file_mb: float | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from breastvision.data import transforms
 from breastvision.data.io import load_image
-from breastvision.data.masks import union_mask, with_mask
+from breastvision.data.masks import mask_alone, union_mask, with_mask
 from breastvision.data.records import Record
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import Preprocessing
@@ -130,6 +130,11 @@ class ViewRenderer:
         image = self._image(item)
         mask = union_mask(item.record, image.size)
         return with_mask(self._transform(item, epoch), self._view(item, image), self._view(item, mask))
+
+    def render_mask(self, item: Item, epoch: int = 0) -> torch.Tensor:
+        """The mask :meth:`render_with_mask` gives, without decoding the image (its size comes
+        from the file's header): what mask-guided training on cached features keeps per view."""
+        return mask_alone(self._transform(item, epoch), self._view(item, union_mask(item.record)))
 
 
 class ViewDataset(Dataset):
