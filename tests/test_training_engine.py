@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -273,11 +274,17 @@ def test_feature_cache_backend_is_checked_and_falls_back(
     assert torch.equal(fallback, eager)
 
 
-def test_resume_continues_exactly(image_tree, tmp_path: Path) -> None:
+@pytest.mark.parametrize("balance", [[], ["train.sampler=balanced", "train.class_weighting=balanced"]],
+                         ids=["shuffle", "balanced"])
+def test_resume_continues_exactly(image_tree, tmp_path: Path, balance: list[str]) -> None:
     source = image_tree()
-    straight = train(tiny_config(source, tmp_path / "straight", "train.epochs=3")).run_dir
-    first = train(tiny_config(source, tmp_path / "split", "train.epochs=1")).run_dir
-    resumed = train(tiny_config(source, tmp_path / "split", "train.epochs=3"),
+    if balance:  # 8 benign : 4 malignant images, so the weights and the sampler have something to balance
+        source = Path(shutil.copytree(source, tmp_path / "images"))
+        for path in sorted((source / "malignant").iterdir())[:4]:
+            path.unlink()
+    straight = train(tiny_config(source, tmp_path / "straight", "train.epochs=3", *balance)).run_dir
+    first = train(tiny_config(source, tmp_path / "split", "train.epochs=1", *balance)).run_dir
+    resumed = train(tiny_config(source, tmp_path / "split", "train.epochs=3", *balance),
                     resume=first / "checkpoints" / "last.ckpt").run_dir
     assert resumed == first
     h_straight, h_resumed = history(straight), history(resumed)
@@ -287,6 +294,14 @@ def test_resume_continues_exactly(image_tree, tmp_path: Path) -> None:
         assert a["lr"] == b["lr"]
     w_resumed = weights(resumed)
     assert all(torch.allclose(v, w_resumed[k], atol=1e-6) for k, v in weights(straight).items())
+    facts = json.loads((resumed / "provenance.json").read_text())["facts"]["class_balance"]
+    assert facts["sampler"] == ("balanced" if balance else "shuffle")
+    if balance:
+        counts = facts["training_items_per_class"]
+        assert counts["benign"] > counts["malignant"]
+        assert facts["class_weights"]["malignant"] > 1 > facts["class_weights"]["benign"]
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    assert all("recall" in metrics["per_class"][c] for c in ("benign", "malignant"))
     with pytest.raises(BreastvisionError, match="different model settings"):
         train(tiny_config(source, tmp_path / "other", "model.first_trainable_stage=layer3"),
               resume=first / "checkpoints" / "last.ckpt")
