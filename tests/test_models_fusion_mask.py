@@ -59,6 +59,17 @@ def test_a_fusion_file_without_the_head_seeds_one_with_it(tmp_path):
     assert model.weights_origin["cnn"].startswith("file: ")
 
 
+def test_a_fusion_file_with_the_head_seeds_one_without_it(tmp_path):
+    masked = _fusion(seg_head=True)
+    path = tmp_path / "masked.safetensors"
+    save_file(masked.state_dict(), str(path))
+    plain = create_model("fusion", num_classes=3, pretrained=str(path), cnn="resnet18", vit="vit_tiny").eval()
+    assert plain.seg_head is None and "seg_head" not in plain.weights_origin
+    x = torch.randn(1, 3, SIDE, SIDE)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), masked(x), rtol=0, atol=0)
+
+
 def test_split_suffix_gives_the_same_mask_and_trains_the_cnn_through_it():
     model = _fusion(seg_head=True)
     x = torch.randn(2, 3, SIDE, SIDE)

@@ -278,9 +278,12 @@ def fusion(
     )
     if whole_file:
         source = f"file: {describe_file(pretrained)}"
+        state = read_state_dict(pretrained)
+        if not seg_head:  # the mask head only ever served training: a fusion without one takes the rest
+            state = {k: v for k, v in state.items() if not k.startswith("seg_head.")}
         loaded = load_into(
             model,
-            read_state_dict(pretrained),
+            state,
             source,
             classifier=model.pretrained_cfg["classifier"],
             # A fusion trained without the mask head seeds one with it (the head starts random).
