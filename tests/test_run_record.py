@@ -34,6 +34,16 @@ def test_speed_and_location_settings_do_not_make_another_run() -> None:
         check_resumable(last, _config(data={"fold": 1}), "last.ckpt")
 
 
+def test_a_key_newer_than_the_saved_run_stands_for_its_default() -> None:
+    saved = _config().to_dict()
+    for key in ("class_weighting", "sampler", "mask_loss_weight"):
+        del saved["train"][key]  # a run folder of a version before these settings
+    assert config_differences(saved, _config()) == []
+    assert config_differences(saved, _config(train={"class_weighting": "balanced"})) == [
+        "train.class_weighting: 'none' → 'balanced'"
+    ]
+
+
 def _run_folder(tmp: Path) -> Path:
     Predictions(["a.png", "b.png"], ["g1", "g2"], np.array([0, 1]), np.array([[0.8, 0.2], [0.3, 0.7]]),
                 ["benign", "malignant"]).save(tmp / "predictions.csv")

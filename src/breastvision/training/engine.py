@@ -61,7 +61,7 @@ from breastvision.training.outputs import Trained, write_outputs
 from breastvision.training.progress import progress_bar, wanted
 from breastvision.training.run_record import RunFacts, RunRecord
 from breastvision.training.scope import fit_scope
-from breastvision.training.segmentation import prepare_mask_head, render_masks, test_dice, with_training_masks
+from breastvision.training.segmentation import mask_dice, prepare_mask_head, render_masks, with_training_masks
 from breastvision.training.views import ViewDataset, ViewRenderer
 
 log = logging.getLogger(__name__)
@@ -374,7 +374,7 @@ def _run(
     facts.class_balance = balance
     if fabric.is_global_zero:
         scope = fit_scope(model, data.train, data.val, inputs.preprocessing, fabric.device, tc.seed, say)
-        segmentation = None if test_masks is None else test_dice(
+        segmentation = None if test_masks is None else mask_dice(
             fabric, suffix, inputs.step_prefix, inputs.datasets["test"], test_masks,
             tc.eval_batch_size or tc.batch_size)
         trained = Trained(model, inputs.preprocessing, lineage, state, probs, facts, calibrated, uncalibrated,

@@ -48,7 +48,7 @@ class Trained:
     #: Calibrated probabilities of the validation items at the best epoch (``val_predictions.csv``:
     #: what recipes are compared on, never the test part).
     val_probs: np.ndarray | None = None
-    #: The mask head's Dice on the test views (``training.segmentation.test_dice``; mask-guided runs).
+    #: The mask head's Dice on the test views (``training.segmentation.mask_dice``; mask-guided runs).
     segmentation: dict[str, Any] | None = None
 
 

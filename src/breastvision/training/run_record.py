@@ -63,9 +63,15 @@ def config_differences(
 ) -> list[str]:
     """Dotted keys whose values differ between a saved config dict and ``config`` (an
     ``ExperimentConfig`` or its dict), ignoring :data:`SPEED_KEYS` and keys under the sections
-    named in ``may_differ``; each entry reads ``key: saved → now``."""
+    named in ``may_differ``; each entry reads ``key: saved → now``. A key missing from the saved
+    config (added by a later version) stands for its default."""
+    from breastvision.training.config import ExperimentConfig
+
     now = config.to_dict() if hasattr(config, "to_dict") else config
     old, new = _flatten(_plain(saved)), _flatten(_plain(now))
+    # A key the saved config lacks is newer than its run, which did what the key's default does.
+    defaults = _flatten(_plain(ExperimentConfig().to_dict()))
+    old = {**{k: defaults[k] for k in new.keys() - old.keys() if k in defaults}, **old}
     free = tuple(f"{section}." for section in may_differ)
     keys = sorted(k for k in old.keys() | new.keys()
                   if k not in SPEED_KEYS and not k.startswith(free) and old.get(k) != new.get(k))

@@ -109,7 +109,7 @@ def with_training_masks(dataset: Dataset, items: Sequence[Any], renderer: Any) -
 
 
 @torch.no_grad()
-def test_dice(fabric: Fabric, suffix: nn.Module, prefix: nn.Module, dataset: Dataset, masks: torch.Tensor,
+def mask_dice(fabric: Fabric, suffix: nn.Module, prefix: nn.Module, dataset: Dataset, masks: torch.Tensor,
               batch_size: int) -> dict[str, Any]:
     """``evaluation.segmentation.summarize_dice`` of the mask head on every item of ``dataset``
     (the test views, in order) against ``masks``; on this process alone."""
