@@ -274,8 +274,11 @@ def test_feature_cache_backend_is_checked_and_falls_back(
     assert torch.equal(fallback, eager)
 
 
-@pytest.mark.parametrize("balance", [[], ["train.sampler=balanced", "train.class_weighting=balanced"]],
-                         ids=["shuffle", "balanced"])
+@pytest.mark.parametrize(
+    "balance",
+    [[], ["train.sampler=balanced", "train.class_weighting=balanced", "train.monitor=val_recall_macro"]],
+    ids=["shuffle", "balanced"],
+)
 def test_resume_continues_exactly(image_tree, tmp_path: Path, balance: list[str]) -> None:
     source = image_tree()
     if balance:  # 8 benign : 4 malignant images, so the weights and the sampler have something to balance
@@ -294,12 +297,14 @@ def test_resume_continues_exactly(image_tree, tmp_path: Path, balance: list[str]
         assert a["lr"] == b["lr"]
     w_resumed = weights(resumed)
     assert all(torch.allclose(v, w_resumed[k], atol=1e-6) for k, v in weights(straight).items())
-    facts = json.loads((resumed / "provenance.json").read_text())["facts"]["class_balance"]
-    assert facts["sampler"] == ("balanced" if balance else "shuffle")
+    facts = json.loads((resumed / "provenance.json").read_text())["facts"]
+    assert facts["class_balance"]["sampler"] == ("balanced" if balance else "shuffle")
     if balance:
-        counts = facts["training_items_per_class"]
-        assert counts["benign"] > counts["malignant"]
-        assert facts["class_weights"]["malignant"] > 1 > facts["class_weights"]["benign"]
+        counts = facts["class_balance"]["training_items_per_class"]
+        weighted = facts["class_balance"]["class_weights"]
+        assert counts["benign"] > counts["malignant"] and weighted["malignant"] > 1 > weighted["benign"]
+        best = max(h_resumed, key=lambda r: (r["val_recall_macro"], -r["val_loss"]))  # the monitor chose it
+        assert facts["best_epoch"] == best["epoch"]
     metrics = json.loads((resumed / "metrics.json").read_text())
     assert all("recall" in metrics["per_class"][c] for c in ("benign", "malignant"))
     with pytest.raises(BreastvisionError, match="different model settings"):

@@ -189,8 +189,9 @@ class TrainConfig:
     #: How the cache computes the prefix: ``onnxruntime`` on CPU in float32 (checked against eager
     #: on every run, else eager: see ``training.feature_cache``), ``eager``: PyTorch always.
     cache_backend: Literal["onnxruntime", "eager"] = "onnxruntime"
-    #: Validation metric that picks the best checkpoint (higher is better).
-    monitor: Literal["val_acc", "val_loss"] = "val_acc"
+    #: Validation metric that picks the best checkpoint: accuracy, loss, or the macro recall
+    #: (mean of the classes' recalls, history.csv's ``val_recall_macro``).
+    monitor: Literal["val_acc", "val_loss", "val_recall_macro"] = "val_acc"
     progress: Literal["auto", "rich", "none"] = "auto"
     threads: int | None = Field(default=None, ge=1)
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.utilities.seed import seed_everything
+from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
@@ -246,9 +247,11 @@ def average_per_target(probs: torch.Tensor, targets: list[int]) -> np.ndarray:
     return (sums / counts).numpy()
 
 
-def score(monitor: str, val_loss: float, val_acc: float) -> list[float]:
-    """Higher is better; ties on the monitored value go to the other one."""
-    return [val_acc, -val_loss] if monitor == "val_acc" else [-val_loss, val_acc]
+def score(monitor: str, row: dict[str, Any]) -> list[float]:
+    """Higher is better; ties on the monitored value go to the validation loss (accuracy for it)."""
+    if monitor == "val_loss":
+        return [-row["val_loss"], row["val_acc"]]
+    return [row[monitor], -row["val_loss"]]
 
 
 @dataclass
@@ -279,10 +282,12 @@ def _epoch(loop: Loop, train_loader: DataLoader, val_loader: DataLoader, val_lab
                           loop.num_classes)
     val_loss = float(nn.functional.cross_entropy(val_logits, val_labels))
     val_acc = float((val_logits.argmax(1) == val_labels).float().mean())
+    # Macro recall over the classes present: what class balancing is for, and what chooses it.
+    val_recall = float(balanced_accuracy_score(val_labels.numpy(), val_logits.argmax(1).numpy()))
     masks = {"train_mask_loss": fit["mask_loss"]} if "mask_loss" in fit else {}
     return {"epoch": epoch + 1, "train_loss": fit["loss"], "train_acc": fit["acc"], **masks,
-            "val_loss": val_loss, "val_acc": val_acc, "lr": loop.optimizer.param_groups[0]["lr"],
-            "seconds": time.perf_counter() - t0}
+            "val_loss": val_loss, "val_acc": val_acc, "val_recall_macro": val_recall,
+            "lr": loop.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
 
 
 def write_history(path: Path, history: list[dict[str, Any]]) -> None:
@@ -314,7 +319,7 @@ def fit(
         loop.scheduler.step()
         state.epoch = epoch + 1
         state.history.append(row)
-        value = score(tc.monitor, row["val_loss"], row["val_acc"])
+        value = score(tc.monitor, row)
         improved = state.best is None or value > state.best["score"]
         if improved:
             state.best = {"epoch": epoch + 1, "score": value, "val_loss": row["val_loss"],
