@@ -45,7 +45,7 @@ def _headline(metrics: dict) -> dict:
 def _read(path: Path, class_names: list[str]) -> tuple[list[str], list[int], np.ndarray]:
     rows = list(csv.DictReader(path.open()))
     labels = [class_names.index(r["true_label"]) for r in rows]
-    probs = np.array([[float(r[f"prob_{c}"]) for c in class_names] for r in rows])
+    probs = np.array([[float(r[f"p_{c}"]) for c in class_names] for r in rows])
     return [r["group"] for r in rows], labels, probs
 
 

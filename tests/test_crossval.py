@@ -116,7 +116,7 @@ def test_refuses_a_hold_out_config(image_tree, tmp_path: Path) -> None:
 
 def test_patient_groupings_pool_per_patient(tmp_path: Path) -> None:
     """Folds split by patient get patient-level pooled metrics, resampling patients."""
-    from breastvision.evaluation.report import write_predictions_csv
+    from breastvision.training.run_record import Predictions
 
     rng = np.random.default_rng(0)
     folds = []
@@ -125,8 +125,8 @@ def test_patient_groupings_pool_per_patient(tmp_path: Path) -> None:
         run.mkdir()
         y = np.array([0, 1, 0, 1, 1, 0])
         p = rng.dirichlet([1, 1], size=6)
-        write_predictions_csv(run / "predictions.csv", [f"f{k}_{i}.png" for i in range(6)], y, p,
-                              ["benign", "malignant"], [f"p{k}{i // 2}" for i in range(6)])
+        Predictions([f"f{k}_{i}.png" for i in range(6)], [f"p{k}{i // 2}" for i in range(6)], y, p,
+                    ["benign", "malignant"]).save(run / "predictions.csv")
         (run / "split.json").write_text(json.dumps({"grouping": "patient", "protocol": "group_kfold"}))
         folds.append(run)
     summary = aggregate_runs(folds, tmp_path / "pooled", n_resamples=50)

@@ -86,7 +86,7 @@ def test_evaluate_external_manifest(tmp_path: Path, model_file: Path, manifest: 
     # Labels were matched by name although the model lists its classes in the other order.
     expected = {f"img{i:02d}.png": "malignant" if i % 4 < 2 else "benign" for i in range(12)}
     assert {r["path"]: r["true_label"] for r in rows} == expected
-    assert all(abs(float(r["prob_malignant"]) + float(r["prob_benign"]) - 1) < 1e-5 for r in rows)
+    assert all(abs(float(r["p_malignant"]) + float(r["p_benign"]) - 1) < 1e-5 for r in rows)
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["tta"] is True and len(config["model_sha256"]) == 64
     assert "random init" in (out / "report.md").read_text()  # the model file's lineage
@@ -186,13 +186,22 @@ def test_evaluate_applies_the_stored_temperature_and_operating_points(
     assert _evaluate(calibrated_file, manifest, "--out", out, "--n-resamples", 20) == 0
     plain, metrics = _check_report(plain_out), _check_report(out)
     assert "operating_points" not in plain and "calibration" not in plain
-    assert metrics["calibration"] == {"temperature": 4.0}
+    # ECE and Brier before calibration are those of the same model at T = 1, after it those reported.
+    calibration = metrics["calibration"]
+    assert calibration["temperature"] == 4.0 and calibration["fitted_on"] == "validation"
+    assert calibration["ece_uncalibrated"] == pytest.approx(plain["ece"], abs=1e-9)
+    assert calibration["brier_uncalibrated"] == pytest.approx(plain["brier"], abs=1e-9)
+    assert calibration["ece_calibrated"] == metrics["ece"]
+    assert calibration["brier_calibrated"] == metrics["brier"]
+    assert calibration["ece_calibrated"] != pytest.approx(calibration["ece_uncalibrated"], abs=1e-3)
+    assert (f"ECE {plain['ece']:.3f} uncalibrated → {metrics['ece']:.3f} calibrated, "
+            f"Brier {plain['brier']:.3f} → {metrics['brier']:.3f}") in (out / "report.md").read_text()
     points = metrics["operating_points"]["points"]
     assert {k: p["threshold"] for k, p in points.items()} == {"sensitivity>=0.95": 0.3, "youden": 0.5}
     rows = {r["path"]: r for r in csv.DictReader((out / "predictions.csv").open())}
     plain_rows = {r["path"]: r for r in csv.DictReader((plain_out / "predictions.csv").open())}
     for path, row in rows.items():  # softmax(logits / 4) of two classes: logit gap divided by 4
-        p, q = float(plain_rows[path]["prob_malignant"]), float(row["prob_malignant"])
+        p, q = float(plain_rows[path]["p_malignant"]), float(row["p_malignant"])
         expected = 1 / (1 + ((1 - p) / p) ** 0.25)
         assert q == pytest.approx(expected, abs=2e-5)
     assert "Operating points (malignant vs the rest)" in (out / "report.md").read_text()

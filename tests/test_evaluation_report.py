@@ -20,9 +20,9 @@ from breastvision.evaluation.report import (
     format_value,
     print_headline,
     with_interval,
-    write_predictions_csv,
     write_report,
 )
+from breastvision.training.run_record import Predictions
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["benign", "malignant"]
@@ -64,7 +64,7 @@ def test_write_report_folder(tmp_path: Path, predictions):
                        "1,0.9,1.0,0.5,0.45,0.01\n2,0.6,0.8,0.7,0.6,0.01\n3,0.4,,0.8,,0.001\n")
     run = tmp_path / "run"
     paths = [f"img{i}.png" for i in range(60)]
-    write_predictions_csv(run / "predictions.csv", paths, y, probs, CLASSES, groups)
+    Predictions(paths, [str(g) for g in groups], y, probs, CLASSES).save(run / "predictions.csv")
     report = write_report(
         run, metrics=metrics, config={"lr": 0.01, "input_size": (224, 224), "data": Path("/x")},
         split_info=split_file, weights_origin={"backbone": "imagenet (keras port)", "head": "random init"},
@@ -112,13 +112,19 @@ def test_missing_split_file_is_a_user_error(tmp_path: Path, predictions):
 
 
 def test_predictions_csv(tmp_path: Path):
+    """A run's table is ``predict``'s, plus the truth and group (serving.predict.write_predictions_csv)."""
     probs = np.array([[0.8, 0.2], [0.3, 0.7]])
-    path = write_predictions_csv(tmp_path / "p.csv", ["a.png", "b.png"], [0, 0], probs, CLASSES, ["x", "y"])
+    operating = {"positive_class": "malignant", "target_sensitivity": 0.95, "thresholds": {"youden": 0.75}}
+    path = Predictions(["a.png", "b.png"], ["x", "y"], np.array([0, 0]), probs, CLASSES, operating,
+                       np.array([1.5, 30.0]), 20.0).save(tmp_path / "p.csv")
     rows = list(csv.DictReader(path.open()))
-    assert rows[1] == {"path": "b.png", "group": "y", "true_label": "benign", "prob_benign": "0.300000",
-                       "prob_malignant": "0.700000", "predicted": "malignant"}
-    with pytest.raises(BreastvisionError, match="paths"):
-        write_predictions_csv(tmp_path / "q.csv", ["a.png"], [0, 0], probs, CLASSES)
+    assert rows[1] == {"path": "b.png", "true_label": "benign", "group": "y", "predicted": "malignant",
+                       "decision": "malignant", "p_benign": "0.300000", "p_malignant": "0.700000",
+                       "malignant_at_youden": "False", "out_of_scope": "True", "scope_score": "30.0000",
+                       "skipped": ""}
+    back = Predictions.read(path)
+    assert back.keys == ["a.png", "b.png"] and back.groups == ["x", "y"] and back.class_names == CLASSES
+    np.testing.assert_allclose(back.probs, probs)
 
 
 def test_learning_curves_from_rows(tmp_path: Path):

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from breastvision.errors import BreastvisionError
-from breastvision.evaluation.report import evaluate_predictions, write_predictions_csv
+from breastvision.evaluation.report import evaluate_predictions
 from breastvision.reproduce import breakhis
-from breastvision.training.run_record import RunRecord
+from breastvision.training.run_record import Predictions, RunRecord
 
 CLASSES = ["benign", "malignant"]
 
@@ -32,7 +32,7 @@ def _fake_run(run_dir: Path, seed: int, images: list[str], seconds: float = 60.0
     probs = np.stack([1 - p1, p1], axis=1)
     groups = [name.split("-")[0] for name in images]
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_predictions_csv(run_dir / "predictions.csv", images, y, probs, CLASSES, groups)
+    Predictions(images, groups, y, probs, CLASSES).save(run_dir / "predictions.csv")
     metrics = evaluate_predictions(y, probs, CLASSES, groups, n_resamples=20)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, default=float))
     (run_dir / "split.json").write_text(json.dumps({"grouping": "patient", "protocol": "x", "seed": seed}))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import breastvision
 from breastvision.cli import main
 from breastvision.data.io import load_image
 from breastvision.data.stain import make_normalizer
@@ -310,8 +311,8 @@ def test_predict_writes_a_decision_per_operating_point(make_model_file, scans: P
     assert main(["predict", str(calibrated), str(scans), "--out", str(out)]) == 0
     rows = _read_csv(out)
     columns = ["malignant_at_sensitivity>=0.95", "malignant_at_youden"]
-    assert list(rows[0]) == ["path", "predicted", *(f"p_{c}" for c in CLASSES), *columns, "out_of_scope",
-                            "scope_score", "skipped"]
+    assert list(rows[0]) == ["path", "predicted", "decision", *(f"p_{c}" for c in CLASSES), *columns,
+                             "out_of_scope", "scope_score", "skipped"]
     good = [r for r in rows if not r["skipped"]]
     for column, threshold in zip(columns, thresholds.values(), strict=True):
         assert [r[column] for r in good] == [str(float(r["p_malignant"]) >= threshold) for r in good]
@@ -323,8 +324,40 @@ def test_predict_writes_a_decision_per_operating_point(make_model_file, scans: P
     assert set(document["predictions"][0]["decisions"]) == set(thresholds)
     # A file without operating points keeps the CSV as it was.
     assert main(["predict", str(make_model_file("resnet18")), str(scans), "--out", str(out)]) == 0
-    assert list(_read_csv(out)[0]) == ["path", "predicted", *(f"p_{c}" for c in CLASSES), "out_of_scope",
-                                       "scope_score", "skipped"]
+    assert list(_read_csv(out)[0]) == ["path", "predicted", "decision", *(f"p_{c}" for c in CLASSES),
+                                       "out_of_scope", "scope_score", "skipped"]
+
+
+def test_operating_point_chooses_the_decision(make_model_file, scans: Path, tmp_path: Path, capsys) -> None:
+    # Threshold 0 calls every image malignant; threshold 1 none (the most probable other class instead).
+    thresholds = {"sensitivity>=0.95": 0.0, "youden": 1.0}
+    calibrated = _calibrated_copy(make_model_file("resnet18"), tmp_path / "c.safetensors", 1.0, thresholds)
+    out = tmp_path / "preds.csv"
+    decisions = {}
+    for point in (None, *thresholds):
+        assert main(["predict", str(calibrated), str(scans), "--out", str(out),
+                     *(["--operating-point", point] if point else [])]) == 0
+        good = [r for r in _read_csv(out) if not r["skipped"]]
+        decisions[point] = [r["decision"] for r in good]
+        predicted = [r["predicted"] for r in good]
+    assert decisions[None] == predicted  # the default: the most probable class
+    assert decisions["sensitivity>=0.95"] == ["malignant"] * len(good)
+    others = [max(("benign", "normal"), key=lambda c, r=r: float(r[f"p_{c}"])) for r in good]
+    assert decisions["youden"] == others
+    document_file = tmp_path / "preds.json"
+    assert main(["predict", str(calibrated), str(scans / "a.png"), "--out", str(document_file),
+                 "--operating-point", "youden"]) == 0
+    document = json.loads(document_file.read_text())
+    assert document["decision_rule"] == "youden" and document["predictions"][0]["decision"] != "malignant"
+    model = breastvision.load_model(calibrated, operating_point="sensitivity>=0.95")
+    assert model.predict(scans / "a.png").decision == "malignant"
+    capsys.readouterr()
+    assert main(["predict", str(calibrated), str(scans), "--operating-point", "f1"]) == 2
+    assert main(["predict", str(make_model_file("resnet18")), str(scans), "--operating-point", "youden"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "breastvision: error: --operating-point 'f1' is unknown; the stored ones: sensitivity>=0.95, youden",
+        "breastvision: error: --operating-point 'youden' is unknown; the model file stores none"]
 
 
 def test_onnx_export_applies_the_stored_temperature(make_model_file, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from breastvision.data.splits import Split
 from breastvision.data.transforms import preprocess_image
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import ModelBundle
+from breastvision.serving.predict import load_predictor
 from breastvision.training.config import ExperimentConfig, apply_overrides, config_from_dict, load_config
 from breastvision.training.engine import train
 from breastvision.training.loop import EpochSampler
@@ -58,7 +59,7 @@ def predictions(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def probabilities(run_dir: Path) -> np.ndarray:
-    return np.array([[float(v) for k, v in r.items() if k.startswith("prob_")] for r in predictions(run_dir)])
+    return np.array([[float(v) for k, v in r.items() if k.startswith("p_")] for r in predictions(run_dir)])
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -326,7 +327,7 @@ def test_epoch_sampler_shards() -> None:
 
 def test_two_processes_count_every_test_image_once(image_tree, tmp_path: Path) -> None:
     """2 CPU processes (gloo) through Fabric's DDP launcher, with an odd number of test images and
-    8-view test-time augmentation: every image is predicted once, from all its 8 views."""
+    8-view test-time augmentation: every image is predicted once, by the predictor's TTA."""
     source = image_tree(per_class=9, seed=1)
     config = tiny_config(source, tmp_path / "ddp", "train.epochs=1", "data.tta=dihedral8",
                          "train.accelerator=cpu", "train.devices=2", "train.strategy=ddp",
@@ -347,8 +348,11 @@ def test_two_processes_count_every_test_image_once(image_tree, tmp_path: Path) -
     rows = predictions(run)
     assert sorted(r["path"] for r in rows) == test_files
     facts = json.loads((run / "provenance.json").read_text())["facts"]
-    assert facts["processes"] == 2 and facts["views"]["test"] == 8 * len(test_files)
+    assert facts["processes"] == 2 and facts["views"]["test"] == len(test_files)
     assert json.loads((run / "metrics.json").read_text())["n_images"] == len(test_files)
+    predictor = load_predictor(run / "model.safetensors")
+    images = torch.stack([predictor.prepare_file(source / r["path"]) for r in rows])
+    np.testing.assert_allclose(probabilities(run), predictor.probabilities(images, tta=True), atol=1e-5)
 
 
 def _busi_sample(busi_dir: Path, tree: Path) -> Path:

@@ -9,6 +9,7 @@ Everything here is also reachable as ``breastvision.<name>`` (imported on first 
     result = model.predict("image.png")           # a path, a PIL image or an H×W(×3) uint8 array
     result.label, result.probabilities            # 'benign', {'benign': 0.91, ...}
     result.decisions                              # {'sensitivity>=0.95': False, 'youden': False}
+    breastvision.load_model(path, operating_point="youden").predict("image.png").decision
     model.predict_folder("folder/")               # every image below, bad files listed as skipped
     model.explain("image.png").overlay            # Grad-CAM heat-map over the image (PIL)
     model.evaluate("busi", split="runs/busi_f1/split.json").metrics["accuracy"]
@@ -47,7 +48,8 @@ ImageInput = str | os.PathLike | Image.Image | np.ndarray
 @dataclass(frozen=True)
 class Result:
     """One image's prediction: the most probable class, every class's (calibrated) probability and,
-    for a model file with operating points, whether each calls the image malignant."""
+    for a model file with operating points, whether each calls the image malignant; ``decision`` is
+    ``label``, or the call at the operating point :func:`load_model` was given."""
 
     label: str
     probabilities: dict[str, float]
@@ -56,6 +58,7 @@ class Result:
     #: score; ``None`` without one (or from an ONNX export).
     out_of_scope: bool | None = None
     scope_score: float | None = None
+    decision: str = ""
 
 
 @dataclass(frozen=True)
@@ -104,16 +107,12 @@ class Model:
 
     def predict(self, image: ImageInput, *, tta: bool = False) -> Result:
         """Class probabilities of one image; ``tta`` averages the 8 dihedral views."""
-        from breastvision.serving.predict import decide
-
-        tensor = self._predictor.preprocess(as_image(image)).unsqueeze(0)
-        rows, scores = self._predictor.assess(tensor, tta=tta)
-        row = rows[0]
-        probabilities = dict(zip(self.class_names, map(float, row), strict=True))
-        decisions = decide(probabilities, self._predictor.info.operating_points)
-        scope = {} if scores is None else {
-            "scope_score": float(scores[0]), "out_of_scope": self._predictor.info.scope.outside(scores[0])}
-        return Result(self.class_names[int(np.argmax(row))], probabilities, decisions, **scope)
+        picture = as_image(image)
+        tensor = self._predictor.preprocess(picture).unsqueeze(0)
+        rows, scores, _ = self._predictor.assess(tensor, tta=tta)
+        p = self._predictor.judge("image", Path(getattr(picture, "filename", "") or "image"), rows[0],
+                                  None if scores is None else scores[0])
+        return Result(p.predicted, p.probabilities, p.decisions, p.out_of_scope, p.scope_score, p.decision)
 
     def predict_folder(
         self, *paths: str | os.PathLike, tta: bool = False, batch_size: int = 8
@@ -153,11 +152,13 @@ class Model:
         return evaluate_model(self.path, source, **options)
 
 
-def load_model(path: str | os.PathLike) -> Model:
-    """A :class:`Model` from a model file written by training or its ONNX export."""
+def load_model(path: str | os.PathLike, *, device: str = "cpu", operating_point: str | None = None) -> Model:
+    """A :class:`Model` from a model file written by training or its ONNX export, on ``device``
+    (``auto``, ``cpu``, ``cuda[:N]``); ``operating_point``: the stored operating point
+    ``Result.decision`` follows (``None``: the most probable class)."""
     from breastvision.serving.predict import load_predictor
 
-    return Model(load_predictor(path))
+    return Model(load_predictor(path, device, operating_point))
 
 
 def train(

@@ -10,9 +10,9 @@ views and not ``identity``; a run that also wants the original orientation adds 
 features can be cached per (image, view), and the splits helper keeps all views of an image on one
 side of a patient-disjoint split (the paper split *after* augmenting, which leaks).
 
-**Test-time augmentation.** :func:`dihedral_tta` averages softmax probabilities over the 8 elements
-of the dihedral group (:data:`DIHEDRAL_8`): the average is exactly invariant to rotating or flipping
-the input, whatever the model.
+**Test-time augmentation.** Predictors average softmax probabilities over :func:`view_logits`, the
+outputs on the 8 elements of the dihedral group (:data:`DIHEDRAL_8`): the average is exactly
+invariant to rotating or flipping the input, whatever the model.
 
 **System U (paper 003) — online augmentation.** In the paper's order: resize to 256×256, "random crop
 and rescale back to 224×224", horizontal and vertical flips (p = 0.5 each), rotation ±15°, colour
@@ -99,15 +99,15 @@ def apply_view(image: ImageOrTensor, name: str) -> ImageOrTensor:
     return _TENSOR_VIEWS[name](image)
 
 
-def dihedral_tta(
+def view_logits(
     model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, views: Sequence[str] = DIHEDRAL_8
 ) -> torch.Tensor:
-    """Softmax probabilities (B×classes) averaged over ``views`` of a B×C×H×W batch.
+    """V×B×classes: ``model``'s outputs on each of ``views`` of a B×C×H×W batch; test-time
+    augmentation averages their softmaxes (``serving.predict.Predictor.assess``).
 
     One forward pass per view rather than one 8×-larger batch, so memory stays that of a batch.
     """
-    probs = [torch.softmax(model(apply_view(batch, name)), dim=1) for name in views]
-    return torch.stack(probs).mean(dim=0)
+    return torch.stack([model(apply_view(batch, name)) for name in views])
 
 
 # -- System U training augmentation and deterministic pre-processing -----------------------------

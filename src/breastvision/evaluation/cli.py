@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from breastvision.devices import add_device_option
+from breastvision.serving.cli import add_operating_point_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate a saved model file on a dataset, image folder or manifest (or one part of a "
         "split): metrics with bootstrap intervals, plots, predictions and a report folder.",
     )
-    parser.add_argument("model", type=Path, help="model file (.safetensors) written by training")
+    parser.add_argument("model", type=Path, help="model file (.safetensors: one model or an ensemble) or its "
+                        ".onnx export")
     parser.add_argument("source", help="dataset name (busi, breakhis, ...), image folder or manifest CSV")
     parser.add_argument("--data", help="data root for named datasets (default: $BREASTVISION_DATA, ...)")
     parser.add_argument("--split", type=Path, help="split file (JSON) to take a subset from")
@@ -28,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default: 0)")
     add_device_option(parser)
+    add_operating_point_option(parser, "predictions.csv's decision column")
     parser.add_argument("--positive", help="positive class of a binary task (default: malignant)")
     parser.add_argument("--patient-level", choices=("auto", "on", "off"), default="auto",
                         help="treat the dataset's groups as patients (auto: BreakHis slides/patients)")

@@ -3,8 +3,10 @@
 The command's arguments are declared in ``evaluation.cli``, which imports this module only when
 the command runs (torch and numpy are slow to import; ``breastvision --help`` should not wait).
 
-The model file says how to pre-process (``ModelBundle.preprocessing``, fitted stain normaliser
-included), so the same command scores the test split of a training run, held-out patients or
+Images are scored by the one predictor (``serving.predict``: the model file's pre-processing,
+fitted stain normaliser included, optional TTA, ``--device``, calibrated probabilities, decisions at
+the stored operating points, the out-of-scope flag), exactly as ``predict`` scores them, so the
+same command scores the test split of a training run, held-out patients or
 another hospital's images. Labels are matched to the model's classes *by name*, never by index:
 an external folder listing its classes in another order still scores correctly, and a class the
 model never learnt is refused. A dataset holding only some of the model's classes is fine (AUC
@@ -18,7 +20,8 @@ whatever they are (patients, near-duplicate groups); only image grouping resampl
 
 Files the readers skip, and images that pass their header check but cannot be decoded (truncated
 pixel data) or prepared, are listed in the report folder's ``skipped.csv`` and named in the log;
-the rest of the run completes.
+the rest of the run completes. A model file with a temperature is reported before and after it (ECE
+and Brier of the same probabilities at ``T = 1``).
 
 With ``--split``, the dataset is read with the options the split was made with, its file list is
 checked against the split's hash, and one part (``--subset``, ``--fold`` for k-fold splits) is
@@ -37,7 +40,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from breastvision.data.records import PATIENT_GROUPINGS, Catalog, Record, Skipped
 from breastvision.data.splits import Split
@@ -46,6 +48,7 @@ from breastvision.errors import BreastvisionError
 
 if TYPE_CHECKING:
     from breastvision.models.bundle import ModelBundle
+    from breastvision.serving.predict import Predictor, Scored
 
 log = logging.getLogger(__name__)
 
@@ -65,91 +68,6 @@ def class_mapping(data_classes: Sequence[str], model_classes: Sequence[str], use
             f"the data has classes the model does not know: {unknown} (model classes: {list(model_classes)})"
         )
     return np.array([model_index.get(c.strip().lower(), -1) for c in data_classes])
-
-
-class _ImageDataset(torch.utils.data.Dataset):
-    """(file, view) items → ``(index, tensor)`` by the model file's own pre-processing, or ``(index,
-    reason)`` for a file that cannot be decoded (truncated pixel data passes the readers' header check)
-    or prepared: one bad file is a listed skip, not the end of the run.
-
-    A view (a dihedral name, for splits drawn after offline augmentation) is applied to the image
-    before pre-processing, as the offline augmentation was.
-    """
-
-    def __init__(self, items: Sequence[tuple[Path, str | None]], preprocessing: Any) -> None:
-        self.items = list(items)
-        self.preprocessing = preprocessing
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
-        from breastvision.data.io import load_image
-        from breastvision.data.transforms import apply_view, preprocess_image
-
-        path, view = self.items[index]
-        try:
-            image = load_image(path)
-            image = image if view is None else apply_view(image, view)
-            return index, preprocess_image(image, self.preprocessing)
-        except BreastvisionError as err:
-            # BadImageError names the file; other errors (a stain normaliser failing) may not.
-            return index, str(err).removeprefix(f"{path}: ")
-
-
-def _collate(samples: list[tuple[int, torch.Tensor | str]]) -> tuple[torch.Tensor | None, dict[int, str]]:
-    """A batch of the samples that were prepared, and the reasons of those that were not, by index."""
-    tensors = [item for _, item in samples if isinstance(item, torch.Tensor)]
-    failed = {index: item for index, item in samples if isinstance(item, str)}
-    return (torch.stack(tensors) if tensors else None), failed
-
-
-@torch.inference_mode()
-def predict_probs(
-    model: torch.nn.Module,
-    items: Sequence[Path | tuple[Path, str | None]],
-    preprocessing: Any,
-    *,
-    device: torch.device,
-    batch_size: int = 32,
-    workers: int = 0,
-    tta: bool = False,
-    progress: bool = False,
-    temperature: float = 1.0,
-) -> tuple[np.ndarray, dict[int, str]]:
-    """Softmax probabilities ``(N, C)`` for the image files (or ``(file, view)`` pairs) that could be
-    prepared, in order, and the reason for each that could not, by its index in ``items``; with
-    ``tta`` the mean over the 8 dihedral views (``data.transforms.dihedral_tta``). ``progress``
-    draws a bar (else slow runs log their pace). ``temperature``: the model file's calibration, as
-    ``serving.predict.Predictor.probabilities`` applies it (``softmax(logits / T)``)."""
-    from breastvision.data.transforms import dihedral_tta
-    from breastvision.training.progress import progress_bar
-
-    pairs = [item if isinstance(item, tuple) else (item, None) for item in items]
-    loader = torch.utils.data.DataLoader(
-        _ImageDataset(pairs, preprocessing), batch_size=batch_size, num_workers=workers,
-        pin_memory=device.type == "cuda", collate_fn=_collate,
-    )
-    model = model.to(device).eval()
-
-    def scaled(x: torch.Tensor) -> torch.Tensor:
-        return model(x) / temperature
-
-    out, failures = [], {}
-    with progress_bar(None, len(loader), "evaluating", progress) as bar:
-        for batch, failed in loader:
-            bar.advance()
-            failures.update(failed)
-            if batch is None:
-                continue
-            batch = batch.to(device, non_blocking=True)
-            probs = dihedral_tta(scaled, batch) if tta else scaled(batch).softmax(dim=1)
-            out.append(probs.float().cpu().numpy())
-    if not out:
-        first = min(failures, default=None)
-        detail = f": none of the {len(pairs)} could be read, e.g. {pairs[first][0]}: {failures[first]}"
-        raise BreastvisionError("no images to predict" + (detail if first is not None else ""))
-    return np.concatenate(out), failures
 
 
 def select_items(
@@ -203,22 +121,25 @@ class Evaluation:
 
 @dataclass
 class _Inputs:
-    bundle: Any
-    network: torch.nn.Module
+    predictor: Predictor
     catalog: Catalog
     records: list[Record]
     views: list[str | None]
 
+    @property
+    def bundle(self) -> ModelBundle:
+        return self.predictor.info
+
 
 def _inputs(model: Path, source: str, data: str | None, split_file: Path | None, subset: str,
-            fold: int | None) -> _Inputs:
+            fold: int | None, device: str, operating_point: str | None) -> _Inputs:
     from breastvision.data.readers import read_dataset
-    from breastvision.models.bundle import ModelBundle
+    from breastvision.serving.predict import load_predictor
 
     if fold is not None and split_file is None:
         raise BreastvisionError("--fold needs --split")
-    bundle = ModelBundle.load(model)
-    network = bundle.build_model()  # a model file whose weights do not fit fails before any data is read
+    # A model file whose weights do not fit, or an unknown operating point, fails before any data is read.
+    predictor = load_predictor(model, device, operating_point)
     split = Split.load(split_file) if split_file else None
     # A split is checked against the file list it was made for: read with the same options.
     options = split.params.get("read_options", {}) if split else {}
@@ -227,11 +148,27 @@ def _inputs(model: Path, source: str, data: str | None, split_file: Path | None,
     if not records:
         part = f" (part {subset!r} of {split_file})" if split_file else ""
         raise BreastvisionError(f"no images to evaluate in {source}{part}")
-    return _Inputs(bundle, network, catalog, records, views)
+    return _Inputs(predictor, catalog, records, views)
 
 
-def _record(inputs: _Inputs, model_path: Path, settings: dict[str, Any], model: torch.nn.Module,
-            seconds: float, unreadable: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def _score(inputs: _Inputs, *, tta: bool, batch_size: int, workers: int, progress: bool) -> Scored:
+    """The predictor over the records' (file, view) pairs; a one-line error when none could be read."""
+    from breastvision.serving.predict import score_items
+    from breastvision.training.progress import progress_bar
+
+    items = list(zip([r.path for r in inputs.records], inputs.views, strict=True))
+    with progress_bar(None, -(-len(items) // batch_size), "evaluating", progress) as bar:
+        scored = score_items(inputs.predictor, items, tta=tta, batch_size=batch_size, workers=workers,
+                             on_batch=lambda _: bar.advance())
+    if len(scored.failures) == len(items):
+        first = min(scored.failures)
+        raise BreastvisionError(f"no images to predict: none of the {len(items)} could be read, "
+                                f"e.g. {items[first][0]}: {scored.failures[first]}")
+    return scored
+
+
+def _record(inputs: _Inputs, model_path: Path, settings: dict[str, Any], seconds: float,
+            unreadable: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """What the report says about the evaluation: its configuration, facts and weights' origin."""
     from breastvision.paths import file_sha256
 
@@ -242,8 +179,10 @@ def _record(inputs: _Inputs, model_path: Path, settings: dict[str, Any], model: 
               "read_options": catalog.meta.get("read_options", {}), **settings,
               "model_file": {k: v for k, v in bundle.metadata().items() if k != "metrics"}}
     patients = settings["patient_level"]
+    network = getattr(inputs.predictor, "model", None)  # an ONNX export has no PyTorch module
     facts = {
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in network.parameters()) if network is not None else None,
+        "backend": inputs.predictor.backend,
         "model file size (MB)": round(model_path.stat().st_size / 2**20, 2),
         "inference time (s)": round(seconds, 2),
         "images / s": round(n / seconds, 1) if seconds > 0 else None,
@@ -259,18 +198,22 @@ def _record(inputs: _Inputs, model_path: Path, settings: dict[str, Any], model: 
     return config, facts, origin
 
 
-def _write_listings(out_dir: Path, inputs: _Inputs, y_true: np.ndarray, probs: np.ndarray,
-                    groups: list[str], skipped: list[Skipped]) -> None:
-    """predictions.csv (names relative to the dataset root, ``::view`` when there is one) and
-    skipped.csv, each file named in the log up to :data:`SKIPPED_SHOWN`."""
-    from breastvision.evaluation.report import write_predictions_csv, write_skipped_csv
+def _write_listings(out_dir: Path, inputs: _Inputs, y_true: np.ndarray, scored: Scored,
+                    skipped: list[Skipped]) -> None:
+    """predictions.csv (``serving.predict.write_predictions_csv``; names relative to the dataset
+    root, ``::view`` when there is one) and skipped.csv, each file named in the log up to
+    :data:`SKIPPED_SHOWN`."""
+    from breastvision.evaluation.report import write_skipped_csv
+    from breastvision.serving.predict import write_predictions_csv
 
-    catalog = inputs.catalog
-    shown = [catalog.relpath(r) if r.path.is_relative_to(catalog.root) else str(r.path)
-             for r in inputs.records]
-    shown = [p if v is None else f"{p}::{v}" for p, v in zip(shown, inputs.views, strict=True)]
-    names = inputs.bundle.class_names
-    write_predictions_csv(out_dir / "predictions.csv", shown, y_true, probs, names, groups)
+    catalog, judge, names = inputs.catalog, inputs.predictor.judge, inputs.bundle.class_names
+    rows = []
+    for i, (record, view) in enumerate(zip(inputs.records, inputs.views, strict=True)):
+        shown = catalog.relpath(record) if record.path.is_relative_to(catalog.root) else str(record.path)
+        score = None if scored.scores is None else scored.scores[i]
+        rows.append(judge(shown if view is None else f"{shown}::{view}", record.path, scored.probs[i], score,
+                          true_label=names[y_true[i]], group=record.group))
+    write_predictions_csv(out_dir / "predictions.csv", rows, names, inputs.bundle.operating_points)
     _list_skipped(skipped, write_skipped_csv(out_dir / "skipped.csv", skipped))
 
 
@@ -297,6 +240,7 @@ def evaluate_model(
     batch_size: int = 32,
     workers: int = 0,
     device: str = "auto",
+    operating_point: str | None = None,
     positive: str | None = None,
     patient_level: str = "auto",
     n_resamples: int = 1000,
@@ -306,46 +250,43 @@ def evaluate_model(
     """Evaluate a model file on a dataset name, image folder or manifest (or one ``subset`` of a
     ``split`` file) and write a report folder (module docstring); the arguments are the
     ``breastvision evaluate`` command's."""
-    from breastvision.evaluation.report import evaluate_predictions, write_report
+    from breastvision.evaluation.report import calibration_entry, evaluate_predictions, write_report
 
     if batch_size < 1:
         raise BreastvisionError(f"--batch-size must be at least 1, got {batch_size}")
     model, split = Path(model), Path(split) if split else None
-    inputs = _inputs(model, source, data, split, subset, fold)
+    inputs = _inputs(model, source, data, split, subset, fold, device, operating_point)
     bundle, catalog, records, views = inputs.bundle, inputs.catalog, inputs.records, inputs.views
     mapping = class_mapping(catalog.class_names, bundle.class_names, {r.label for r in records})
-    torch_device = resolve_device(device)
-    network = inputs.network
     start = time.perf_counter()
-    probs, failures = predict_probs(network, list(zip([r.path for r in records], views, strict=True)),
-                                    bundle.preprocessing, device=torch_device, batch_size=batch_size,
-                                    workers=workers, tta=tta, progress=progress,
-                                    temperature=bundle.temperature)
+    scored = _score(inputs, tta=tta, batch_size=batch_size, workers=workers, progress=progress)
     seconds = time.perf_counter() - start
+    failures = scored.failures
     unreadable = [Skipped(records[i].path, reason) for i, reason in sorted(failures.items())]
     inputs.records, inputs.views = records, views = _without(records, failures), _without(views, failures)
     y_true = mapping[[r.label for r in records]]
     patients = _use_patients(patient_level, catalog.grouping)
     groups = [r.group for r in records]
-    metrics = evaluate_predictions(y_true, probs, bundle.class_names, groups, grouping=catalog.grouping,
-                                   patient_level=patients, positive_class=positive,
+    metrics = evaluate_predictions(y_true, scored.probs, bundle.class_names, groups,
+                                   grouping=catalog.grouping, patient_level=patients, positive_class=positive,
                                    thresholds=_thresholds(bundle, positive), n_resamples=n_resamples,
                                    seed=seed)
     if bundle.calibration:
-        metrics["calibration"] = {"temperature": bundle.temperature}
+        metrics["calibration"] = calibration_entry(metrics, y_true, scored.uncalibrated, bundle.calibration)
 
     part = f"_{subset}" + (f"{fold}" if fold is not None else "") if split else ""
     out_dir = Path(out) if out else Path("runs") / "evaluate" / f"{model.stem}_{catalog.name}{part}"
     skipped = [*catalog.skipped, *unreadable]
-    _write_listings(out_dir, inputs, y_true, probs, groups, skipped)
+    _write_listings(out_dir, inputs, y_true, scored, skipped)
     settings = {"source": source, "split": str(split) if split else None, "subset": subset if split else None,
-                "fold": fold, "tta": tta, "device": str(torch_device), "batch_size": batch_size,
+                "fold": fold, "tta": tta, "device": str(resolve_device(device)), "batch_size": batch_size,
+                "decision_rule": inputs.predictor.judge.rule,
                 "patient_level": patients, "bootstrap": {"n_resamples": n_resamples, "seed": seed}}
-    config, facts, origin = _record(inputs, model, settings, network, seconds, len(unreadable))
+    config, facts, origin = _record(inputs, model, settings, seconds, len(unreadable))
     report = write_report(
         out_dir, metrics=metrics, config=config, split_info=split, weights_origin=origin,
-        lineage=bundle.lineage, class_names=bundle.class_names, y_true=y_true, probs=probs, facts=facts,
-        title=f"{bundle.architecture} on {catalog.name}" + (f" ({subset})" if split else ""),
+        lineage=bundle.lineage, class_names=bundle.class_names, y_true=y_true, probs=scored.probs,
+        facts=facts, title=f"{bundle.architecture} on {catalog.name}" + (f" ({subset})" if split else ""),
     )
     return Evaluation(metrics, out_dir, report, len(records), skipped)
 
@@ -359,8 +300,8 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_model(
         args.model, args.source, data=args.data, split=args.split, subset=args.subset, fold=args.fold,
         out=args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers, device=args.device,
-        positive=args.positive, patient_level=args.patient_level, n_resamples=args.n_resamples,
-        seed=args.seed, progress=wanted("auto"),
+        operating_point=args.operating_point, positive=args.positive, patient_level=args.patient_level,
+        n_resamples=args.n_resamples, seed=args.seed, progress=wanted("auto"),
     )
     print_headline(result.metrics, result.report)
     return 0

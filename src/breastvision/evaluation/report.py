@@ -10,7 +10,7 @@ check on its own::
       provenance.json   weights' origin, lineage, split file hash, run facts
       config.yaml       the configuration the run used
       split.json        the split file the run used (copied; its SHA-256 is in report.md)
-      predictions.csv   per-image predictions, when written with write_predictions_csv
+      predictions.csv   per-image predictions, when written (serving.predict.write_predictions_csv)
       skipped.csv       files not evaluated and why, when written with write_skipped_csv
       plots/*.png
 """
@@ -31,7 +31,7 @@ from breastvision.data.records import PATIENT_GROUPINGS, Skipped
 from breastvision.errors import BreastvisionError
 from breastvision.evaluation import plots
 from breastvision.evaluation.bootstrap import bootstrap, classification_statistic, resampling_unit
-from breastvision.evaluation.metrics import check_inputs, compute_metrics
+from breastvision.evaluation.metrics import compute_metrics
 from breastvision.evaluation.operating_points import evaluate_operating_points
 from breastvision.paths import file_sha256, printable
 
@@ -211,35 +211,6 @@ def comparison_table(
     columns = list(dict.fromkeys(k for r in tagged for k in r))
     table = markdown_table(columns, [[r.get(c) for c in columns] for r in tagged], digits)
     return table + (f"\n\n{note.strip()}\n" if note.strip() else "\n")
-
-
-def write_predictions_csv(
-    path: str | Path,
-    paths: Sequence[str | Path],
-    y_true: Sequence[int] | np.ndarray,
-    probs: np.ndarray,
-    class_names: Sequence[str],
-    groups: Sequence[Any] | None = None,
-) -> Path:
-    """One row per image: path, group, true and predicted class names, one probability per class."""
-    y, p, g = check_inputs(y_true, probs, class_names, groups)
-    if len(paths) != y.size:
-        raise BreastvisionError(f"{len(paths)} paths for {y.size} predictions")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = [str(c) for c in class_names]
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "group", "true_label", *(f"prob_{c}" for c in names), "predicted"])
-        for i, row_path in enumerate(paths):
-            writer.writerow([
-                printable(row_path),
-                "" if g is None else printable(str(g[i])),
-                names[y[i]],
-                *(f"{v:.6f}" for v in p[i]),
-                names[int(p[i].argmax())],
-            ])
-    return path
 
 
 def write_skipped_csv(path: str | Path, skipped: Sequence[Skipped]) -> Path:
@@ -456,14 +427,33 @@ def _metrics_section(metrics: Mapping[str, Any], names: Sequence[str]) -> str:
     return "\n".join(parts)
 
 
+def calibration_entry(metrics: Mapping[str, Any], y_true: Sequence[int] | np.ndarray,
+                      uncalibrated: np.ndarray, calibration: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics["calibration"]`` for probabilities scored with a fitted temperature: ``T``, what it
+    was fitted on, and ECE and Brier before (``uncalibrated``: the same model at ``T = 1``) and after
+    (the scored probabilities' own ``ece`` and ``brier``)."""
+    from breastvision.evaluation.calibration import brier_score, expected_calibration_error
+
+    return {"temperature": float(calibration["temperature"]),
+            "fitted_on": calibration.get("fitted_on", "validation"),
+            "ece_uncalibrated": expected_calibration_error(y_true, uncalibrated),
+            "ece_calibrated": metrics.get("ece"),
+            "brier_uncalibrated": brier_score(y_true, uncalibrated),
+            "brier_calibrated": metrics.get("brier")}
+
+
 def _calibration_line(metrics: Mapping[str, Any]) -> str:
     calibration = metrics["calibration"]
     line = (f"Probabilities are temperature-scaled, softmax(logits / T) with T = "
-            f"{calibration['temperature']:.3f} fitted on validation")
+            f"{calibration['temperature']:.3f} fitted on {calibration.get('fitted_on', 'validation')}")
     before = calibration.get("ece_uncalibrated")
     if before is None or metrics.get("ece") is None:
         return line + "."
-    return line + f": ECE {before:.3f} uncalibrated → {metrics['ece']:.3f} calibrated."
+    line += f": ECE {before:.3f} uncalibrated → {metrics['ece']:.3f} calibrated"
+    brier = calibration.get("brier_uncalibrated")
+    if brier is not None and metrics.get("brier") is not None:
+        line += f", Brier {brier:.3f} → {metrics['brier']:.3f}"
+    return line + "."
 
 
 def _segmentation_line(dice: Mapping[str, Any]) -> str:

@@ -15,6 +15,13 @@ _SKIPPED_SHOWN = 20
 _MODEL_HELP = "a breastvision .safetensors model file or its .onnx export"
 
 
+def add_operating_point_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--operating-point", metavar="NAME",
+                        help=f"the stored operating point {what} follows (e.g. youden, sensitivity>=0.95): "
+                        "the malignant class when P(malignant) >= its threshold, else the most probable "
+                        "other class (default: the most probable class)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     predict = subparsers.add_parser(
         "predict", help="class probabilities for image files and folders (model file or ONNX)",
@@ -33,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--frame", default="all", metavar="K|all",
                          help="multi-frame DICOM: predict frame K (from 1) of each, or all (default); "
                          "rows name frames file.dcm#frame=K")
+    add_operating_point_option(predict, "the decision column")
     add_device_option(predict)
     predict.set_defaults(func=_predict)
 
@@ -75,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="seconds a client has to send the request headers (default 10)")
     serve.add_argument("--body-timeout", type=float, default=60.0, metavar="S",
                        help="seconds a client has to send the request body (default 60)")
+    add_operating_point_option(serve, "the page's headline and the answer's decision")
     add_device_option(serve)
     serve.set_defaults(func=_serve)
 
@@ -92,7 +101,7 @@ def _predict(args: argparse.Namespace) -> int:
 
         if args.method not in METHODS:
             raise BreastvisionError(f"unknown --method '{args.method}' (choose from {', '.join(METHODS)})")
-    predictor = load_predictor(args.model, args.device)
+    predictor = load_predictor(args.model, args.device, args.operating_point)
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("predicting", total=None)
         run = predict_paths(
@@ -126,17 +135,22 @@ def _print_table(run) -> None:  # noqa: ANN001 - a PredictionRun
     from rich.table import Table
 
     from breastvision.paths import printable
+    from breastvision.serving.predict import decision_columns
 
     table = Table(title=f"{run.model['architecture']} ({run.model['backend']}{', TTA' if run.tta else ''})")
     table.add_column("image", overflow="fold")  # wrapped, never cut: rows must stay distinguishable
     table.add_column("predicted")
+    if run.decision_rule != "argmax":
+        table.add_column(f"decision at {run.decision_rule}")
     for name in run.class_names:
         table.add_column(f"p({name})", justify="right")
-    columns = run.decision_columns()
+    columns = decision_columns(run.operating_points)
     for column in columns.values():
         table.add_column(column)
     for p in run.predictions:
-        table.add_row(printable(p.name), p.predicted, *(f"{p.probabilities[c]:.4f}" for c in run.class_names),
+        decision = [p.decision] if run.decision_rule != "argmax" else []
+        table.add_row(printable(p.name), p.predicted, *decision,
+                      *(f"{p.probabilities[c]:.4f}" for c in run.class_names),
                       *(str(p.decisions[k]) for k in columns))
     Console().print(table)
 
@@ -187,5 +201,6 @@ def _serve(args: argparse.Namespace) -> int:
         batch_wait_s=args.batch_wait_ms / 1000,
         memory_budget_bytes=int(args.memory_budget_mb * 1024 * 1024),
         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+        operating_point=args.operating_point,
     )
     return 0

@@ -23,16 +23,26 @@ Choices recorded here:
 - **Bad files** (unreadable, not an image, truncated, too small, a decompression bomb, a stain
   normaliser failure) become ``Skipped(path, reason)`` entries, listed with the results.
 - **Test-time augmentation** averages the softmax probabilities over the 8 dihedral views
-  (``data.transforms.dihedral_tta``), the group of 90° rotations and flips under which a
+  (``data.transforms.view_logits``), the group of 90° rotations and flips under which a
   histopathology or ultrasound field keeps its class; averaging probabilities rather than logits
   keeps every view's vote bounded.
 - **ONNX** exports (``serving.export``) end in a softmax, so onnxruntime returns probabilities.
 - **Calibration.** Probabilities are ``softmax(logits / T)`` with the model file's fitted temperature
-  ``T`` (1 for files without one), in :meth:`Predictor.probabilities`, the one place every consumer
-  (predict, web, the Python API, slides) goes through. The ONNX graph stays uncalibrated; its
-  predictor applies ``T`` from the metadata the export carries, to the graph's log-probabilities.
+  ``T`` (1 for files without one), in :meth:`Predictor.assess`, the one place every consumer
+  (predict, evaluate, the training engine's test pass, web, the Python API, slides) goes through; it
+  also gives the probabilities at ``T = 1`` (reports show calibration before and after). The ONNX
+  graph stays uncalibrated; its predictor applies ``T`` from the metadata the export carries, to the
+  graph's log-probabilities.
 - **Decisions.** A model file with operating points (malignant-vs-rest thresholds chosen on
-  validation) adds, per image, whether ``P(malignant) >= threshold`` at each of them.
+  validation) adds, per image, whether ``P(malignant) >= threshold`` at each of them. The
+  ``decision`` is the most probable class (``argmax``, the default), or with an operating point
+  chosen (``--operating-point NAME``), the positive class when ``P(positive) >= its threshold``,
+  else the most probable of the others. :class:`Judge` is the one place that turns probabilities
+  into a :class:`Prediction` (label, decision, decisions, scope flag).
+- **One table.** :func:`write_predictions_csv` is the only writer of per-image predictions
+  (``predict``, ``evaluate``, training runs, cross-validation): ``path``, then ``true_label`` and
+  ``group`` where labels are known, ``predicted``, ``decision``, ``p_<class>``, one column per
+  operating point, ``out_of_scope``, ``scope_score``, ``skipped``.
 - **Scope.** A model file with a fitted scope (``models.scope``) adds, per image, ``scope_score``
   (the smallest Mahalanobis distance of its pooled features to a training class mean) and
   ``out_of_scope`` (score above the stored threshold): an image so flagged is "outside this model's
@@ -52,7 +62,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -62,7 +72,7 @@ from breastvision.data import dicom
 from breastvision.data.io import BadImageError, file_problem, is_image_file, load_image
 from breastvision.data.readers._common import walk_files
 from breastvision.data.records import Skipped
-from breastvision.data.transforms import dihedral_tta, preprocess_image
+from breastvision.data.transforms import DIHEDRAL_8, apply_view, preprocess_image, view_logits
 from breastvision.errors import BreastvisionError, one_line
 from breastvision.models.bundle import ModelBundle, Preprocessing, check_model_path
 from breastvision.paths import file_sha256, printable
@@ -156,14 +166,71 @@ def _folder_candidates(folder: Path, skipped: list[Skipped]) -> list[Path]:
     return candidates
 
 
+class Assessment(NamedTuple):
+    """What a predictor makes of a batch: B×K calibrated probabilities, each image's scope score
+    (``None`` without a scope) and the probabilities at ``T = 1``."""
+
+    probs: np.ndarray
+    scores: np.ndarray | None
+    uncalibrated: np.ndarray
+
+
+#: The decision rule without an operating point: the most probable class.
+ARGMAX = "argmax"
+
+
+@dataclass(frozen=True)
+class Judge:
+    """Probabilities (and a scope score) → a :class:`Prediction` (module docstring, "Decisions")."""
+
+    class_names: list[str]
+    operating_points: dict[str, Any] | None = None
+    #: The stored operating point the ``decision`` follows (``None``: argmax).
+    operating_point: str | None = None
+    scope_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        stored = list(self.operating_points["thresholds"]) if self.operating_points else []
+        if self.operating_point is not None and self.operating_point not in stored:
+            known = f"the stored ones: {', '.join(stored)}" if stored else "the model file stores none"
+            raise BreastvisionError(f"--operating-point '{self.operating_point}' is unknown; {known}")
+
+    @property
+    def rule(self) -> str:
+        return self.operating_point or ARGMAX
+
+    def decision(self, probabilities: dict[str, float]) -> str:
+        best = max(self.class_names, key=probabilities.__getitem__)
+        if self.operating_point is None:
+            return best
+        positive = self.operating_points["positive_class"]
+        if probabilities[positive] >= self.operating_points["thresholds"][self.operating_point]:
+            return positive
+        return max((c for c in self.class_names if c != positive), key=probabilities.__getitem__)
+
+    def __call__(self, name: str, path: Path, row: Sequence[float], score: float | None = None, *,
+                 true_label: str | None = None, group: str | None = None) -> Prediction:
+        probabilities = dict(zip(self.class_names, map(float, row), strict=True))
+        best = max(self.class_names, key=probabilities.__getitem__)
+        prediction = Prediction(name, path, probabilities, best, decision=self.decision(probabilities),
+                                decisions=decide(probabilities, self.operating_points),
+                                true_label=true_label, group=group)
+        if score is not None and self.scope_threshold is not None:
+            prediction.scope_score = float(score)
+            prediction.out_of_scope = bool(score > self.scope_threshold)  # models.scope.Scope.outside
+        return prediction
+
+
 class Predictor(ABC):
-    """A model ready to turn pre-processed batches into class probabilities."""
+    """A model ready to turn pre-processed batches into class probabilities and predictions."""
 
     #: The model file's metadata; for ONNX, a bundle without weights.
     info: ModelBundle
     source: Path
     backend: str
     can_explain = False
+    #: The stored operating point decisions follow (``None``: argmax); set by :meth:`use_operating_point`.
+    operating_point: str | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -173,29 +240,49 @@ class Predictor(ABC):
     def preprocessing(self) -> Preprocessing:
         return self.info.preprocessing
 
+    @property
+    def judge(self) -> Judge:
+        scope = self.info.scope
+        return Judge(self.class_names, self.info.operating_points, self.operating_point,
+                     None if scope is None else scope.threshold)
+
+    def use_operating_point(self, name: str | None) -> Predictor:
+        """Make decisions follow the stored operating point ``name`` (``None``: argmax); an unknown
+        name is a one-line error listing the stored ones."""
+        self.operating_point = Judge(self.class_names, self.info.operating_points, name).operating_point
+        return self
+
     @abstractmethod
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """B×K float32 logits (or log-probabilities: the softmax treats them alike) for one
         B×C×H×W batch, before calibration."""
 
-    def probabilities(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
-        """B×K probabilities ``softmax(logits / T)`` for a B×C×H×W batch, ``T`` the model file's
-        temperature (1 without one); with ``tta``, the mean over the 8 dihedral views."""
+    def _view_logits(self, batch: torch.Tensor,
+                     views: Sequence[str]) -> tuple[torch.Tensor, np.ndarray | None]:
+        """V×B×K logits of each view and, where the model has a scope, the scores of the images as given."""
+        return view_logits(self.logits, batch, views), None
+
+    def assess(self, batch: torch.Tensor, tta: bool = False) -> Assessment:
+        """For a B×C×H×W batch: ``softmax(logits / T)`` (``T`` the model file's temperature, 1 without
+        one), with ``tta`` the mean over the 8 dihedral views; the scope scores; and the same
+        probabilities at ``T = 1``."""
+        logits, scores = self._view_logits(batch, DIHEDRAL_8 if tta else ("identity",))
         temperature = self.info.temperature
+        return Assessment(torch.softmax(logits / temperature, 2).mean(0).numpy(), scores,
+                          torch.softmax(logits, 2).mean(0).numpy())
 
-        def scaled(view: torch.Tensor) -> torch.Tensor:
-            return self.logits(view) / temperature
-
-        if not tta:
-            return torch.softmax(scaled(batch), dim=1).numpy()
-        return dihedral_tta(scaled, batch).numpy()  # it soft-maxes each view's scaled logits
-
-    def assess(self, batch: torch.Tensor, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """``probabilities`` and, for a model file with a scope, each image's scope score (else None)."""
-        return self.probabilities(batch, tta), None
+    def probabilities(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
+        """B×K calibrated probabilities (:meth:`assess`)."""
+        return self.assess(batch, tta).probs
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return preprocess_image(image, self.preprocessing)
+
+    def prepare_file(self, path: Path, view: str | None = None) -> torch.Tensor:
+        """One image file as a model input; ``view`` (a dihedral name, for splits drawn after offline
+        augmentation) is applied to the image before pre-processing, as that augmentation was."""
+        image = load_image(path)
+        return self.preprocess(image if view is None else apply_view(image, view))
 
     def card(self) -> dict[str, Any]:
         """The model card: the file's metadata (file names, not this machine's folders) plus the file's
@@ -208,32 +295,35 @@ class Predictor(ABC):
 
 
 class TorchPredictor(Predictor):
-    """A breastvision model file (safetensors), run by PyTorch; also the one Grad-CAM can explain."""
+    """A breastvision model file (safetensors), run by PyTorch; also the one Grad-CAM can explain.
+    ``model``: the network already built from ``bundle`` (the training engine's, in memory)."""
 
     backend = "pytorch"
     can_explain = True
 
-    def __init__(self, bundle: ModelBundle, source: Path, device: torch.device | str = "cpu") -> None:
+    def __init__(self, bundle: ModelBundle, source: Path, device: torch.device | str = "cpu",
+                 model: torch.nn.Module | None = None) -> None:
         self.info = bundle
         self.source = source
         self.device = torch.device(device)
-        self.model = bundle.build_model().to(self.device)
+        self.model = (bundle.build_model() if model is None else model.eval()).to(self.device)
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         # inference_mode, not a flag on the model: the model stays shareable between threads.
         with torch.inference_mode():
             return self.model(batch.to(self.device)).float().cpu()
 
-    def assess(self, batch: torch.Tensor, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    def _view_logits(self, batch: torch.Tensor,
+                     views: Sequence[str]) -> tuple[torch.Tensor, np.ndarray | None]:
         scope = self.info.scope
         if scope is None:
-            return super().assess(batch, tta)
+            return super()._view_logits(batch, views)
         from breastvision.models.scope import pooled_features
 
-        logits, features = pooled_features(self.model, batch.to(self.device))  # one pass gives both
-        logits, features = logits.cpu(), features.cpu()
-        probs = self.probabilities(batch, tta) if tta else torch.softmax(logits / self.info.temperature, 1)
-        return np.asarray(probs), scope.score(features)
+        # One pass gives the image's logits and its features; the other views need only logits.
+        logits, features = pooled_features(self.model, batch.to(self.device))
+        rest = [self.logits(apply_view(batch, v)) for v in views if v != "identity"]
+        return torch.stack([logits.cpu(), *rest]), scope.score(features.cpu())
 
 
 class OnnxPredictor(Predictor):
@@ -305,16 +395,18 @@ def _providers(device: torch.device | str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def load_predictor(path: str | os.PathLike, device: str = "cpu") -> Predictor:
+def load_predictor(path: str | os.PathLike, device: str = "cpu",
+                   operating_point: str | None = None) -> Predictor:
     """A predictor for a ``.onnx`` export or a breastvision model file (anything else), on ``device``
-    (``devices.resolve_device``'s names: ``auto``, ``cpu``, ``cuda[:N]``)."""
+    (``devices.resolve_device``'s names: ``auto``, ``cpu``, ``cuda[:N]``), its decisions following
+    the stored ``operating_point`` (``None``: argmax)."""
     from breastvision.devices import resolve_device
 
     torch_device = resolve_device(device)
     path = check_model_path(path)
     if path.suffix.lower() == ".onnx":
-        return OnnxPredictor(path, torch_device)
-    return TorchPredictor(ModelBundle.load(path), path, torch_device)
+        return OnnxPredictor(path, torch_device).use_operating_point(operating_point)
+    return TorchPredictor(ModelBundle.load(path), path, torch_device).use_operating_point(operating_point)
 
 
 @dataclass
@@ -322,13 +414,19 @@ class Prediction:
     name: str
     path: Path
     probabilities: dict[str, float]
+    #: The most probable class.
     predicted: str
+    #: The class the decision rule gives (:class:`Judge`): ``predicted`` unless an operating point is chosen.
+    decision: str = ""
     overlays: dict[str, Path] = field(default_factory=dict)
     #: Operating point name -> whether P(positive class) >= its threshold (empty without them).
     decisions: dict[str, bool] = field(default_factory=dict)
     #: The model file's scope score and whether it exceeds the threshold (``None``: no scope).
     scope_score: float | None = None
     out_of_scope: bool | None = None
+    #: Where labels are known (``evaluate``, training): the true class name and the image's group.
+    true_label: str | None = None
+    group: str | None = None
 
 
 @dataclass
@@ -343,13 +441,16 @@ class PredictionRun:
     tta: bool
     #: The model file's operating points (``ModelBundle.operating_points``), ``None`` without them.
     operating_points: dict[str, Any] | None = None
+    #: What ``decision`` follows: ``argmax`` or a stored operating point's name.
+    decision_rule: str = ARGMAX
 
-    def decision_columns(self) -> dict[str, str]:
-        """Operating point name -> its CSV column, ``<positive>_at_<name>`` (``malignant_at_youden``)."""
-        if not self.operating_points:
-            return {}
-        positive = self.operating_points["positive_class"]
-        return {name: f"{positive}_at_{name}" for name in self.operating_points["thresholds"]}
+
+def decision_columns(operating_points: dict[str, Any] | None) -> dict[str, str]:
+    """Operating point name -> its CSV column, ``<positive>_at_<name>`` (``malignant_at_youden``)."""
+    if not operating_points:
+        return {}
+    positive = operating_points["positive_class"]
+    return {name: f"{positive}_at_{name}" for name in operating_points["thresholds"]}
 
 
 def decide(probabilities: dict[str, float], operating_points: dict[str, Any] | None) -> dict[str, bool]:
@@ -360,18 +461,75 @@ def decide(probabilities: dict[str, float], operating_points: dict[str, Any] | N
     return {name: bool(score >= t) for name, t in operating_points["thresholds"].items()}
 
 
-def _prepared(
-    predictor: Predictor, images: Sequence[tuple[Path, str]], skipped: list[Skipped]
-) -> Iterator[tuple[Path, str, Image.Image, torch.Tensor]]:
-    for path, name in images:
+@dataclass
+class Scored:
+    """:func:`score_items`' answer: per item that could be prepared, in order, the calibrated
+    probabilities, the scope scores (``None`` without a scope) and the probabilities at ``T = 1``;
+    and the reason for each item that could not, by its index."""
+
+    probs: np.ndarray
+    scores: np.ndarray | None
+    uncalibrated: np.ndarray
+    failures: dict[int, str]
+
+
+class _Inputs(torch.utils.data.Dataset):
+    """``(path, view)`` items → ``(index, tensor)`` by ``render``, or ``(index, reason)`` for one
+    that cannot be decoded or prepared: a bad file is a listed skip, not the end of the run."""
+
+    def __init__(self, items: Sequence[tuple[Path, str | None]],
+                 render: Callable[[Path, str | None], torch.Tensor]) -> None:
+        self.items, self.render = list(items), render
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
+        path, view = self.items[index]
         try:
-            image = load_image(path)
-            tensor = predictor.preprocess(image)
+            return index, self.render(path, view)
         except BreastvisionError as err:
             # BadImageError already names the file; other errors (stain fitting) may not.
-            skipped.append(Skipped(path, str(err).removeprefix(f"{path}: ")))
-            continue
-        yield path, name, image, tensor
+            return index, str(err).removeprefix(f"{path}: ")
+
+
+def _collate(samples: list[tuple[int, torch.Tensor | str]]) -> tuple[torch.Tensor | None, dict[int, str]]:
+    tensors = [item for _, item in samples if isinstance(item, torch.Tensor)]
+    failed = {index: item for index, item in samples if isinstance(item, str)}
+    return (torch.stack(tensors) if tensors else None), failed
+
+
+def score_items(
+    predictor: Predictor,
+    items: Sequence[tuple[Path, str | None]],
+    *,
+    tta: bool = False,
+    batch_size: int = 8,
+    workers: int = 0,
+    render: Callable[[Path, str | None], torch.Tensor] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Scored:
+    """:meth:`Predictor.assess` over ``(path, view)`` items (``view``: ``None``, or a dihedral view
+    applied before pre-processing), batched, read by ``workers`` loader processes; ``render``
+    replaces :meth:`Predictor.prepare_file` (the training engine's augmented views). ``on_batch`` is
+    told how many items each finished batch held."""
+    loader = torch.utils.data.DataLoader(
+        _Inputs(items, render or predictor.prepare_file), batch_size=batch_size, num_workers=workers,
+        collate_fn=_collate,
+    )
+    parts: list[Assessment] = []
+    failures: dict[int, str] = {}
+    for batch, failed in loader:
+        failures.update(failed)
+        if batch is not None:
+            parts.append(predictor.assess(batch, tta=tta))
+        if on_batch:
+            on_batch(len(failed) + (0 if batch is None else len(batch)))
+    k = len(predictor.class_names)
+    joined = [np.concatenate([getattr(a, f) for a in parts]) if parts else np.zeros((0, k), np.float32)
+              for f in ("probs", "uncalibrated")]
+    scores = np.concatenate([a.scores for a in parts]) if parts and parts[0].scores is not None else None
+    return Scored(joined[0], scores, joined[1], failures)
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -421,31 +579,25 @@ def predict_paths(
     if explain_dir is not None and not predictor.can_explain:
         raise BreastvisionError("--explain needs the .safetensors model file (Grad-CAM needs PyTorch)")
     found = discover_images(inputs, frame)
-    skipped = list(found.skipped)
-    predictions: list[Prediction] = []
-    used_stems: set[str] = set()
-    for batch in batched(_prepared(predictor, found.images, skipped), batch_size):
-        probs, scores = predictor.assess(torch.stack([tensor for *_, tensor in batch]), tta=tta)
-        for i, ((path, name, image, tensor), row) in enumerate(zip(batch, probs, strict=True)):
-            best = int(np.argmax(row))
-            probabilities = dict(zip(predictor.class_names, map(float, row), strict=True))
-            prediction = Prediction(name, path, probabilities, predictor.class_names[best],
-                                    decisions=decide(probabilities, predictor.info.operating_points))
-            if scores is not None:
-                prediction.scope_score = float(scores[i])
-                prediction.out_of_scope = predictor.info.scope.outside(scores[i])
-            if explain_dir is not None:
-                prediction.overlays = _explain_one(
-                    predictor, image, tensor, best, explain_dir, _overlay_stem(name, used_stems),
-                    explain_method, target_layers,
-                )
-            predictions.append(prediction)
-        if on_batch:
-            on_batch(len(batch))
+    scored = score_items(predictor, [(path, None) for path, _ in found.images], tta=tta,
+                         batch_size=batch_size, on_batch=on_batch)
+    skipped = [*found.skipped, *(Skipped(found.images[i][0], r) for i, r in sorted(scored.failures.items()))]
+    judge, predictions, used_stems = predictor.judge, [], set()
+    kept = [image for i, image in enumerate(found.images) if i not in scored.failures]
+    for i, (path, name) in enumerate(kept):
+        prediction = judge(name, path, scored.probs[i], None if scored.scores is None else scored.scores[i])
+        if explain_dir is not None:
+            image = load_image(path)
+            target = predictor.class_names.index(prediction.predicted)
+            prediction.overlays = _explain_one(
+                predictor, image, predictor.preprocess(image), target, explain_dir,
+                _overlay_stem(name, used_stems), explain_method, target_layers,
+            )
+        predictions.append(prediction)
     model = {"architecture": predictor.info.architecture, "file": str(predictor.source),
              "backend": predictor.backend}
     return PredictionRun(predictions, skipped, found.masks, predictor.class_names, model, tta,
-                         predictor.info.operating_points)
+                         predictor.info.operating_points, judge.rule)
 
 
 def _explain_one(
@@ -462,41 +614,59 @@ def _explain_one(
 
 
 def write_results(run: PredictionRun, out: Path) -> Path:
-    """CSV (one row per image, skipped files last with their reason) or JSON, by ``out``'s suffix."""
+    """CSV (:func:`write_predictions_csv`) or JSON, by ``out``'s suffix."""
     suffix = out.suffix.lower()
     if suffix not in {".csv", ".json"}:
         raise BreastvisionError(f"--out must end in .csv or .json, not '{out.suffix or out.name}'")
+    if suffix == ".csv":
+        return write_predictions_csv(out, run.predictions, run.class_names, run.operating_points, run.skipped)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".json":
-        document = {
-            "model": run.model,
-            "tta": run.tta,
-            "class_names": run.class_names,
-            **({"operating_points": run.operating_points} if run.operating_points else {}),
-            "predictions": [
-                {"path": printable(p.name), "predicted": p.predicted, "probabilities": p.probabilities,
-                 **({"decisions": p.decisions} if p.decisions else {}),
-                 **({"out_of_scope": p.out_of_scope, "scope_score": p.scope_score}
-                    if p.scope_score is not None else {}),
-                 **({"overlays": {k: printable(v) for k, v in p.overlays.items()}} if p.overlays else {})}
-                for p in run.predictions
-            ],
-            "skipped": [{"path": printable(s.path), "reason": printable(s.reason)} for s in run.skipped],
-            "masks_ignored": run.masks_ignored,
-        }
-        out.write_text(json.dumps(document, indent=2) + "\n")
-        return out
+    document = {
+        "model": run.model,
+        "tta": run.tta,
+        "class_names": run.class_names,
+        "decision_rule": run.decision_rule,
+        **({"operating_points": run.operating_points} if run.operating_points else {}),
+        "predictions": [
+            {"path": printable(p.name), "predicted": p.predicted, "decision": p.decision,
+             "probabilities": p.probabilities,
+             **({"decisions": p.decisions} if p.decisions else {}),
+             **({"out_of_scope": p.out_of_scope, "scope_score": p.scope_score}
+                if p.scope_score is not None else {}),
+             **({"overlays": {k: printable(v) for k, v in p.overlays.items()}} if p.overlays else {})}
+            for p in run.predictions
+        ],
+        "skipped": [{"path": printable(s.path), "reason": printable(s.reason)} for s in run.skipped],
+        "masks_ignored": run.masks_ignored,
+    }
+    out.write_text(json.dumps(document, indent=2) + "\n")
+    return out
+
+
+def write_predictions_csv(
+    out: str | os.PathLike, predictions: Sequence[Prediction], class_names: Sequence[str],
+    operating_points: dict[str, Any] | None = None, skipped: Sequence[Skipped] = (),
+) -> Path:
+    """The one per-image predictions table (module docstring, "One table"): a row per prediction,
+    then the skipped files with their reason."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    labelled = any(p.true_label is not None for p in predictions)
+    columns = decision_columns(operating_points)
     with out.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        columns = run.decision_columns()
-        writer.writerow(["path", "predicted", *(f"p_{c}" for c in run.class_names), *columns.values(),
-                         "out_of_scope", "scope_score", "skipped"])
-        for p in run.predictions:
-            probabilities = (f"{p.probabilities[c]:.6f}" for c in run.class_names)
+        writer.writerow(["path", *(["true_label", "group"] if labelled else []), "predicted", "decision",
+                         *(f"p_{c}" for c in class_names), *columns.values(), "out_of_scope", "scope_score",
+                         "skipped"])
+        for p in predictions:
+            truth = [p.true_label or "", printable(p.group or "")] if labelled else []
+            probabilities = (f"{p.probabilities[c]:.6f}" for c in class_names)
             decisions = (p.decisions[k] for k in columns)
             scope = ["", ""] if p.scope_score is None else [p.out_of_scope, f"{p.scope_score:.4f}"]
-            writer.writerow([printable(p.name), p.predicted, *probabilities, *decisions, *scope, ""])
-        blank = [""] * (len(run.class_names) + len(columns) + 2)
-        for s in run.skipped:
-            writer.writerow([printable(s.path), "", *blank, printable(s.reason)])
+            writer.writerow([printable(p.name), *truth, p.predicted, p.decision, *probabilities, *decisions,
+                             *scope, ""])
+        # Blank cells for the truth, predicted, decision, probability, decision and scope columns.
+        blank = [""] * (2 * labelled + 2 + len(class_names) + len(columns) + 2)
+        for s in skipped:
+            writer.writerow([printable(s.path), *blank, printable(s.reason)])
     return out

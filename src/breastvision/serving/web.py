@@ -104,7 +104,7 @@ from breastvision.data import dicom
 from breastvision.data.io import IMAGE_FORMATS, decode_bytes, load_image
 from breastvision.errors import BreastvisionError
 from breastvision.serving.concurrency import MemoryBudget, MicroBatcher
-from breastvision.serving.predict import OnnxPredictor, Predictor, TorchPredictor, decide, load_predictor
+from breastvision.serving.predict import OnnxPredictor, Predictor, TorchPredictor, load_predictor
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 #: 40 megapixels: ten times a 2048×2048 scan; BreakHis (700×460) and BUSI (~500×500) are far below.
@@ -340,7 +340,7 @@ class InferenceService:
         self.batcher.close()
 
     def _forward(self, tensors: list[torch.Tensor]) -> list[tuple[np.ndarray, float | None]]:
-        probs, scores = self.predictor.assess(torch.stack(tensors), tta=self.tta)
+        probs, scores, _ = self.predictor.assess(torch.stack(tensors), tta=self.tta)
         return [(row, None if scores is None else float(scores[i])) for i, row in enumerate(probs)]
 
     def _check_size(self, width: int, height: int) -> None:
@@ -401,21 +401,26 @@ class InferenceService:
             raise UploadError(400, "explanations need the .safetensors model file, not an ONNX export")
         prepared = self.prepare(upload, keep_image=explain, frame=frame)
         probs, scope_score = self.batcher.submit(prepared.tensor).result()
+        judge = self.predictor.judge
+        prediction = judge("upload", Path("upload"), probs, scope_score)
         names = self.predictor.class_names
-        best = int(np.argmax(probs))
+        best = names.index(prediction.predicted)
         result: dict[str, Any] = {
-            "predicted_class": names[best],
+            "predicted_class": prediction.predicted,
             "predicted_index": best,
-            "probabilities": {name: float(p) for name, p in zip(names, probs, strict=True)},
+            # What the page headlines: the predicted class, or the call at the chosen operating point.
+            "decision": prediction.decision,
+            "decision_rule": judge.rule,
+            "probabilities": prediction.probabilities,
             "class_names": names,
             "tta": self.tta,
             "image": prepared.facts,
         }
-        if decisions := decide(result["probabilities"], self.predictor.info.operating_points):
-            result["decisions"] = decisions  # at the model file's operating points
-        if scope_score is not None:  # models.scope: far from the training images
-            result["scope_score"] = scope_score
-            result["out_of_scope"] = self.predictor.info.scope.outside(scope_score)
+        if prediction.decisions:
+            result["decisions"] = prediction.decisions  # at the model file's operating points
+        if prediction.scope_score is not None:  # models.scope: far from the training images
+            result["scope_score"] = prediction.scope_score
+            result["out_of_scope"] = prediction.out_of_scope
         if explain:
             result["explanation"] = self._explain(prepared, best)
         result["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 1)
@@ -446,8 +451,8 @@ class InferenceService:
         }
 
 
-def _predictor(model: str | os.PathLike | Predictor, backend: str | None,
-               device: str = "cpu") -> tuple[Predictor, Path | None]:
+def _predictor(model: str | os.PathLike | Predictor, backend: str | None, device: str = "cpu",
+               operating_point: str | None = None) -> tuple[Predictor, Path | None]:
     """The predictor running forward passes on ``backend``, and the model file an ONNX export of it
     explains with. None: the file's own back-end; "auto": onnxruntime for a model file, exported on
     start, unless the export fails (then PyTorch, with a warning) — or the file has a scope (the
@@ -455,6 +460,7 @@ def _predictor(model: str | os.PathLike | Predictor, backend: str | None,
     if backend not in (None, *BACKENDS):
         raise BreastvisionError(f"unknown back-end '{backend}' (choose from {', '.join(BACKENDS)})")
     loaded = model if isinstance(model, Predictor) else load_predictor(model, device)
+    loaded.use_operating_point(operating_point)  # an unknown name fails before any export
     if backend is None or backend == loaded.backend or (backend == "auto" and loaded.backend != "pytorch"):
         return loaded, None
     if backend == "auto" and isinstance(loaded, TorchPredictor) and (
@@ -465,7 +471,7 @@ def _predictor(model: str | os.PathLike | Predictor, backend: str | None,
     try:
         with tempfile.TemporaryDirectory(prefix="breastvision-serve-") as tmp:
             exported = _export_in_subprocess(loaded.source, Path(tmp) / "model.onnx")
-            onnx_predictor = OnnxPredictor(exported, loaded.device)
+            onnx_predictor = OnnxPredictor(exported, loaded.device).use_operating_point(operating_point)
     except Exception as err:  # noqa: BLE001 - any exporter failure: PyTorch still serves, or a clear error
         if backend != "auto":
             raise BreastvisionError(f"the ONNX export of {loaded.source.name} failed: {err}") from err
@@ -499,14 +505,17 @@ def create_app(
     inference_workers: int = 1,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     device: str = "cpu",
+    operating_point: str | None = None,
 ) -> FastAPI:
     """The web application for a model file, an ONNX export, or an already loaded predictor.
 
     ``backend``: None keeps the file's own back-end; "onnxruntime" runs a model file's forward
     passes on onnxruntime by exporting it on start; "auto" does so unless the export fails.
-    ``device``: where a model given by path runs (``devices.resolve_device``).
+    ``device``: where a model given by path runs (``devices.resolve_device``). ``operating_point``:
+    the stored operating point the answer's ``decision`` (the page's headline) follows (``None``: the
+    most probable class); an unknown name is a one-line error listing the stored ones.
     """
-    predictor, explain_file = _predictor(model, backend, device)
+    predictor, explain_file = _predictor(model, backend, device, operating_point)
     service = InferenceService(
         predictor, explain_file=explain_file, max_pixels=max_pixels, tta=tta,
         memory_budget_bytes=memory_budget_bytes, max_batch=max_batch, batch_wait_s=batch_wait_s,

@@ -29,7 +29,7 @@ import numpy as np
 
 from breastvision.data.records import PATIENT_GROUPINGS
 from breastvision.errors import BreastvisionError
-from breastvision.training.run_record import RunRecord
+from breastvision.training.run_record import Predictions, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -124,19 +124,9 @@ def _seconds(value: float | None) -> str | None:
     return None if value is None else f"{value:.0f}"
 
 
-@dataclass
-class _Pooled:
-    """The runs' test predictions, concatenated."""
-
-    keys: list[str]
-    groups: list[str]
-    y_true: np.ndarray
-    probs: np.ndarray
-    class_names: list[str]
-
-
-def _pool(runs: Sequence[RunRecord]) -> _Pooled:
-    """Concatenate the runs' predictions; their classes must agree and their test images differ."""
+def _pool(runs: Sequence[RunRecord]) -> Predictions:
+    """Concatenate the runs' predictions (each fold's decisions were at its own operating points, so
+    the pooled table has none); their classes must agree and their test images differ."""
     parts = [r.predictions for r in runs]
     names = parts[0].class_names
     for run, part in zip(runs, parts, strict=True):
@@ -148,8 +138,8 @@ def _pool(runs: Sequence[RunRecord]) -> _Pooled:
         raise BreastvisionError(
             f"{repeated} test images appear in more than one run: pooling needs disjoint test sets (folds)"
         )
-    return _Pooled(keys, [g for p in parts for g in p.groups], np.concatenate([p.y_true for p in parts]),
-                   np.concatenate([p.probs for p in parts]), names)
+    return Predictions(keys, [g for p in parts for g in p.groups], np.concatenate([p.y_true for p in parts]),
+                       np.concatenate([p.probs for p in parts]), names)
 
 
 def _fold_row(run: RunRecord) -> dict[str, Any]:
@@ -217,7 +207,7 @@ def aggregate_runs(
     sessions) and ``validation`` (:func:`_validation_summary`; ``None`` when a run has no
     validation predictions).
     """
-    from breastvision.evaluation.report import evaluate_predictions, write_predictions_csv, write_report
+    from breastvision.evaluation.report import evaluate_predictions, write_report
 
     records = [r if isinstance(r, RunRecord) else RunRecord.load(r) for r in runs]
     if not records:
@@ -244,8 +234,7 @@ def aggregate_runs(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_predictions_csv(out / "predictions.csv", pooled.keys, pooled.y_true, pooled.probs,
-                          pooled.class_names, pooled.groups)
+    pooled.save(out / "predictions.csv")
     hashes = {f["split_sha256"] for f in per_fold}
     # One split file serves every fold of a k-fold split: copy it into the report when they agree.
     shared_split = records[0].split.file if len(hashes) == 1 and None not in hashes else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,11 +26,14 @@ from breastvision.training.views import Item, training_views
 
 @dataclass(frozen=True)
 class TestTarget:
-    """One test prediction: its true label, its key in predictions.csv and its group."""
+    """One test prediction: its true label, its key in predictions.csv, its group, and the file and
+    view (``None``: the image as stored) the predictor scores."""
 
     label: int
     key: str
     group: str
+    path: Path
+    view: str | None
 
 
 @dataclass
@@ -39,8 +43,14 @@ class RunData:
     train: list[Item]
     val: list[Item]
     test: list[Item]
-    #: One per test prediction, in target order (several test views may share a target).
+    tta: str | None
+    #: One per test prediction, in target order.
     test_targets: list[TestTarget]
+
+    @property
+    def test_tta(self) -> bool:
+        """Whether the test part is scored with the 8 dihedral views (``data.tta``, image-level splits)."""
+        return self.tta == "dihedral8" and not self.split.views
 
     @property
     def class_names(self) -> list[str]:
@@ -118,17 +128,17 @@ def _items(entries: list[SplitItem], catalog: Catalog, views: list[str] | None) 
 
 
 def _test_targets(test: list[Item], view_level: bool) -> list[TestTarget]:
-    targets: dict[int, TestTarget] = {}
-    for item in test:
-        key = f"{item.relpath}{VIEW_SEPARATOR}{item.view}" if view_level else item.relpath
-        targets.setdefault(item.target, TestTarget(item.record.label, key, item.record.group))
-    return [targets[t] for t in sorted(targets)]
+    def target(item: Item) -> TestTarget:
+        if view_level:
+            key = f"{item.relpath}{VIEW_SEPARATOR}{item.view}"
+            return TestTarget(item.record.label, key, item.record.group, item.record.path, item.view)
+        return TestTarget(item.record.label, item.relpath, item.record.group, item.record.path, None)
+
+    return [target(item) for item in test]
 
 
 def prepare_data(config: ExperimentConfig) -> RunData:
     """Catalog, split and items of a config (module docstring)."""
-    from breastvision.data.transforms import DIHEDRAL_8
-
     data = config.data
     catalog = _read(data.source, data.root, data.options)
     external = _read(data.external_val, data.root, {}) if data.external_val else None
@@ -139,13 +149,12 @@ def prepare_data(config: ExperimentConfig) -> RunData:
     elif not split.subset(catalog, "val", data.fold):
         split = carve_validation(split, catalog, data.val_fraction, config.data.split.seed)
     train_views = None if split.views else training_views(data.views)
-    test_views = list(DIHEDRAL_8) if data.tta == "dihedral8" and not split.views else None
     train = _items(split.subset(catalog, "train", data.fold), catalog, train_views)
     val = _items(split.subset(val_source, "val", data.fold), val_source, None)
-    test = _items(split.subset(catalog, "test", data.fold), catalog, test_views)
+    test = _items(split.subset(catalog, "test", data.fold), catalog, None)
     for part, items in (("train", train), ("val", val), ("test", test)):
         if not items:
             raise BreastvisionError(
                 f"the split leaves no {part} images (protocol {split.protocol}, fold {data.fold})"
             )
-    return RunData(catalog, split, train, val, test, _test_targets(test, bool(split.views)))
+    return RunData(catalog, split, train, val, test, data.tta, _test_targets(test, bool(split.views)))

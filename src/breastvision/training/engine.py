@@ -16,8 +16,12 @@ A run (:func:`train`) is a few steps, each in its own module:
 4. ``calibrate``: a temperature fitted on the best weights' validation logits and malignant-vs-rest
    operating points chosen on the calibrated validation probabilities; ``scope.fit_scope``: the
    out-of-scope detector fitted on the training images' features (``models.scope``);
-5. ``outputs.write_outputs``: the best weights evaluated on the test part, the model file and the
-   run folder, returned as a ``run_record.RunRecord``; test metrics are on calibrated probabilities.
+5. ``outputs.write_outputs``: the model file, the test part scored by the one predictor
+   (``serving.predict``, as ``predict`` and ``evaluate`` score it: one forward pass of the whole
+   model over the test images, with ``data.tta``), and the run folder, returned as a
+   ``run_record.RunRecord``; test metrics are on calibrated probabilities. The epochs' feature cache
+   covers the training and validation parts (and the test part of mask-guided runs, whose mask head's
+   Dice is measured on it).
 
 Devices, process launching (DDP; gloo on CPU) and mixed precision are Fabric's (``devices``).
 """
@@ -26,11 +30,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.utilities.seed import seed_everything
@@ -50,7 +54,6 @@ from breastvision.training.freezing import freeze_before
 from breastvision.training.loop import (
     FeatureDataset,
     Loop,
-    average_per_target,
     evaluate,
     fit,
     make_loader,
@@ -172,10 +175,13 @@ def fit_stain(
 
 @dataclass
 class Inputs:
-    """What the loop reads: per part a dataset of image views or cached prefix outputs, the part of
-    the model still to run before the trainable suffix, and how it got there."""
+    """What the loop reads: per part (train, val; test for a mask head's Dice) a dataset of image
+    views or cached prefix outputs, the part of the model still to run before the trainable suffix,
+    and how it got there; and the renderer of the views (the test part's augmented draws, on splits
+    drawn after augmentation)."""
 
     preprocessing: Preprocessing
+    renderer: ViewRenderer
     datasets: dict[str, Dataset]
     step_prefix: nn.Module
     cache_facts: dict[str, Any]
@@ -266,11 +272,12 @@ def prepare_inputs(
     preprocessing = _preprocessing(config, model, data)
     preprocessing.stain, normalized, stain_facts = fit_stain(config, data, fabric, show)
     renderer = ViewRenderer(config.data.views, preprocessing, normalized)
-    datasets: dict[str, Dataset] = {
-        part: ViewDataset(getattr(data, part), renderer) for part in ("train", "val", "test")
-    }
+    # The test part is scored by the predictor (outputs); only the mask head's Dice runs it here.
+    parts = ("train", "val", "test") if config.train.mask_loss_weight else ("train", "val")
+    datasets: dict[str, Dataset] = {part: ViewDataset(getattr(data, part), renderer) for part in parts}
     if not _use_cache(config, prefix, renderer, datasets["train"], fabric):
-        return Inputs(preprocessing, datasets, prefix, {"used": False}, stain_facts, config.data.num_workers)
+        return Inputs(preprocessing, renderer, datasets, prefix, {"used": False}, stain_facts,
+                      config.data.num_workers)
     eval_batch = config.train.eval_batch_size or config.train.batch_size
     facts = _cache_features(config, fabric, model, prefix, renderer, datasets, eval_batch, show)
     (log.info if fabric.is_global_zero else log.debug)(
@@ -279,7 +286,7 @@ def prepare_inputs(
         f"{facts['entries_reused']} reused (shape {facts['feature_shape']})"
     )
     # The datasets now hold the prefix's outputs, in memory: no loader workers needed.
-    return Inputs(preprocessing, datasets, nn.Identity(), facts, stain_facts, 0)
+    return Inputs(preprocessing, renderer, datasets, nn.Identity(), facts, stain_facts, 0)
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -312,13 +319,14 @@ def _logits(loop: Loop, inputs: Inputs, part: str, config: ExperimentConfig) -> 
     return evaluate(loop.fabric, loop.trainable, loop.prefix, loader, len(dataset), loop.num_classes)
 
 
-def _test_probabilities(
-    loop: Loop, inputs: Inputs, data: RunData, config: ExperimentConfig, temperature: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per test target: the calibrated probabilities and the uncalibrated ones (for ECE before)."""
-    logits, targets = _logits(loop, inputs, "test", config), [i.target for i in data.test]
-    return (average_per_target(torch.softmax(logits / temperature, 1), targets),
-            average_per_target(torch.softmax(logits, 1), targets))
+def _draws(data: RunData, renderer: ViewRenderer) -> Callable[[Path, str | None], torch.Tensor] | None:
+    """How the test part's items are rendered when they are augmented draws (``aug<k>``, a split
+    drawn after paper 003's augmentation), which only the run's renderer can regenerate; else
+    ``None``: the predictor prepares the files itself."""
+    if not any(ViewRenderer.is_draw(item) for item in data.test):
+        return None
+    items = {(item.record.path, item.view): item for item in data.test}
+    return lambda path, view: renderer(items[path, view])
 
 
 def _mask_inputs(config: ExperimentConfig, data: RunData, inputs: Inputs) -> torch.Tensor:
@@ -369,7 +377,6 @@ def _run(
     calibrated = calibrate(val_logits, val_labels, data.class_names,
                            say if fabric.is_global_zero else log.debug)
     val_probs = torch.softmax(val_logits.double() / calibrated.temperature, 1).numpy()
-    probs, uncalibrated = _test_probabilities(loop, inputs, data, config, calibrated.temperature)
     facts = _facts(data, inputs, model, suffix, fabric, config, state, started)
     facts.class_balance = balance
     if fabric.is_global_zero:
@@ -377,9 +384,9 @@ def _run(
         segmentation = None if test_masks is None else mask_dice(
             fabric, suffix, inputs.step_prefix, inputs.datasets["test"], test_masks,
             tc.eval_batch_size or tc.batch_size)
-        trained = Trained(model, inputs.preprocessing, lineage, state, probs, facts, calibrated, uncalibrated,
-                          scope, val_probs, segmentation)
-        write_outputs(run_dir, config, data, trained)
+        trained = Trained(model, inputs.preprocessing, lineage, state, facts, calibrated, scope, val_probs,
+                          segmentation)
+        write_outputs(run_dir, config, data, trained, fabric.device, _draws(data, inputs.renderer))
         say(f"run folder: {run_dir}")
     fabric.barrier()
     return RunRecord.load(run_dir)

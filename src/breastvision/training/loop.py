@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.utilities.seed import seed_everything
@@ -236,15 +235,6 @@ def evaluate(
     if not torch.equal(index[order].cpu(), torch.arange(n_items)):
         raise RuntimeError(f"evaluation gathered {len(index)} predictions for {n_items} items, not each once")
     return logits[order].cpu()
-
-
-def average_per_target(probs: torch.Tensor, targets: list[int]) -> np.ndarray:
-    """Mean probability over the views that share a target (test-time augmentation)."""
-    index = torch.tensor(targets)
-    n = int(index.max()) + 1
-    sums = torch.zeros(n, probs.shape[1], dtype=torch.float64).index_add_(0, index, probs.double())
-    counts = torch.bincount(index, minlength=n).double().unsqueeze(1)
-    return (sums / counts).numpy()
 
 
 def score(monitor: str, row: dict[str, Any]) -> list[float]:

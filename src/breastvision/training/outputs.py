@@ -1,4 +1,6 @@
-"""The run folder a finished training run leaves: the model file (weights, class names,
+"""The run folder a finished training run leaves, with the test part scored by the one predictor
+(``serving.predict``: the model file about to be written, run as ``predict`` and ``evaluate`` run
+it, so a run's predictions.csv is what they give on the same files): the model file (weights, class names,
 pre-processing with the fitted stain normaliser, lineage, validation and test metrics, the
 temperature and operating points fitted on validation, the scope of ``models.scope``), the split,
 and the :class:`~breastvision.training.run_record.RunRecord` with its report::
@@ -13,13 +15,16 @@ and the :class:`~breastvision.training.run_record.RunRecord` with its report::
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from torch import nn
 
+from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import ModelBundle, Preprocessing
 from breastvision.training.calibrate import Calibrated
 from breastvision.training.checkpoint import LoopState
@@ -27,22 +32,22 @@ from breastvision.training.config import ExperimentConfig
 from breastvision.training.data_setup import RunData
 from breastvision.training.run_record import Predictions, RunFacts, RunRecord, SplitRef
 
+if TYPE_CHECKING:
+    from breastvision.serving.predict import Scored
+
 
 @dataclass
 class Trained:
     """What training produced: the model with its best weights loaded, how to pre-process for it,
-    the lineage it inherited, the loop's final state, the calibrated test probabilities (one row
-    per test target), the run's facts, the fitted calibration and operating points, and the test
-    probabilities before calibration."""
+    the lineage it inherited, the loop's final state, the run's facts, and the fitted calibration,
+    operating points and scope."""
 
     model: nn.Module
     preprocessing: Preprocessing
     inherited_lineage: list[dict[str, Any]]
     state: LoopState
-    probs: np.ndarray
     facts: RunFacts
     calibrated: Calibrated
-    uncalibrated_probs: np.ndarray
     #: ``models.scope.Scope`` fitted on the training images (``None``: not fitted).
     scope: Any = None
     #: Calibrated probabilities of the validation items at the best epoch (``val_predictions.csv``:
@@ -73,14 +78,11 @@ def _stage(config: ExperimentConfig, data: RunData, trained: Trained, split: Spl
     }
 
 
-def _bundle(config: ExperimentConfig, data: RunData, trained: Trained, lineage: list[dict[str, Any]],
-            metrics: dict[str, Any]) -> ModelBundle:
-    from breastvision.evaluation.report import HEADLINE, lookup
-
+def _bundle(config: ExperimentConfig, data: RunData, trained: Trained,
+            lineage: list[dict[str, Any]]) -> ModelBundle:
+    """The model file's bundle; its test headline is added once the test part is scored."""
     model, best = trained.model, trained.state.best
-    headline = {k: lookup(metrics, k) for k in HEADLINE if lookup(metrics, k) is not None}
-    scores = {"val": {"epoch": best["epoch"], "loss": best["val_loss"], "accuracy": best["val_acc"]},
-              "test": headline}
+    scores = {"val": {"epoch": best["epoch"], "loss": best["val_loss"], "accuracy": best["val_acc"]}}
     return ModelBundle(
         architecture=model.architecture,
         class_names=data.class_names,
@@ -100,36 +102,58 @@ def _val_predictions(data: RunData, trained: Trained) -> Predictions | None:
     if trained.val_probs is None:
         return None
     return Predictions([i.relpath for i in data.val], [i.record.group for i in data.val],
-                       np.array([i.record.label for i in data.val]), trained.val_probs, data.class_names)
+                       np.array([i.record.label for i in data.val]), trained.val_probs, data.class_names,
+                       trained.calibrated.operating_points)
 
 
-def write_outputs(run_dir: Path, config: ExperimentConfig, data: RunData, trained: Trained) -> RunRecord:
-    """Score the test predictions and write the run folder (module docstring); returns its record."""
-    from breastvision.evaluation.calibration import expected_calibration_error
-    from breastvision.evaluation.report import evaluate_predictions
+def score_test(bundle: ModelBundle, model: nn.Module, data: RunData, model_file: Path, device: Any,
+               render: Callable[[Path, str | None], torch.Tensor] | None = None) -> Scored:
+    """The test part through the one predictor, on ``model`` (the bundle's network, in memory):
+    calibrated probabilities, scope scores and the probabilities at ``T = 1``; ``render`` prepares
+    items the predictor cannot (``engine._draws``). An image that fails now was read in training."""
+    from breastvision.serving.predict import TorchPredictor, score_items
+
+    predictor = TorchPredictor(bundle, model_file, device, model=model)
+    items = [(t.path, t.view) for t in data.test_targets]
+    scored = score_items(predictor, items, tta=data.test_tta, batch_size=32, render=render)
+    if scored.failures:
+        index, reason = next(iter(sorted(scored.failures.items())))
+        raise BreastvisionError(f"test image {items[index][0]} could not be scored: {reason}")
+    return scored
+
+
+def write_outputs(run_dir: Path, config: ExperimentConfig, data: RunData, trained: Trained, device: Any,
+                  render: Callable[[Path, str | None], torch.Tensor] | None = None) -> RunRecord:
+    """Score the test part, write the run folder (module docstring); returns its record."""
+    from breastvision.evaluation.report import HEADLINE, calibration_entry, evaluate_predictions, lookup
 
     split = SplitRef.read(data.split.save(run_dir / "split.json"))
     assert split is not None
+    stage = _stage(config, data, trained, split, run_dir)
+    lineage = [*trained.inherited_lineage, stage]
+    model_file = run_dir / "model.safetensors"
+    bundle = _bundle(config, data, trained, lineage)
+    scored = score_test(bundle, trained.model, data, model_file, device, render)
     targets = data.test_targets
     y = np.array([t.label for t in targets])
     groups = [t.group for t in targets]
     operating = trained.calibrated.operating_points
-    metrics = evaluate_predictions(y, trained.probs, data.class_names, groups,
+    metrics = evaluate_predictions(y, scored.probs, data.class_names, groups,
                                    grouping=data.catalog.grouping, seed=config.train.seed,
                                    thresholds=operating["thresholds"] if operating else None)
-    metrics["calibration"] = {"temperature": trained.calibrated.temperature,
-                              "ece_uncalibrated": expected_calibration_error(y, trained.uncalibrated_probs)}
+    calibration = trained.calibrated.calibration
+    metrics["calibration"] = calibration_entry(metrics, y, scored.uncalibrated, calibration)
     if trained.segmentation is not None:
         metrics["segmentation"] = trained.segmentation
-    stage = _stage(config, data, trained, split, run_dir)
-    lineage = [*trained.inherited_lineage, stage]
-    model_file = run_dir / "model.safetensors"
-    _bundle(config, data, trained, lineage, metrics).save(model_file)
+    test = {k: lookup(metrics, k) for k in HEADLINE if lookup(metrics, k) is not None}
+    bundle.metrics["test"] = json.loads(json.dumps(test, default=float))
+    bundle.save(model_file)
     trained.facts.model_file_mb = round(model_file.stat().st_size / 2**20, 2)
+    predictions = Predictions([t.key for t in targets], groups, y, scored.probs, data.class_names, operating,
+                              scored.scores, None if trained.scope is None else trained.scope.threshold)
     record = RunRecord(
         run_dir=run_dir, config=config.to_dict(), split=split, metrics=metrics, facts=trained.facts,
-        lineage=lineage, weights_origin=trained.model.weights_origin,
-        predictions=Predictions([t.key for t in targets], groups, y, trained.probs, data.class_names),
+        lineage=lineage, weights_origin=trained.model.weights_origin, predictions=predictions,
         val_predictions=_val_predictions(data, trained),
     )
     # A chain's stage is named "<chain>/<stage>": the stage name would only repeat it.

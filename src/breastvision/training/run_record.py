@@ -102,32 +102,44 @@ class SplitRef:
 
 @dataclass(frozen=True, eq=False)
 class Predictions:
-    """Per-test-image predictions: what ``predictions.csv`` holds."""
+    """Per-test-image predictions: what ``predictions.csv`` holds. ``operating_points`` and the
+    scope (``scope_scores`` with the model file's ``scope_threshold``) add the decision and flag
+    columns when saved; reading a table back keeps what metrics need."""
 
     keys: list[str]
     groups: list[str]
     y_true: np.ndarray
     probs: np.ndarray
     class_names: list[str]
+    operating_points: dict[str, Any] | None = None
+    scope_scores: np.ndarray | None = None
+    scope_threshold: float | None = None
 
     def save(self, path: Path) -> Path:
-        from breastvision.evaluation.report import write_predictions_csv
+        from breastvision.serving.predict import Judge, write_predictions_csv
 
-        return write_predictions_csv(path, self.keys, self.y_true, self.probs, self.class_names, self.groups)
+        judge = Judge(self.class_names, self.operating_points, scope_threshold=self.scope_threshold)
+        scores = [None] * len(self.keys) if self.scope_scores is None else self.scope_scores
+        columns = zip(self.keys, self.groups, self.y_true, self.probs, scores, strict=True)
+        rows = [judge(key, Path(key), row, score, true_label=self.class_names[label], group=group)
+                for key, group, label, row, score in columns]
+        return write_predictions_csv(path, rows, self.class_names, self.operating_points)
 
     @classmethod
     def read(cls, path: Path) -> Predictions:
         if not path.is_file():
             raise BreastvisionError(f"{path.parent} has no {path.name}: not a finished run")
         with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
+            rows = [r for r in csv.DictReader(handle) if not r.get("skipped")]
         if not rows:
             raise BreastvisionError(f"{path} holds no predictions")
-        names = [k.removeprefix("prob_") for k in rows[0] if k.startswith("prob_")]
+        # ``p_<class>``; run folders of earlier releases wrote ``prob_<class>``.
+        prefix = "p_" if any(k.startswith("p_") for k in rows[0]) else "prob_"
+        names = [k.removeprefix(prefix) for k in rows[0] if k.startswith(prefix)]
         unknown = {r["true_label"] for r in rows} - set(names)
         if unknown:
             raise BreastvisionError(f"{path}: labels {sorted(unknown)} have no probability column")
-        probs = np.array([[float(r[f"prob_{c}"]) for c in names] for r in rows])
+        probs = np.array([[float(r[f"{prefix}{c}"]) for c in names] for r in rows])
         labels = np.array([names.index(r["true_label"]) for r in rows])
         return cls([r["path"] for r in rows], [r["group"] for r in rows], labels, probs, names)
 

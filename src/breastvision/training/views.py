@@ -102,12 +102,13 @@ class ViewRenderer:
         }
 
     @staticmethod
-    def _is_draw(item: Item) -> bool:
+    def is_draw(item: Item) -> bool:
+        """Whether the item is a random augmentation's draw (``aug<k>``) rather than a dihedral view."""
         return item.view.startswith(AUG_PREFIX) and item.view[len(AUG_PREFIX) :].isdigit()
 
     def _transform(self, item: Item, epoch: int) -> Callable[[Any], Any]:
         """The ``v2`` transform of the item's view, after its dihedral view (:meth:`_view`)."""
-        if not self._is_draw(item):
+        if not self.is_draw(item):
             return self.eval
         parts: tuple[object, ...] = (self.config.seed, item.relpath, item.view)
         if not self.fixed:
@@ -116,7 +117,7 @@ class ViewRenderer:
         return lambda inputs: transforms.augmented_view(self.augment, inputs, seed)
 
     def _view(self, item: Item, image: Image.Image) -> Image.Image:
-        return image if self._is_draw(item) else transforms.apply_view(image, item.view)
+        return image if self.is_draw(item) else transforms.apply_view(image, item.view)
 
     def _image(self, item: Item) -> Image.Image:
         return load_image(self.normalized_files.get(item.record.path, item.record.path))

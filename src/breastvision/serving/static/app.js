@@ -94,14 +94,18 @@ function showError(message) {
 }
 
 function renderResult(result) {
-  $("predicted-class").textContent = result.predicted_class;
-  $("timing").textContent = `(${result.elapsed_ms} ms${result.tta ? ", 8-view TTA" : ""})`;
+  // The headline is the server's decision: the most probable class, or the call at the operating
+  // point the server was started with (serve --operating-point), which is named beside it.
+  const decision = result.decision || result.predicted_class;
+  $("predicted-class").textContent = decision;
+  const rule = result.decision_rule && result.decision_rule !== "argmax" ? `at ${result.decision_rule}, ` : "";
+  $("timing").textContent = `(${rule}${result.elapsed_ms} ms${result.tta ? ", 8-view TTA" : ""})`;
   const bars = $("probabilities");
   bars.replaceChildren();
   for (const name of result.class_names) {
     const p = result.probabilities[name];
     const row = el("div", { class: "bar-row", "data-class": name, "data-probability": String(p) });
-    if (name === result.predicted_class) row.classList.add("top");
+    if (name === decision) row.classList.add("top");
     const fill = el("div", { class: "bar-fill" });
     fill.style.width = `${(100 * p).toFixed(1)}%`;
     const track = el("div", { class: "bar-track", role: "meter", "aria-valuemin": "0", "aria-valuemax": "1",
