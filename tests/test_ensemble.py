@@ -134,3 +134,52 @@ def test_predict_cli_evaluate_web_and_python_api(ensemble, image_tree, tmp_path:
                            data={"explain": "true"}).json()
     assert body["probabilities"] == pytest.approx(probs, abs=1e-6)
     assert set(body["explanation"]["layers"]) == {"member0.gradcam", "member1.gradcam", "member2.gradcam"}
+
+
+def test_an_ensemble_has_no_temperature_or_operating_points_unless_calibrated(ensemble) -> None:
+    bundle = ModelBundle.load(ensemble)
+    assert bundle.calibration is None and bundle.operating_points is None and bundle.temperature == 1.0
+
+
+def test_calibrate_on_held_out_data_fits_the_ensembles_own_calibration(members, image_tree, tmp_path: Path,
+                                                                      capsys) -> None:
+    held_out = image_tree(tuple(CLASSES), per_class=6, seed=3)
+    out = tmp_path / "calibrated.safetensors"
+    assert main(["ensemble", *map(str, members), "--calibrate-on", str(held_out), "--out", str(out)]) == 0
+    assert "calibrated on" in capsys.readouterr().out
+    bundle = ModelBundle.load(out)
+    calibration = bundle.calibration
+    assert str(held_out) in calibration["fitted_on"] and calibration["n_images"] == 12
+    assert calibration["nll_after"] < calibration["nll_before"] and bundle.temperature != 1.0
+    assert set(bundle.operating_points["thresholds"]) == {"sensitivity>=0.95", "youden"}
+    # The predictor applies the ensemble's temperature on top of the members' own, in every back-end.
+    batch = _batch(4)
+    mean = np.mean([load_predictor(m).probabilities(batch) for m in members], axis=0)
+    expected = torch.softmax(torch.from_numpy(np.log(mean)) / bundle.temperature, 1).numpy()
+    np.testing.assert_allclose(load_predictor(out).probabilities(batch), expected, atol=1e-5)
+    exported = export_onnx(out, tmp_path / "calibrated.onnx").path
+    np.testing.assert_allclose(load_predictor(exported).probabilities(batch), expected, atol=1e-4)
+    # Decisions at the fitted operating points, as for a single model file.
+    table = tmp_path / "p.csv"
+    assert main(["predict", str(out), str(held_out), "--out", str(table), "--operating-point", "youden"]) == 0
+    header = table.read_text().splitlines()[0].split(",")
+    assert {"malignant_at_sensitivity>=0.95", "malignant_at_youden", "decision"} <= set(header)
+
+
+def test_calibrating_on_a_members_training_data_is_refused(members, image_tree, tmp_path: Path,
+                                                          capsys) -> None:
+    from breastvision.data.readers import read_dataset
+    from breastvision.data.splits import make_split
+
+    images = image_tree(tuple(CLASSES), per_class=6, seed=4)
+    split = make_split(read_dataset(str(images)), "group_holdout", 0, fractions=(0.5, 0.25, 0.25))
+    split_file = split.save(tmp_path / "split.json")
+    trained = ModelBundle.load(members[0])
+    trained.lineage = [{"stage": "tiny", "split": {"file": str(split_file), "fold": None}}]
+    member = trained.save(tmp_path / "trained.safetensors")
+    out = tmp_path / "e.safetensors"
+    capsys.readouterr()
+    command = ["ensemble", str(member), str(members[1]), "--calibrate-on", str(images), "--out", str(out)]
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in member 1's training or validation data" in err[0] and not out.exists()

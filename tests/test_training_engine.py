@@ -325,6 +325,36 @@ def test_epoch_sampler_shards() -> None:
     assert set(padded[0] + padded[1]) == set(range(7))
 
 
+def test_run_predictions_are_what_predict_and_evaluate_give(image_tree, tmp_path: Path) -> None:
+    """The engine's test pass is the one predictor's: its predictions.csv (trained on cached features,
+    calibrated, with operating points and a scope) equals ``breastvision predict`` and ``evaluate`` on
+    the same files with the same model file, in one table format."""
+    from breastvision.cli import main
+
+    source = image_tree()
+    run = train(tiny_config(source, tmp_path / "run", "train.cache_dir=" + str(tmp_path / "cache"))).run_dir
+    assert json.loads((run / "provenance.json").read_text())["facts"]["feature_cache"]["used"]
+    model = run / "model.safetensors"
+    bundle = ModelBundle.load(model)
+    assert bundle.operating_points and bundle.scope is not None and bundle.temperature != 1.0
+    engine = predictions(run)
+    assert main(["predict", str(model), *(str(source / r["path"]) for r in engine), "--out",
+                 str(tmp_path / "predict.csv")]) == 0
+    assert main(["evaluate", str(model), str(source), "--split", str(run / "split.json"), "--out",
+                 str(tmp_path / "evaluate"), "--n-resamples", "0"]) == 0
+    predicted = list(csv.DictReader((tmp_path / "predict.csv").open()))
+    evaluated = list(csv.DictReader((tmp_path / "evaluate" / "predictions.csv").open()))
+    assert list(evaluated[0]) == list(engine[0])  # one format: predict's, plus the truth and group
+    assert list(predicted[0]) == [k for k in engine[0] if k not in ("true_label", "group")]
+    assert [r["path"] for r in evaluated] == [r["path"] for r in engine]
+    numbers = [k for k in engine[0] if k.startswith("p_") or k == "scope_score"]
+    for other in (predicted, evaluated):
+        np.testing.assert_allclose([[float(r[k]) for k in numbers] for r in other],
+                                   [[float(r[k]) for k in numbers] for r in engine], atol=1e-5)
+        calls = [k for k in engine[0] if k.startswith("malignant_at_") or k in ("decision", "out_of_scope")]
+        assert [[r[k] for k in calls] for r in other] == [[r[k] for k in calls] for r in engine]
+
+
 def test_two_processes_count_every_test_image_once(image_tree, tmp_path: Path) -> None:
     """2 CPU processes (gloo) through Fabric's DDP launcher, with an odd number of test images and
     8-view test-time augmentation: every image is predicted once, by the predictor's TTA."""

@@ -13,7 +13,12 @@ softmax of that is the mean itself, so code that soft-maxes a network's output (
 ensemble's own temperature of 1, the ONNX export's final softmax) gets the averaged probabilities.
 
 The members' operating points are not carried over: they were chosen on each member's validation
-probabilities, not on the mean's, so an ensemble file predicts without stored thresholds. Nor are
+probabilities, not on the mean's. An ensemble file has no temperature or operating points of its
+own unless they are fitted on labelled images none of its members trained or validated on
+(``ensemble_files(..., calibrate_on=DATA)``, ``training.calibrate.calibrate_on_data``): a
+temperature on the log of the mean (1 without one) and malignant-vs-rest thresholds on the
+resulting probabilities, applied by every predictor as for a single model. A cross-validation's
+folds cannot give them (each image is in some member's training data). Nor are
 their out-of-scope statistics (``models.scope``): each member's were fitted on its own features, and
 an ensemble's flag would need a rule for combining them, so an ensemble file has no scope flag.
 """
@@ -111,11 +116,18 @@ def _without_scope(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k != "scope"}  # module docstring: not carried over
 
 
-def ensemble_files(inputs: Sequence[str | Path], out: str | Path) -> Path:
-    """Combine model files or run folders ``inputs`` into the ensemble file ``out``."""
+def ensemble_files(inputs: Sequence[str | Path], out: str | Path, *, calibrate_on: str | None = None,
+                   data: str | None = None, device: str = "cpu") -> Path:
+    """Combine model files or run folders ``inputs`` into the ensemble file ``out``; with
+    ``calibrate_on`` (a labelled dataset name, folder or manifest; ``data``: the data root for names),
+    its temperature and operating points fitted there (module docstring)."""
     paths = [_model_file(p) for p in inputs]
     bundles = [ModelBundle.load(p) for p in paths]
     bundle = combine(bundles, [str(p) for p in paths] if not any(b.ensemble for b in bundles) else None)
     bundle.build_model()  # every member must build before the file is written
-    return bundle.save(out)
+    if calibrate_on is not None:
+        from breastvision.training.calibrate import calibrate_on_data
 
+        fitted = calibrate_on_data(bundle, calibrate_on, data=data, device=device)
+        bundle.calibration, bundle.operating_points = fitted.calibration, fitted.operating_points
+    return bundle.save(out)

@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from breastvision.devices import add_device_option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
@@ -54,7 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     crossval.add_argument(
         "--ensemble", action="store_true",
-        help="also write DIR/ensemble.safetensors: the k fold models as one ensemble model file",
+        help="also write DIR/ensemble.safetensors: the k fold models as one ensemble model file, with "
+        "no temperature or operating points of its own (every CV image is in some fold's training data); "
+        "fit them with 'breastvision ensemble DIR/ensemble.safetensors --calibrate-on DATA --out FILE'",
     )
     crossval.set_defaults(func=run_crossval)
 
@@ -62,11 +66,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ensemble",
         help="combine model files or run folders into one ensemble model file",
         description="Write one model file whose prediction is the mean of its members' calibrated "
-        "probabilities. Members may differ in architecture but must share class names and pre-processing.",
+        "probabilities. Members may differ in architecture but must share class names and pre-processing. "
+        "Each member keeps its own temperature; members' operating points and out-of-scope statistics are "
+        "not carried over. Without --calibrate-on the file has no temperature of its own (T = 1) and no "
+        "operating points (no decision columns); with it, both are fitted on that data as training fits "
+        "them on validation. Never calibrate on images a member trained or validated on (e.g. a "
+        "cross-validation's folds): the members' split files are checked where they are recorded.",
     )
     ensemble.add_argument("models", nargs="+", type=Path, metavar="RUN_OR_MODEL",
                           help="model files (.safetensors) or run folders; ensembles given are flattened")
     ensemble.add_argument("--out", type=Path, required=True, metavar="FILE", help="the ensemble model file")
+    ensemble.add_argument(
+        "--calibrate-on", metavar="DATA",
+        help="labelled dataset name, image folder or manifest, held out from every member's training and "
+        "validation: fit the ensemble's temperature and operating points there")
+    ensemble.add_argument("--data", type=Path, metavar="DIR",
+                          help="data root for a dataset name in --calibrate-on")
+    add_device_option(ensemble)
     ensemble.set_defaults(func=run_ensemble)
 
 
@@ -115,7 +131,11 @@ def run_crossval(args: argparse.Namespace) -> int:
 def run_ensemble(args: argparse.Namespace) -> int:
     from breastvision.models.ensemble import ensemble_files
 
-    print(f"ensemble of {len(args.models)} written to {ensemble_files(args.models, args.out)}")
+    written = ensemble_files(args.models, args.out, calibrate_on=args.calibrate_on,
+                             data=str(args.data) if args.data else None, device=args.device)
+    fitted = (f", calibrated on {args.calibrate_on}" if args.calibrate_on
+              else " (no temperature or operating points of its own)")
+    print(f"ensemble of {len(args.models)} written to {written}{fitted}")
     return 0
 
 
