@@ -205,6 +205,15 @@ def test_a_calibrated_model_file_serves_its_probabilities_and_decisions(model_fi
     expected = predictor.probabilities(predictor.preprocess(load_image(tmp_path / "x.png"))[None])[0]
     np.testing.assert_allclose([body["probabilities"][c] for c in body["class_names"]], expected, atol=1e-6)
     assert body["decisions"] == {"youden": True}
+    assert body["decision"] == body["predicted_class"] and body["decision_rule"] == "argmax"
+    # serve --operating-point: the answer's decision (the page's headline) is the call at that point,
+    # here threshold 0, so always the positive class, whatever the most probable one.
+    with TestClient(create_app(calibrated, operating_point="youden")) as at_youden:
+        chosen = _upload(at_youden, _png(seed=2)).json()
+    assert (chosen["decision"], chosen["decision_rule"]) == ("malignant", "youden")
+    assert chosen["predicted_class"] == body["predicted_class"]
+    with pytest.raises(BreastvisionError, match=r"'f1' is unknown; the stored ones: youden$"):
+        create_app(calibrated, operating_point="f1")
 
 
 def test_onnx_model_serves_predictions_but_not_explanations(model_file: Path, tmp_path: Path) -> None:

@@ -3,7 +3,10 @@
 Endpoints: ``GET /`` (the page), ``GET /static/*`` (its script and style, shipped in the package),
 ``GET /healthz``, ``GET /api/model`` (the model card: the model file's metadata and its SHA-256),
 ``POST /api/predict`` (multipart field ``file``; ``explain=true`` as a form field or query parameter
-adds Grad-CAM overlays as base64 PNGs).
+adds Grad-CAM overlays as base64 PNGs). An answer carries the predictor's ``Judge`` output:
+``predicted_class`` (the most probable), ``decision`` and ``decision_rule`` (the call at the operating
+point the app was created with, ``serve --operating-point``, else the most probable class: the page's
+headline), ``decisions`` at every stored operating point and the scope flag.
 
 Nothing is loaded from elsewhere: FastAPI's Swagger and ReDoc pages (which fetch their scripts from
 a CDN) are switched off, and a Content-Security-Policy of ``'self'`` makes the browser refuse any
