@@ -107,11 +107,9 @@ class Model:
 
     def predict(self, image: ImageInput, *, tta: bool = False) -> Result:
         """Class probabilities of one image; ``tta`` averages the 8 dihedral views."""
-        picture = as_image(image)
-        tensor = self._predictor.preprocess(picture).unsqueeze(0)
+        tensor = self._predictor.preprocess(as_image(image)).unsqueeze(0)
         rows, scores, _ = self._predictor.assess(tensor, tta=tta)
-        p = self._predictor.judge("image", Path(getattr(picture, "filename", "") or "image"), rows[0],
-                                  None if scores is None else scores[0])
+        p = self._predictor.judge("image", Path("image"), rows[0], None if scores is None else scores[0])
         return Result(p.predicted, p.probabilities, p.decisions, p.out_of_scope, p.scope_score, p.decision)
 
     def predict_folder(
