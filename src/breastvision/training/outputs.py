@@ -106,7 +106,8 @@ def _val_predictions(data: RunData, trained: Trained) -> Predictions | None:
                        trained.calibrated.operating_points)
 
 
-def score_test(bundle: ModelBundle, model: nn.Module, data: RunData, model_file: Path, device: Any,
+def score_test(bundle: ModelBundle, model: nn.Module, data: RunData, config: ExperimentConfig,
+               model_file: Path, device: Any,
                render: Callable[[Path, str | None], torch.Tensor] | None = None) -> Scored:
     """The test part through the one predictor, on ``model`` (the bundle's network, in memory):
     calibrated probabilities, scope scores and the probabilities at ``T = 1``; ``render`` prepares
@@ -115,7 +116,9 @@ def score_test(bundle: ModelBundle, model: nn.Module, data: RunData, model_file:
 
     predictor = TorchPredictor(bundle, model_file, device, model=model)
     items = [(t.path, t.view) for t in data.test_targets]
-    scored = score_items(predictor, items, tta=data.test_tta, batch_size=32, render=render)
+    batch = config.train.eval_batch_size or config.train.batch_size
+    scored = score_items(predictor, items, tta=data.test_tta, batch_size=batch,
+                         workers=config.data.num_workers, render=render)
     if scored.failures:
         index, reason = next(iter(sorted(scored.failures.items())))
         raise BreastvisionError(f"test image {items[index][0]} could not be scored: {reason}")
@@ -133,7 +136,7 @@ def write_outputs(run_dir: Path, config: ExperimentConfig, data: RunData, traine
     lineage = [*trained.inherited_lineage, stage]
     model_file = run_dir / "model.safetensors"
     bundle = _bundle(config, data, trained, lineage)
-    scored = score_test(bundle, trained.model, data, model_file, device, render)
+    scored = score_test(bundle, trained.model, data, config, model_file, device, render)
     targets = data.test_targets
     y = np.array([t.label for t in targets])
     groups = [t.group for t in targets]
