@@ -20,7 +20,7 @@ Plan format::
     steps:
       - {label: "frozen fusion head", config: busi_fusion_cpu_noaug.yaml}
       - {label: "+ class-balanced loss", config: busi_fusion_cpu_noaug.yaml,
-         set: [train.class_weighting=balanced]}
+         set: [train.class_weighting=balanced], name: balanced}   # folder OUT/balanced
 """
 
 from __future__ import annotations
@@ -51,6 +51,12 @@ class Step:
     label: str
     config: str
     set: list[str] = Field(default_factory=list)
+    #: The step's folder under the output folder; default: the label made a file name (:func:`slug`).
+    name: str | None = None
+
+    @property
+    def folder(self) -> str:
+        return self.name or slug(self.label)
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
@@ -92,7 +98,7 @@ def run_steps(plan: Plan, out: Path, overrides: list[str]) -> list[dict[str, Any
     for number, step in enumerate(plan.steps, 1):
         log.info(f"ablation step {number}/{len(plan.steps)}: {step.label}")
         cv = run_crossval(config_path(step.config), plan.folds, [*overrides, *step.set],
-                          out / slug(step.label), title=f"{plan.title}: {step.label}")
+                          out / step.folder, title=f"{plan.title}: {step.label}")
         summaries.append(cv.summary)
     return summaries
 
