@@ -110,13 +110,13 @@ def test_upload_a_busi_image_and_read_the_prediction(browser, make_model_file, b
 
 
 def test_an_image_outside_the_scope_gets_the_notice(browser, make_model_file, busi_dir, tmp_path) -> None:
-    from breastvision.models.scope import Scope
+    from breastvision.models.scope import PRE_LOGITS, Layer, Scope
 
     image_path = next(p for p in sorted((busi_dir / "benign").glob("*.png")) if not is_mask(p))
     bundle = ModelBundle.load(make_model_file("resnet18", input_size=64, resize=72))
     seen = {}
     for threshold in (0.0, 1e9):  # every image outside, then every image inside
-        bundle.scope = Scope(torch.zeros(3, 512), torch.eye(512), threshold)
+        bundle.scope = Scope([Layer(PRE_LOGITS, torch.zeros(3, 512), torch.eye(512))], threshold)
         model_file = bundle.save(tmp_path / f"scope_{threshold:g}.safetensors")
         with background_server(create_app(model_file)) as url:
             page = browser.new_page()

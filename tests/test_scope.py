@@ -16,7 +16,16 @@ from sklearn.metrics import roc_auc_score
 from breastvision.cli import main
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import ModelBundle
-from breastvision.models.scope import MEANS_KEY, QUANTILE, Scope
+from breastvision.models.scope import (
+    MEANS_KEY,
+    PRE_LOGITS,
+    PRECISION_KEY,
+    QUANTILE,
+    Layer,
+    Scope,
+    default_layers,
+    tapped,
+)
 from breastvision.training.scope import image_features
 
 
@@ -25,32 +34,93 @@ def _gaussian_classes(rng: np.random.Generator, n: int, centres: np.ndarray) -> 
     return centres[labels] + rng.normal(size=(n, centres.shape[1])), labels
 
 
+def _auroc(inside: np.ndarray, outside: np.ndarray) -> float:
+    return float(roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(outside))], np.r_[inside, outside]))
+
+
 def test_scope_flags_far_features_and_lets_in_domain_ones_through() -> None:
     rng = np.random.default_rng(0)
     centres = rng.normal(scale=3, size=(3, 64))
     # Fewer images in a class than dimensions: the shrunk covariance must still be invertible.
     train, labels = _gaussian_classes(rng, 120, centres)
     val, _ = _gaussian_classes(rng, 400, centres)
-    test, _ = _gaussian_classes(rng, 1000, centres)
+    test, _ = _gaussian_classes(rng, 4000, centres)
     far = rng.normal(size=(1000, 64)) * 2.5 + rng.normal(scale=3, size=64)  # another domain
-    scope = Scope.fit(train, labels, val)
-    assert np.quantile(scope.score(val), QUANTILE) == pytest.approx(scope.threshold)
-    in_scores, far_scores = scope.score(test), scope.score(far)
-    auroc = roc_auc_score(np.r_[np.zeros(len(test)), np.ones(len(far))], np.r_[in_scores, far_scores])
-    assert auroc > 0.99
-    assert np.mean([scope.outside(s) for s in in_scores]) < 0.1  # about 5% by construction
+    scope = Scope.fit({PRE_LOGITS: train}, labels, {PRE_LOGITS: val})
+    in_scores, far_scores = scope.score({PRE_LOGITS: test}), scope.score({PRE_LOGITS: far})
+    assert _auroc(in_scores, far_scores) > 0.99
+    # The threshold targets 2.5% false flags; new in-domain images stay well under the 5% target.
+    assert np.mean([scope.outside(s) for s in in_scores]) < 0.05
     assert np.mean([scope.outside(s) for s in far_scores]) > 0.9
+
+
+def test_threshold_is_the_validation_quantile_not_the_training_one() -> None:
+    rng = np.random.default_rng(1)
+    centres = rng.normal(scale=3, size=(2, 48))
+    train, labels = _gaussian_classes(rng, 100, centres)  # D/N large: training distances are optimistic
+    val, _ = _gaussian_classes(rng, 300, centres)
+    scope = Scope.fit({PRE_LOGITS: train}, labels, {PRE_LOGITS: val})
+    assert QUANTILE == 0.975
+    assert scope.threshold == pytest.approx(np.quantile(scope.score({PRE_LOGITS: val}), QUANTILE))
+    assert np.quantile(scope.score({PRE_LOGITS: train}), QUANTILE) < scope.threshold
+    assert scope.n_validation == 300 and scope.threshold_from == "validation 97.5% quantile"
+    # Standardised on validation: the validation distances have mean 0 and standard deviation 1.
+    distances = scope.layers[0].standardised(val)
+    assert abs(distances.mean()) < 1e-9 and distances.std() == pytest.approx(1.0)
+
+
+def test_a_lower_layer_catches_a_near_domain_the_penultimate_layer_misses() -> None:
+    """Near off-domain inputs look in-domain to the classifier's features and differ in the
+    lower-level statistics: only the multi-layer score separates them."""
+    rng = np.random.default_rng(2)
+    centres = rng.normal(scale=3, size=(2, 32))
+    texture = rng.normal(size=16)
+
+    def sample(n: int, shift: float) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        head, labels = _gaussian_classes(rng, n, centres)
+        return {"block1": texture + shift + rng.normal(size=(n, 16)), PRE_LOGITS: head}, labels
+
+    (train, labels), (val, _), (test, _), (near, _) = (sample(200, 0), sample(200, 0), sample(500, 0),
+                                                      sample(500, 1.5))
+    both = Scope.fit(train, labels, val)
+    head_only = Scope.fit({PRE_LOGITS: train[PRE_LOGITS]}, labels, {PRE_LOGITS: val[PRE_LOGITS]})
+    assert both.layer_names == ["block1", PRE_LOGITS]
+    assert _auroc(both.score(test), both.score(near)) > 0.95
+    assert _auroc(head_only.score(test), head_only.score(near)) < 0.6
 
 
 def test_scope_score_is_the_nearest_class_distance() -> None:
     means = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
-    scope = Scope(means, torch.diag(torch.tensor([1.0, 0.25])), threshold=3.0)
-    np.testing.assert_allclose(scope.score(np.array([[0.0, 4.0], [9.0, 0.0]])), [2.0, 1.0], atol=1e-6)
+    layer = Layer(PRE_LOGITS, means, torch.diag(torch.tensor([1.0, 0.25])))
+    np.testing.assert_allclose(layer.distance(np.array([[0.0, 4.0], [9.0, 0.0]])), [2.0, 1.0], atol=1e-6)
+    standardised = Layer("b", means, torch.eye(2), centre=1.0, spread=2.0)
+    scope = Scope([layer, standardised], threshold=3.0)
+    # [2, 1] + ([4, 1] - 1) / 2
+    points = [[0.0, 4.0], [9.0, 0.0]]
+    np.testing.assert_allclose(scope.score({PRE_LOGITS: points, "b": points}), [3.5, 1.0], atol=1e-6)
 
 
 def test_scope_refuses_features_without_labels() -> None:
     with pytest.raises(BreastvisionError, match="a label each"):
-        Scope.fit(np.zeros((5, 3)), [0, 1], np.zeros((2, 3)))
+        Scope.fit({PRE_LOGITS: np.zeros((5, 3))}, [0, 1], {PRE_LOGITS: np.zeros((2, 3))})
+
+
+def test_default_layers_and_the_tap(make_model_file) -> None:
+    bundle = ModelBundle.load(make_model_file("resnet18"))
+    model = bundle.build_model().eval()
+    layers = default_layers(model)
+    assert layers == ["layer1", "layer2", "layer3", PRE_LOGITS]
+    batch = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with tapped(model, layers) as tap:
+        logits, features = tap.features(batch)
+        model(batch)  # a plain forward pass keeps nothing and changes nothing
+    with torch.inference_mode():
+        expected = model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(batch))))))
+    np.testing.assert_allclose(features["layer2"], expected.mean((2, 3)).numpy(), atol=1e-5)
+    assert features[PRE_LOGITS].shape == (2, 512) and logits.shape == (2, 3)
+    assert not model._forward_hooks and not model.layer1._forward_hooks  # hooks gone after the block
+    with pytest.raises(BreastvisionError, match="no layer cnn.nowhere"):
+        tapped(model, ["cnn.nowhere"]).__enter__()
 
 
 def _image(path: Path, seed: int, far: bool) -> Path:
@@ -73,8 +143,9 @@ def scoped(make_model_file, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     bundle = ModelBundle.load(make_model_file("resnet18"))
     model = bundle.build_model()
     records = [(str(_image(fit_dir / f"{i}.png", i, far=False)), i % 3) for i in range(30)]
-    x, y = image_features(model, records[:20], bundle.preprocessing)
-    val_x, _ = image_features(model, records[20:], bundle.preprocessing)
+    with tapped(model, default_layers(model)) as tap:
+        x, y = image_features(tap, records[:20], bundle.preprocessing)
+        val_x, _ = image_features(tap, records[20:], bundle.preprocessing)
     bundle.scope = Scope.fit(x, y, val_x)
     for i in range(3):
         _image(inputs / f"grey{i}.png", 100 + i, far=False)
@@ -101,7 +172,9 @@ def test_predict_flags_off_domain_images_in_csv_and_json(scoped: tuple[Path, Pat
     assert [(r["out_of_scope"], r["scope_score"]) for r in rows if r["skipped"]] == [("", "")]
     # The score is the stored scope's, of the features computed by hand.
     bundle = ModelBundle.load(model_file)
-    x, _ = image_features(bundle.build_model(), [(str(inputs / "noise0.png"), 0)], bundle.preprocessing)
+    model = bundle.build_model()
+    with tapped(model, bundle.scope.layer_names) as tap:
+        x, _ = image_features(tap, [(str(inputs / "noise0.png"), 0)], bundle.preprocessing)
     score = next(float(r["scope_score"]) for r in rows if r["path"].endswith("noise0.png"))
     assert score == pytest.approx(float(bundle.scope.score(x)[0]), rel=1e-3)
     document_file = tmp_path / "p.json"
@@ -128,26 +201,75 @@ def test_a_file_without_scope_leaves_the_columns_blank(make_model_file, scoped, 
     assert len(rows) == 6 and all(r["out_of_scope"] == "" and r["scope_score"] == "" for r in rows)
 
 
-def test_bad_scope_in_a_model_file_is_a_one_line_error(scoped: tuple[Path, Path], tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def _file_parts(model_file: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    model_file, inputs = scoped
     with safe_open(str(model_file), framework="pt") as handle:
         meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    wrong = tmp_path / "wrong.safetensors"
-    save_file({**tensors, MEANS_KEY: torch.zeros(2, 7)}, str(wrong), metadata=meta)
+    return json.loads(meta["breastvision"]), tensors
+
+
+def _write(path: Path, document: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"breastvision": json.dumps(document)})
+    return path
+
+
+def test_bad_scope_in_a_model_file_is_a_one_line_error(scoped: tuple[Path, Path], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    model_file, inputs = scoped
+    document, tensors = _file_parts(model_file)
+    means_key = ModelBundle.load(model_file).scope.layers[1].keys()[0]
+    wrong = _write(tmp_path / "wrong.safetensors", document, {**tensors, means_key: torch.zeros(2, 7)})
     with pytest.raises(BreastvisionError, match=r"scope tensors have shapes \[2, 7\]"):
         ModelBundle.load(wrong)
-    missing = tmp_path / "missing.safetensors"
-    save_file({k: v for k, v in tensors.items() if k != MEANS_KEY}, str(missing), metadata=meta)
+    missing = _write(tmp_path / "missing.safetensors", document,
+                     {k: v for k, v in tensors.items() if k != means_key})
     assert main(["predict", str(missing), str(inputs), "--out", str(tmp_path / "p.csv")]) == 2
     error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and "lacks the scope.means" in error
-    document = json.loads(meta["breastvision"])
-    document["scope"]["threshold"] = -1
-    negative = tmp_path / "negative.safetensors"
-    save_file(tensors, str(negative), metadata={"breastvision": json.dumps(document)})
+    assert len(error.splitlines()) == 1 and f"lacks the {means_key}" in error
+    for key, value, message in (("spread", 0.0, "spread"), ("name", "", "name")):
+        bad = json.loads(json.dumps(document))
+        bad["scope"]["layers"][0][key] = value
+        with pytest.raises(BreastvisionError, match=message):
+            ModelBundle.load(_write(tmp_path / f"bad_{key}.safetensors", bad, tensors))
+
+
+def _as_older_file(model_file: Path, out: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:
+    """The file as the release before per-layer statistics wrote it: the penultimate layer alone, as
+    ``scope.means`` / ``scope.precision``, with plain distances and no ``layers`` entry."""
+    document, tensors = _file_parts(model_file)
+    head = ModelBundle.load(model_file).scope.layers[-1]
+    weights = {k: v for k, v in tensors.items() if not k.startswith("scope.")}
+    document["scope"] = {"method": "mahalanobis", "threshold": 5.0, "fitted_on": "train",
+                         "threshold_from": "validation 95% quantile", "n_images": 20,
+                         "feature_dim": int(head.means.shape[1]), "n_classes": int(head.means.shape[0])}
+    return _write(out, document, {**weights, MEANS_KEY: head.means, PRECISION_KEY: head.precision}), \
+        head.means, head.precision
+
+
+def test_older_files_load_and_score_as_before(scoped: tuple[Path, Path], tmp_path: Path) -> None:
+    model_file, inputs = scoped
+    older, means, precision = _as_older_file(model_file, tmp_path / "older.safetensors")
+    bundle = ModelBundle.load(older)
+    assert bundle.scope.layer_names == [PRE_LOGITS] and bundle.scope.threshold == 5.0
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(older), str(inputs), "--out", str(out)]) == 0
+    model = bundle.build_model()
+    with tapped(model, [PRE_LOGITS]) as tap:
+        x, _ = image_features(tap, [(str(inputs / "noise0.png"), 0)], bundle.preprocessing)
+    diff = torch.as_tensor(x[PRE_LOGITS], dtype=torch.float64) - means.double()  # the older formula
+    expected = torch.einsum("kd,de,ke->k", diff, precision.double(), diff).sqrt().min()
+    row = next(r for r in _rows(out) if r["path"].endswith("noise0.png"))
+    assert float(row["scope_score"]) == pytest.approx(float(expected), rel=1e-3)
+    assert row["out_of_scope"] == str(float(expected) > 5.0)
+    # Saved again by this release, it keeps its one layer and its scores.
+    again = ModelBundle.load(bundle.save(tmp_path / "again.safetensors"))
+    assert again.scope.layer_names == [PRE_LOGITS]
+    assert again.scope.score(x) == pytest.approx(bundle.scope.score(x))
+    document, _ = _file_parts(older)
+    document["scope"]["threshold"] = -1  # a plain distance is never negative
+    _, tensors = _file_parts(older)
     with pytest.raises(BreastvisionError, match="scope.threshold"):
-        ModelBundle.load(negative)
+        ModelBundle.load(_write(tmp_path / "negative.safetensors", document, tensors))

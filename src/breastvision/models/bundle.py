@@ -155,19 +155,48 @@ class OperatingPoints(BaseModel):
     n_validation: StrictInt | None = None
 
 
+class ScopeLayer(BaseModel):
+    """One layer of a scope: its name, sizes and the standardisation of its distances."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Field(min_length=1)
+    feature_dim: Annotated[StrictInt, Field(ge=1)]
+    n_classes: Annotated[StrictInt, Field(ge=1)]
+    centre: Annotated[float, Field(allow_inf_nan=False)]
+    spread: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
 class ScopeMetadata(BaseModel):
     """How far from the training images an input may be before it is flagged (``models.scope``);
-    the class means and the precision matrix are the file's ``scope.*`` tensors."""
+    the class means and the precision matrices are the file's ``scope.*`` tensors. ``layers`` is
+    absent in files from before per-layer statistics, which give ``feature_dim`` and ``n_classes``
+    of their one penultimate layer instead."""
 
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["mahalanobis"] = "mahalanobis"
-    threshold: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    #: A standardised sum can be negative; older files' plain distances never are.
+    threshold: Annotated[float, Field(allow_inf_nan=False)]
     fitted_on: StrictStr = "train"
     threshold_from: StrictStr = ""
     n_images: StrictInt = 0
-    feature_dim: Annotated[StrictInt, Field(ge=1)]
-    n_classes: Annotated[StrictInt, Field(ge=1)]
+    n_validation: StrictInt | None = None
+    layers: list[ScopeLayer] | None = Field(default=None, min_length=1)
+    feature_dim: Annotated[StrictInt, Field(ge=1)] | None = None
+    n_classes: Annotated[StrictInt, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> ScopeMetadata:
+        single = self.feature_dim is not None and self.n_classes is not None
+        if (self.layers is None) == (not single):
+            raise ValueError("scope gives either layers or feature_dim and n_classes (older files)")
+        if self.layers is None and self.threshold < 0:
+            raise ValueError("scope.threshold of a one-layer distance must be >= 0")
+        names = [layer.name for layer in self.layers or []]
+        if len(set(names)) != len(names):
+            raise ValueError("scope layers repeat")
+        return self
 
 
 def _unique(names: list[str]) -> list[str]:

@@ -44,7 +44,8 @@ Choices recorded here:
   ``group`` where labels are known, ``predicted``, ``decision``, ``p_<class>``, one column per
   operating point, ``out_of_scope``, ``scope_score``, ``skipped``.
 - **Scope.** A model file with a fitted scope (``models.scope``) adds, per image, ``scope_score``
-  (the smallest Mahalanobis distance of its pooled features to a training class mean) and
+  (the sum over the scope's layers of its standardised Mahalanobis distances to the training
+  images' statistics; older files: the distance of the penultimate features alone) and
   ``out_of_scope`` (score above the stored threshold): an image so flagged is "outside this model's
   scope" and its label should not be trusted. The score is of the image as given (identity view),
   also under TTA. A file without a scope, and an ONNX export (which carries no features: the flag
@@ -307,6 +308,11 @@ class TorchPredictor(Predictor):
         self.source = source
         self.device = torch.device(device)
         self.model = (bundle.build_model() if model is None else model.eval()).to(self.device)
+        self._tap = None
+        if bundle.scope is not None:
+            from breastvision.models.scope import FeatureTap
+
+            self._tap = FeatureTap(self.model, bundle.scope.layer_names)
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         # inference_mode, not a flag on the model: the model stays shareable between threads.
@@ -315,15 +321,12 @@ class TorchPredictor(Predictor):
 
     def _view_logits(self, batch: torch.Tensor,
                      views: Sequence[str]) -> tuple[torch.Tensor, np.ndarray | None]:
-        scope = self.info.scope
-        if scope is None:
+        if self._tap is None:
             return super()._view_logits(batch, views)
-        from breastvision.models.scope import pooled_features
-
         # One pass gives the image's logits and its features; the other views need only logits.
-        logits, features = pooled_features(self.model, batch.to(self.device))
+        logits, features = self._tap.features(batch.to(self.device))
         rest = [self.logits(apply_view(batch, v)) for v in views if v != "identity"]
-        return torch.stack([logits.cpu(), *rest]), scope.score(features.cpu())
+        return torch.stack([logits.cpu(), *rest]), self.info.scope.score(features)
 
 
 class OnnxPredictor(Predictor):

@@ -1,5 +1,5 @@
 """After training: the model's scope (``models.scope``) fitted on the pooled features of the training
-images and thresholded on the validation images, stored in the model file.
+images, standardised and thresholded on the validation images, stored in the model file.
 
 Images go through the prediction path (``data.io.load_image`` then ``data.transforms.preprocess_image``,
 identity view, with the fitted stain normaliser), not the training views, so the features fitted on
@@ -21,7 +21,7 @@ from breastvision.data.io import load_image
 from breastvision.data.transforms import preprocess_image
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import Preprocessing
-from breastvision.models.scope import Scope, pooled_features
+from breastvision.models.scope import FeatureTap, Scope, default_layers, tapped
 from breastvision.serving.predict import batched
 from breastvision.training.views import Item
 
@@ -31,10 +31,12 @@ MAX_FIT_IMAGES = 1000
 _BATCH = 32
 
 
-def image_features(model: torch.nn.Module, records: Sequence[tuple[str, int]], preprocessing: Preprocessing,
-                   device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Pooled features (N×D) and labels of ``(path, label)`` records; unreadable files are left out."""
-    features, labels = [], []
+def image_features(tap: FeatureTap, records: Sequence[tuple[str, int]], preprocessing: Preprocessing,
+                   device: torch.device | str = "cpu") -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per layer of ``tap``, the pooled features (N×D) of ``(path, label)`` records, and their labels;
+    unreadable files are left out."""
+    features: dict[str, list[np.ndarray]] = {name: [] for name in tap.layers}
+    labels = []
     for batch in batched(records, _BATCH):
         tensors, kept = [], []
         for path, label in batch:
@@ -44,11 +46,12 @@ def image_features(model: torch.nn.Module, records: Sequence[tuple[str, int]], p
             except BreastvisionError as err:
                 log.warning(f"scope: leaving out {path}: {err}")
         if tensors:
-            features.append(pooled_features(model, torch.stack(tensors).to(device))[1].cpu().numpy())
+            for name, rows in tap.features(torch.stack(tensors).to(device))[1].items():
+                features[name].append(rows)
             labels.extend(kept)
-    if not features:
+    if not labels:
         raise BreastvisionError("scope: no readable images")
-    return np.concatenate(features), np.asarray(labels)
+    return {name: np.concatenate(rows) for name, rows in features.items()}, np.asarray(labels)
 
 
 def _identity(items: Sequence[Item]) -> list[tuple[str, int]]:
@@ -66,14 +69,16 @@ def fit_scope(model: torch.nn.Module, train: Sequence[Item], val: Sequence[Item]
     was_training = model.training
     model.eval()
     try:
-        x, y = image_features(model, records, preprocessing, device)
-        val_x, _ = image_features(model, _identity(val), preprocessing, device)
+        with tapped(model, default_layers(model)) as tap:
+            x, y = image_features(tap, records, preprocessing, device)
+            val_x, _ = image_features(tap, _identity(val), preprocessing, device)
         scope = Scope.fit(x, y, val_x)
     except BreastvisionError as err:
         log.warning(f"no scope in the model file: {err}")
         return None
     finally:
         model.train(was_training)
-    say(f"scope: Mahalanobis on {len(x)} training images' {x.shape[1]}-d features, "
-        f"threshold {scope.threshold:.4g} ({scope.threshold_from} of {len(val_x)})")
+    dims = "+".join(str(rows.shape[1]) for rows in x.values())
+    say(f"scope: Mahalanobis on {len(y)} training images' features at {len(x)} layers ({dims}-d), "
+        f"threshold {scope.threshold:.4g} ({scope.threshold_from} of {scope.n_validation})")
     return scope
