@@ -273,3 +273,29 @@ def test_older_files_load_and_score_as_before(scoped: tuple[Path, Path], tmp_pat
     _, tensors = _file_parts(older)
     with pytest.raises(BreastvisionError, match="scope.threshold"):
         ModelBundle.load(_write(tmp_path / "negative.safetensors", document, tensors))
+
+
+def test_training_fits_a_multi_layer_scope_thresholded_on_validation(image_tree, tmp_path: Path) -> None:
+    """A trained run's scope: fitted at every default layer, its threshold the 97.5% quantile of the
+    validation images' scores as ``predict`` computes them; ``refit_scope`` on the same run (the bench's
+    ``--refit``) fits the same scope again on the same weights."""
+    from breastvision.data.splits import Split
+    from breastvision.serving.predict import load_predictor
+    from breastvision.training.engine import train
+    from breastvision.training.scope import refit_scope
+    from test_training_engine import tiny_config
+
+    source = image_tree(per_class=12)
+    run = train(tiny_config(source, tmp_path / "run")).run_dir
+    bundle = ModelBundle.load(run / "model.safetensors")
+    assert bundle.scope.layer_names == ["layer1", "layer2", "layer3", PRE_LOGITS]
+    split = Split.load(run / "split.json")
+    val = sorted(k for k, part in split.assignment.items() if part == "val")
+    predictor = load_predictor(run / "model.safetensors")
+    _, scores = predictor.assess(torch.stack([predictor.preprocess(Image.open(source / k)) for k in val]))
+    assert bundle.scope.n_validation == len(val)
+    assert bundle.scope.threshold == pytest.approx(np.quantile(scores, QUANTILE), rel=1e-4)
+    again = ModelBundle.load(refit_scope(run, tmp_path / "refit.safetensors"))
+    assert again.scope.threshold == pytest.approx(bundle.scope.threshold, rel=1e-5)
+    assert again.state_dict.keys() == bundle.state_dict.keys()
+    assert all(torch.equal(again.state_dict[k], v) for k, v in bundle.state_dict.items())

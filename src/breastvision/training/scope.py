@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -82,3 +83,22 @@ def fit_scope(model: torch.nn.Module, train: Sequence[Item], val: Sequence[Item]
     say(f"scope: Mahalanobis on {len(y)} training images' features at {len(x)} layers ({dims}-d), "
         f"threshold {scope.threshold:.4g} ({scope.threshold_from} of {scope.n_validation})")
     return scope
+
+
+def refit_scope(run_dir: str | Path, out: str | Path, device: torch.device | str = "cpu") -> Path:
+    """A copy of a run folder's model file at ``out`` with its scope fitted afresh by this release on
+    the run's own training and validation images (its ``config.yaml`` and ``split.json``), the weights
+    unchanged: to compare scope methods on one model, or to give an older file this release's scope."""
+    from breastvision.models.bundle import ModelBundle
+    from breastvision.training.config import load_config
+    from breastvision.training.data_setup import prepare_data
+
+    run_dir = Path(run_dir)
+    bundle = ModelBundle.load(run_dir / "model.safetensors")
+    config = load_config(run_dir / "config.yaml", [f"data.split.file={run_dir / 'split.json'}"])
+    data = prepare_data(config)
+    model = bundle.build_model().to(device)
+    bundle.scope = fit_scope(model, data.train, data.val, bundle.preprocessing, device, config.train.seed)
+    if bundle.scope is None:
+        raise BreastvisionError(f"{run_dir}: no scope could be fitted (see the warning above)")
+    return bundle.save(out)
