@@ -299,3 +299,22 @@ def test_training_fits_a_multi_layer_scope_thresholded_on_validation(image_tree,
     assert again.scope.threshold == pytest.approx(bundle.scope.threshold, rel=1e-5)
     assert again.state_dict.keys() == bundle.state_dict.keys()
     assert all(torch.equal(again.state_dict[k], v) for k, v in bundle.state_dict.items())
+
+
+def test_concurrent_workers_sharing_one_model_get_their_own_scope_scores(scoped: tuple[Path, Path]) -> None:
+    """The web server's inference workers are threads sharing one model: each batch's scores are its
+    own (the tap keeps features per thread), equal to scoring the images one at a time."""
+    from breastvision.serving.predict import load_predictor
+    from breastvision.serving.web import InferenceService
+
+    model_file, inputs = scoped
+    predictor = load_predictor(model_file)
+    tensors = [predictor.preprocess(Image.open(p)) for p in sorted(inputs.glob("*.png"))] * 4
+    alone = [predictor.assess(t[None])[1][0] for t in tensors]
+    service = InferenceService(predictor, max_batch=2, batch_wait_s=0.001, inference_workers=3)
+    try:
+        together = [f.result(timeout=60)[1] for f in [service.batcher.submit(t) for t in tensors]]
+    finally:
+        service.close()
+    np.testing.assert_allclose(together, alone, rtol=1e-4)
+    assert len(set(np.round(alone, 3))) == 6  # six different images: a mix-up would show
