@@ -14,6 +14,8 @@ that copy: the same weights, so a scope method is compared with another on one m
 
     .venv/bin/python bench/bench_ood.py runs/ood_busi --root ../shared/data/busi/Dataset_BUSI_with_GT \\
         --ood lc25000=../shared/data/lc25000 breakhis=../shared/data/breakhis_200x_224
+    .venv/bin/python bench/bench_ood.py runs/ood_breakhis --root ../shared/data/breakhis_200x_224 \\
+        --ood lc25000=../shared/data/lc25000 busi=../shared/data/busi/Dataset_BUSI_with_GT
 """
 
 from __future__ import annotations
