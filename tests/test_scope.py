@@ -292,7 +292,7 @@ def test_training_fits_a_multi_layer_scope_thresholded_on_validation(image_tree,
     split = Split.load(run / "split.json")
     val = sorted(k for k, part in split.assignment.items() if part == "val")
     predictor = load_predictor(run / "model.safetensors")
-    _, scores = predictor.assess(torch.stack([predictor.preprocess(Image.open(source / k)) for k in val]))
+    scores = predictor.assess(torch.stack([predictor.preprocess(Image.open(source / k)) for k in val])).scores
     assert bundle.scope.n_validation == len(val)
     assert bundle.scope.threshold == pytest.approx(np.quantile(scores, QUANTILE), rel=1e-4)
     again = ModelBundle.load(refit_scope(run, tmp_path / "refit.safetensors"))
@@ -310,7 +310,7 @@ def test_concurrent_workers_sharing_one_model_get_their_own_scope_scores(scoped:
     model_file, inputs = scoped
     predictor = load_predictor(model_file)
     tensors = [predictor.preprocess(Image.open(p)) for p in sorted(inputs.glob("*.png"))] * 4
-    alone = [predictor.assess(t[None])[1][0] for t in tensors]
+    alone = [predictor.assess(t[None]).scores[0] for t in tensors]
     service = InferenceService(predictor, max_batch=2, batch_wait_s=0.001, inference_workers=3)
     try:
         together = [f.result(timeout=60)[1] for f in [service.batcher.submit(t) for t in tensors]]
