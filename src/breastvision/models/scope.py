@@ -30,8 +30,7 @@ standardised by the mean and standard deviation of the validation images' distan
   which the statistics never saw and which, like test images, come from other patients. The
   threshold is the ``QUANTILE`` (97.5%) quantile of the validation scores: its expected false-flag
   rate on new in-distribution images is 2.5%, leaving room below the 5% target for the sampling
-  error of a quantile taken from about a hundred validation images and for the test images'
-  spread.
+  error of a quantile taken from a small validation set and for the spread of the test images.
 
 Files store, per layer, the means and the precision matrix as tensors ``scope.<layer>.means`` and
 ``scope.<layer>.precision`` and its name, sizes and standardisation in the JSON metadata
