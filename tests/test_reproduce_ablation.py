@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from breastvision.cli import main
 from breastvision.errors import BreastvisionError
-from breastvision.reproduce.ablation import PLANS_DIR, Plan, slug
+from breastvision.evaluation.report import evaluate_predictions
+from breastvision.reproduce.ablation import PLANS_DIR, Plan
+from breastvision.training.run_record import RunRecord
 from test_crossval import write_config
 
 
@@ -21,28 +24,45 @@ def test_each_step_is_a_cross_validation_and_one_row(image_tree, tmp_path: Path)
         "title": "tiny", "folds": 3, "metrics": ["accuracy", "per_class.malignant.recall"],
         "steps": [{"label": "head only", "config": str(config)},
                   {"label": "+ label smoothing", "config": str(config),
-                   "set": ["train.label_smoothing=0.1"]}],
+                   "set": ["train.label_smoothing=0.1"], "name": "smooth"},
+                  {"label": "both", "ensemble": ["head_only", "smooth"]}],
     }))
     assert main(["reproduce", "ablation", str(plan), "--out", str(tmp_path / "abl")]) == 0
     rows = json.loads((tmp_path / "abl" / "ablation.json").read_text())["rows"]
-    assert [r["label"] for r in rows] == ["head only", "+ label smoothing"]
-    for row in rows:
-        summary = json.loads((tmp_path / "abl" / slug(row["label"]) / "crossval.json").read_text())
+    assert [r["label"] for r in rows] == ["head only", "+ label smoothing", "both"]
+    for row, folder in zip(rows, ["head_only", "smooth", "both"], strict=True):
+        summary = json.loads((tmp_path / "abl" / folder / "crossval.json").read_text())
         assert row["test"]["accuracy"] == pytest.approx(summary["pooled"]["intervals"]["accuracy"])
         assert row["validation"] == summary["validation"]
-        assert all((tmp_path / "abl" / slug(row["label"]) / f"fold{k}" / "model.safetensors").is_file()
-                   for k in range(3))
-    fold0 = tmp_path / "abl" / slug("+ label smoothing") / "fold0"
+    for folder in ("head_only", "smooth"):
+        assert all((tmp_path / "abl" / folder / f"fold{k}" / "model.safetensors").is_file() for k in range(3))
+    # The ensemble row: per image, the mean of the two steps' out-of-fold probabilities.
+    y, mean = [], []
+    for k in range(3):
+        a, b = (RunRecord.load(tmp_path / "abl" / f / f"fold{k}").predictions
+                for f in ("head_only", "smooth"))
+        other = dict(zip(b.keys, b.probs, strict=True))
+        y.extend(a.y_true)
+        mean.extend((p + other[key]) / 2 for key, p in zip(a.keys, a.probs, strict=True))
+    y, mean = np.array(y), np.array(mean)
+    class_names = a.class_names
+    expected = evaluate_predictions(y, mean, class_names, n_resamples=0)
+    assert rows[2]["test"]["accuracy"]["value"] == pytest.approx(expected["accuracy"])
+    assert rows[2]["validation"]["n_images"] == rows[0]["validation"]["n_images"]
+    fold0 = tmp_path / "abl" / "smooth" / "fold0"
     smoothing = yaml.safe_load((fold0 / "config.yaml").read_text())
     assert smoothing["train"]["label_smoothing"] == 0.1
     table = (tmp_path / "abl" / "ablation.md").read_text()
-    assert table.count("\n| ") == 3 and "val accuracy" in table and "test per_class.malignant.recall" in table
+    assert table.count("\n| ") == 4 and "val accuracy" in table and "test per_class.malignant.recall" in table
 
 
 def test_plans_are_validated_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"title": "x", "steps": [{"label": "a", "config": "c.yaml", "epochs": 3}]}))
     with pytest.raises(BreastvisionError, match="epochs"):
+        Plan.read(bad)
+    bad.write_text(yaml.safe_dump({"title": "x", "steps": [{"label": "a", "ensemble": ["b"]}]}))
+    with pytest.raises(BreastvisionError, match="earlier steps"):
         Plan.read(bad)
     with pytest.raises(BreastvisionError, match="not found"):
         Plan.read(tmp_path / "missing.yaml")

@@ -21,6 +21,7 @@ Plan format::
       - {label: "frozen fusion head", config: busi_fusion_cpu_noaug.yaml}
       - {label: "+ class-balanced loss", config: busi_fusion_cpu_noaug.yaml,
          set: [train.class_weighting=balanced], name: balanced}   # folder OUT/balanced
+      - {label: "ensemble of both", ensemble: [frozen_fusion_head, balanced]}
 """
 
 from __future__ import annotations
@@ -48,9 +49,14 @@ VALIDATION_COLUMNS = ("accuracy", "recall_macro")
 
 @dataclass(config=ConfigDict(extra="forbid"))
 class Step:
+    """One row: a config cross-validated with ``set`` overrides, or with ``ensemble`` the mean of
+    earlier steps' calibrated probabilities, fold by fold (each fold's members never saw its test
+    images, so the pooled result is still out of fold)."""
+
     label: str
-    config: str
+    config: str | None = None
     set: list[str] = Field(default_factory=list)
+    ensemble: list[str] = Field(default_factory=list)
     #: The step's folder under the output folder; default: the label made a file name (:func:`slug`).
     name: str | None = None
 
@@ -65,6 +71,15 @@ class Plan:
     steps: list[Step]
     folds: int = Field(default=5, ge=2)
     metrics: list[str] = Field(default_factory=lambda: ["accuracy", "recall_macro", "auc"])
+
+    def __post_init__(self) -> None:
+        seen: list[str] = []
+        for step in self.steps:
+            if (step.config is None) == (not step.ensemble):
+                raise ValueError(f"step '{step.label}' needs either a config or an ensemble of earlier steps")
+            if any(name not in seen for name in step.ensemble):
+                raise ValueError(f"step '{step.label}': ensemble members must be earlier steps' names {seen}")
+            seen.append(step.folder)
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> Plan:
@@ -97,10 +112,51 @@ def run_steps(plan: Plan, out: Path, overrides: list[str]) -> list[dict[str, Any
     summaries = []
     for number, step in enumerate(plan.steps, 1):
         log.info(f"ablation step {number}/{len(plan.steps)}: {step.label}")
+        title = f"{plan.title}: {step.label}"
+        if step.ensemble:
+            summaries.append(ensemble_folds(out, step.ensemble, plan.folds, out / step.folder, title))
+            continue
         cv = run_crossval(config_path(step.config), plan.folds, [*overrides, *step.set],
-                          out / step.folder, title=f"{plan.title}: {step.label}")
+                          out / step.folder, title=title)
         summaries.append(cv.summary)
     return summaries
+
+
+def _mean_predictions(parts: list[Any]) -> Any:
+    """The members' predictions of one fold averaged, aligned on the first member's image keys."""
+    import dataclasses
+
+    import numpy as np
+
+    first = parts[0]
+    rows = [dict(zip(p.keys, p.probs, strict=True)) for p in parts]
+    if any(set(r) != set(first.keys) for r in rows) or any(p.class_names != first.class_names for p in parts):
+        raise BreastvisionError("ensemble members of one fold must predict the same images and classes")
+    probs = np.mean([[r[k] for k in first.keys] for r in rows], axis=0)
+    return dataclasses.replace(first, probs=probs)
+
+
+def ensemble_folds(out: Path, members: list[str], folds: int, target: Path, title: str) -> dict[str, Any]:
+    """Fold by fold, the mean of the member steps' calibrated test and validation probabilities,
+    pooled like a cross-validation (``crossval.aggregate_runs``) into ``target``."""
+    import dataclasses
+
+    from breastvision.evaluation.report import evaluate_predictions
+    from breastvision.training.crossval import aggregate_runs
+    from breastvision.training.run_record import RunFacts, RunRecord
+
+    records = []
+    for fold in range(folds):
+        runs = [RunRecord.load(out / name / f"fold{fold}") for name in members]
+        test = _mean_predictions([r.predictions for r in runs])
+        vals = [r.val_predictions for r in runs]
+        val = _mean_predictions(vals) if None not in vals else None
+        metrics = evaluate_predictions(test.y_true, test.probs, test.class_names, n_resamples=0)
+        walls = [r.facts.wall_clock_seconds_this_session for r in runs]
+        facts = RunFacts(wall_clock_seconds_this_session=None if None in walls else float(sum(walls)))
+        records.append(dataclasses.replace(runs[0], run_dir=target / f"fold{fold}", metrics=metrics,
+                                           facts=facts, predictions=test, val_predictions=val))
+    return aggregate_runs(records, target, title=title)
 
 
 def table(plan: Plan, summaries: list[dict[str, Any]]) -> str:
@@ -132,7 +188,8 @@ def reproduce_ablation(plan: Plan, out: Path, overrides: list[str] = ()) -> str:
     text = table(plan, summaries)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(text + "\n")
-    rows = [{"label": s.label, "config": s.config, "set": s.set, "validation": summary.get("validation"),
+    rows = [{"label": s.label, "config": s.config, "set": s.set, "ensemble": s.ensemble,
+             "validation": summary.get("validation"),
              "test": {m: with_interval(summary["pooled"], m) for m in plan.metrics},
              "wall_clock_seconds": summary.get("wall_clock_seconds")}
             for s, summary in zip(plan.steps, summaries, strict=True)]
