@@ -386,7 +386,7 @@ def _run(
             tc.eval_batch_size or tc.batch_size)
         trained = Trained(model, inputs.preprocessing, lineage, state, facts, calibrated, scope, val_probs,
                           segmentation)
-        write_outputs(run_dir, config, data, trained, fabric.device, _draws(data, inputs.renderer))
+        write_outputs(run_dir, config, data, trained, fabric.device, _draws(data, inputs.renderer), started)
         say(f"run folder: {run_dir}")
     fabric.barrier()
     return RunRecord.load(run_dir)

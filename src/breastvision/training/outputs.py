@@ -15,6 +15,7 @@ and the :class:`~breastvision.training.run_record.RunRecord` with its report::
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,8 +127,11 @@ def score_test(bundle: ModelBundle, model: nn.Module, data: RunData, config: Exp
 
 
 def write_outputs(run_dir: Path, config: ExperimentConfig, data: RunData, trained: Trained, device: Any,
-                  render: Callable[[Path, str | None], torch.Tensor] | None = None) -> RunRecord:
-    """Score the test part, write the run folder (module docstring); returns its record."""
+                  render: Callable[[Path, str | None], torch.Tensor] | None = None,
+                  started: float | None = None) -> RunRecord:
+    """Score the test part, write the run folder (module docstring); returns its record. With
+    ``started`` (a ``time.perf_counter`` value), the session's wall-clock then includes the
+    out-of-scope fit and the test pass, not only the epochs."""
     from breastvision.evaluation.report import HEADLINE, calibration_entry, evaluate_predictions, lookup
 
     split = SplitRef.read(data.split.save(run_dir / "split.json"))
@@ -152,6 +156,8 @@ def write_outputs(run_dir: Path, config: ExperimentConfig, data: RunData, traine
     bundle.metrics["test"] = json.loads(json.dumps(test, default=float))
     bundle.save(model_file)
     trained.facts.model_file_mb = round(model_file.stat().st_size / 2**20, 2)
+    if started is not None:
+        trained.facts.wall_clock_seconds_this_session = time.perf_counter() - started
     predictions = Predictions([t.key for t in targets], groups, y, scored.probs, data.class_names, operating,
                               scored.scores, None if trained.scope is None else trained.scope.threshold)
     record = RunRecord(
