@@ -74,5 +74,9 @@ def test_shipped_plans_name_shipped_configs(path: Path) -> None:
     from breastvision.training.config import load_config
 
     plan = Plan.read(path.name)
+    names: list[str] = []
     for step in plan.steps:
-        load_config(config_path(step.config), step.set)
+        if step.config is not None:
+            load_config(config_path(step.config), step.set)
+        assert set(step.ensemble) <= set(names)
+        names.append(step.folder)
