@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -21,11 +20,7 @@ from breastvision.data.transforms import (
 )
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import Preprocessing
-
-
-def _image(height: int = 30, width: int = 40, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+from test_transforms import _image
 
 
 def _kinds(transform: v2.Compose) -> list[str]:
