@@ -123,17 +123,18 @@ def run_steps(plan: Plan, out: Path, overrides: list[str]) -> list[dict[str, Any
 
 
 def _mean_predictions(parts: list[Any]) -> Any:
-    """The members' predictions of one fold averaged, aligned on the first member's image keys."""
-    import dataclasses
-
+    """The members' predictions of one fold averaged, aligned on the first member's image keys (no
+    decision or scope columns: those belonged to each member's own model file)."""
     import numpy as np
+
+    from breastvision.training.run_record import Predictions
 
     first = parts[0]
     rows = [dict(zip(p.keys, p.probs, strict=True)) for p in parts]
     if any(set(r) != set(first.keys) for r in rows) or any(p.class_names != first.class_names for p in parts):
         raise BreastvisionError("ensemble members of one fold must predict the same images and classes")
     probs = np.mean([[r[k] for k in first.keys] for r in rows], axis=0)
-    return dataclasses.replace(first, probs=probs)
+    return Predictions(first.keys, first.groups, first.y_true, probs, first.class_names)
 
 
 def ensemble_folds(out: Path, members: list[str], folds: int, target: Path, title: str) -> dict[str, Any]:
