@@ -71,6 +71,24 @@ def test_resampled_statistic_equals_metrics_of_the_resampled_data():
     assert values["patient.P_arp"][0] == pytest.approx(expected)
 
 
+def test_resampled_patient_diagnosis_equals_the_diagnosis_of_the_drawn_patients():
+    y, probs = _predictions(90, 2, seed=8)
+    groups = np.array([f"p{i % 11}" for i in range(90)])
+    y = (np.unique(groups, return_inverse=True)[1] % 3 > 0).astype(int)  # one class per patient
+    names = ["benign", "malignant"]
+    weights = next(resample_weights(90, groups, n_resamples=1, seed=3))[0]
+    values = classification_statistic(y, probs, names, groups)(weights[None])
+    diagnosis = compute_metrics(y, probs, names, groups)["patient"]["per_patient"]
+    # Each drawn copy of a patient is one more patient with that patient's diagnosis.
+    patients = [g for g in np.unique(groups) for _ in range(int(weights[groups == g][0]))]
+    truth = np.array([y[groups == g][0] for g in patients])
+    guess = np.array([diagnosis[g]["diagnosis"] for g in patients])
+    assert values["patient.diagnosis.accuracy"][0] == pytest.approx((truth == guess).mean())
+    assert values["patient.diagnosis.specificity"][0] == pytest.approx((guess[truth == 0] == 0).mean())
+    mean_p = np.array([probs[groups == g, 1].mean() for g in patients])
+    assert values["patient.diagnosis.auc"][0] == pytest.approx(roc_auc_score(truth, mean_p))
+
+
 def test_patient_resampling_draws_whole_patients():
     groups = np.repeat(["a", "b", "c", "d"], [1, 2, 3, 4])
     for weights in resample_weights(10, groups, n_resamples=50, seed=0):

@@ -83,8 +83,28 @@ def test_patient_level_hand_example():
     assert patient["P_arp"] == pytest.approx(0.625)
     assert patient["P_img"] == pytest.approx(4 / 6)
     assert patient["n_patients"] == 2
-    assert patient["per_patient"]["A"] == {"n_images": 4, "n_correct": 3, "P_rp": 0.75, "true_labels": [1]}
+    assert patient["per_patient"]["A"] == {"n_images": 4, "n_correct": 3, "P_rp": 0.75, "true_labels": [1],
+                                           "diagnosis": 1}
     assert patient["per_patient"]["B"]["P_rp"] == pytest.approx(0.5)
+
+
+def test_patient_diagnosis_follows_the_mean_probability_not_the_image_majority():
+    # Patient A (malignant): two images weakly benign, one strongly malignant -> mean P(m) 0.6,
+    # diagnosed malignant though most images are wrong. Patient B (benign): mean P(m) 0.3 -> right.
+    # Patient C (benign): mean P(m) 0.55 -> wrong. Over patients: 2 of 3 right.
+    p_malignant = np.array([0.45, 0.45, 0.9, 0.2, 0.4, 0.55, 0.55])
+    y = np.array([1, 1, 1, 0, 0, 0, 0])
+    groups = ["A", "A", "A", "B", "B", "C", "C"]
+    probs = np.c_[1 - p_malignant, p_malignant]
+    patient = compute_metrics(y, probs, ["benign", "malignant"], groups)["patient"]
+    assert patient["per_patient"]["A"]["P_rp"] == pytest.approx(1 / 3)
+    assert [patient["per_patient"][g]["diagnosis"] for g in "ABC"] == [1, 0, 1]
+    diagnosis = patient["diagnosis"]
+    assert diagnosis["n_patients"] == 3
+    assert diagnosis["accuracy"] == pytest.approx(2 / 3)
+    assert diagnosis["sensitivity"] == 1.0 and diagnosis["specificity"] == 0.5
+    assert diagnosis["recall_macro"] == 0.75
+    assert diagnosis["auc"] == pytest.approx(roc_auc_score([1, 0, 0], [0.6, 0.3, 0.55]))
 
 
 def test_absent_class_gives_none_auc_with_reason(three_class):

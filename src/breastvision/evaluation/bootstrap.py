@@ -25,7 +25,7 @@ import numpy as np
 from breastvision.data.records import PATIENT_GROUPINGS
 from breastvision.errors import BreastvisionError
 from breastvision.evaluation.calibration import brier_per_image, confidence_bins
-from breastvision.evaluation.metrics import check_inputs, positive_index
+from breastvision.evaluation.metrics import check_inputs, patient_probabilities, positive_index
 
 #: A batched statistic: resample weights ``(B, N)`` -> one value per resample ``(B,)``, or several
 #: named values. ``NaN`` marks a resample where the statistic is undefined.
@@ -224,6 +224,7 @@ def classification_statistic(
         patient_sizes = np.bincount(codes).astype(np.float64)
         # Weighting an image by 1/size of its patient turns image sums into patient counts.
         per_image = 1.0 / patient_sizes[codes]
+        patient = _patient_diagnosis_statistic(y, p, codes, per_image, pos)
 
     def statistic(weights: np.ndarray) -> dict[str, np.ndarray]:
         total = weights.sum(axis=1)
@@ -263,6 +264,35 @@ def classification_statistic(
         if g is not None:
             out["patient.P_arp"] = (weights @ (correct * per_image)) / (weights @ per_image)
             out["patient.P_img"] = out["accuracy"]
+            out.update(patient(weights))
+        return out
+
+    return statistic
+
+
+def _patient_diagnosis_statistic(y: np.ndarray, p: np.ndarray, codes: np.ndarray, per_image: np.ndarray,
+                                 pos: int | None) -> Statistic:
+    """``patient.diagnosis.*`` of :func:`metrics.patient_diagnosis` under whole-patient weights:
+    each image carries its patient's diagnosis and true class, weighted 1/size of its patient, so
+    image sums are patient counts."""
+    mean_probs, truth = patient_probabilities(y, p, codes)
+    right = (mean_probs.argmax(axis=1) == truth)[codes] * per_image
+    truth_of_image = np.eye(p.shape[1])[truth[codes]]  # (N, C) one-hot of the patient's class
+    auc = None
+    if pos is not None and 0 < (truth == pos).sum() < truth.size:
+        auc = weighted_auc(truth[codes] == pos, mean_probs[codes, pos])
+
+    def statistic(weights: np.ndarray) -> dict[str, np.ndarray]:
+        support = weights @ (truth_of_image * per_image[:, None])
+        hits = weights @ (truth_of_image * right[:, None])
+        recall = safe_ratio(hits, support, np.nan)
+        out = {"patient.diagnosis.accuracy": (weights @ right) / (weights @ per_image),
+               "patient.diagnosis.recall_macro": _present_mean(recall, support > 0)}
+        if pos is not None:
+            out["patient.diagnosis.sensitivity"] = recall[:, pos]
+            out["patient.diagnosis.specificity"] = recall[:, 1 - pos]
+            if auc is not None:
+                out["patient.diagnosis.auc"] = auc(weights * per_image)
         return out
 
     return statistic

@@ -24,6 +24,10 @@ Choices where the papers are vague, recorded here once:
 - Patient level (paper 000, eqs. 1-3): ``P_rp = N_rp / N_np`` per patient, ``P_arp`` the plain
   mean of ``P_rp`` over patients (each patient counts once, whatever its image count) and
   ``P_img = N_r / N_all`` over images, which equals the accuracy.
+- Patient diagnosis (``patient.diagnosis``): what a pathologist reports is one diagnosis per
+  patient, so each patient's image probabilities are averaged and the arg-max of that mean is the
+  patient's diagnosis; accuracy, macro recall and (binary) sensitivity, specificity and AUC are then
+  taken over patients. A patient's true class is its images' (they share one).
 """
 
 from __future__ import annotations
@@ -99,13 +103,49 @@ def one_vs_rest_auc(y: np.ndarray, probs: np.ndarray, k: int) -> tuple[float | N
     return float(roc_auc_score(is_k, probs[:, k])), None
 
 
-def patient_metrics(y: np.ndarray, pred: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
-    """Paper 000's eqs. 1-3: ``P_rp`` per patient, their mean ``P_arp``, and ``P_img``."""
+def patient_probabilities(
+    y: np.ndarray, probs: np.ndarray, index: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per patient (``index``: each image's patient code, 0..P-1): the mean of its images'
+    probabilities (P×C) and its true class (the most common of its images' labels)."""
+    n_patients = int(index.max()) + 1
+    sums = np.zeros((n_patients, probs.shape[1]))
+    np.add.at(sums, index, probs)
+    mean = sums / np.bincount(index, minlength=n_patients)[:, None]
+    votes = np.zeros((n_patients, probs.shape[1]), dtype=np.int64)
+    np.add.at(votes, (index, y), 1)
+    return mean, votes.argmax(axis=1)
+
+
+def patient_diagnosis(mean_probs: np.ndarray, truth: np.ndarray, class_names: Sequence[str],
+                      pos: int | None) -> dict[str, Any]:
+    """Metrics over patients of the diagnosis ``argmax(mean_probs)`` (module docstring)."""
+    pred = mean_probs.argmax(axis=1)
+    labels = list(range(len(class_names)))
+    _, recall, _, support = precision_recall_fscore_support(truth, pred, labels=labels, zero_division=0)
+    out: dict[str, Any] = {
+        "n_patients": int(truth.size),
+        "accuracy": float((pred == truth).mean()),
+        "recall_macro": float(recall[support > 0].mean()),
+    }
+    if pos is not None:
+        out["sensitivity"] = float(recall[pos]) if support[pos] else None
+        out["specificity"] = float(recall[1 - pos]) if support[1 - pos] else None
+        out["auc"] = one_vs_rest_auc(truth, mean_probs, pos)[0]
+    return out
+
+
+def patient_metrics(y: np.ndarray, probs: np.ndarray, groups: np.ndarray, class_names: Sequence[str],
+                    pos: int | None = None) -> dict[str, Any]:
+    """Paper 000's eqs. 1-3 (``P_rp`` per patient, their mean ``P_arp``, and ``P_img``) and the
+    patient-level diagnosis (``diagnosis``; ``pos``: the positive class of a binary task)."""
+    pred = probs.argmax(axis=1)
     correct = (y == pred).astype(np.float64)
     ids, index = np.unique(groups, return_inverse=True)
     n_images = np.bincount(index, minlength=ids.size)
     n_correct = np.bincount(index, weights=correct, minlength=ids.size)
     p_rp = n_correct / n_images
+    mean_probs, truth = patient_probabilities(y, probs, index)
     per_patient = {
         str(pid): {
             "n_images": int(n),
@@ -113,6 +153,7 @@ def patient_metrics(y: np.ndarray, pred: np.ndarray, groups: np.ndarray) -> dict
             "P_rp": float(r),
             # A patient's images share one diagnosis; several labels would be a data problem.
             "true_labels": sorted({int(v) for v in y[index == i]}),
+            "diagnosis": int(mean_probs[i].argmax()),
         }
         for i, (pid, n, c, r) in enumerate(zip(ids, n_images, n_correct, p_rp, strict=True))
     }
@@ -120,6 +161,7 @@ def patient_metrics(y: np.ndarray, pred: np.ndarray, groups: np.ndarray) -> dict
         "n_patients": int(ids.size),
         "P_arp": float(p_rp.mean()),
         "P_img": float(correct.mean()),
+        "diagnosis": patient_diagnosis(mean_probs, truth, class_names, pos),
         "per_patient": per_patient,
     }
 
@@ -177,7 +219,7 @@ def compute_metrics(
     out["per_class"] = per_class
     out["confusion_matrix"] = confusion_matrix(y, pred, labels=labels).tolist()
     if g is not None:
-        out["patient"] = patient_metrics(y, pred, g)
+        out["patient"] = patient_metrics(y, p, g, names, pos)
     return out
 
 

@@ -48,6 +48,9 @@ HEADLINE = (
     "brier",
     "patient.P_arp",
     "patient.P_img",
+    "patient.diagnosis.accuracy",
+    "patient.diagnosis.sensitivity",
+    "patient.diagnosis.specificity",
 )
 
 
@@ -130,7 +133,7 @@ def print_headline(metrics: Mapping[str, Any], report: Path) -> None:
     for key in HEADLINE:
         value = with_interval(metrics, key)
         if value is not None:
-            print(f"{key:>16}: {format_value(value)}")
+            print(f"{key:>29}: {format_value(value)}")
     if metrics.get("absent_classes"):
         print(absent_classes_line(metrics))
     print(f"report: {report}")
