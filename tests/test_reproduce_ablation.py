@@ -25,12 +25,14 @@ def test_each_step_is_a_cross_validation_and_one_row(image_tree, tmp_path: Path)
         "steps": [{"label": "head only", "config": str(config)},
                   {"label": "+ label smoothing", "config": str(config),
                    "set": ["train.label_smoothing=0.1"], "name": "smooth"},
-                  {"label": "both", "ensemble": ["head_only", "smooth"]}],
+                  {"label": "both", "ensemble": ["head_only", "smooth"]},
+                  {"label": "chosen",
+                   "select": {"candidates": ["head_only", "smooth"], "metric": "accuracy"}}],
     }))
     assert main(["reproduce", "ablation", str(plan), "--out", str(tmp_path / "abl")]) == 0
     rows = json.loads((tmp_path / "abl" / "ablation.json").read_text())["rows"]
-    assert [r["label"] for r in rows] == ["head only", "+ label smoothing", "both"]
-    for row, folder in zip(rows, ["head_only", "smooth", "both"], strict=True):
+    assert [r["label"] for r in rows] == ["head only", "+ label smoothing", "both", "chosen"]
+    for row, folder in zip(rows, ["head_only", "smooth", "both", "chosen"], strict=True):
         summary = json.loads((tmp_path / "abl" / folder / "crossval.json").read_text())
         assert row["test"]["accuracy"] == pytest.approx(summary["pooled"]["intervals"]["accuracy"])
         assert row["validation"] == summary["validation"]
@@ -49,11 +51,27 @@ def test_each_step_is_a_cross_validation_and_one_row(image_tree, tmp_path: Path)
     expected = evaluate_predictions(y, mean, class_names, n_resamples=0)
     assert rows[2]["test"]["accuracy"]["value"] == pytest.approx(expected["accuracy"])
     assert rows[2]["validation"]["n_images"] == rows[0]["validation"]["n_images"]
+    # The selected row: chosen on validation accuracy alone (the first pick is the best single
+    # candidate, later picks only when they raise it), tested as the mean of the chosen members.
+    chosen = rows[3]["ensemble"]
+    assert chosen and set(chosen) <= {"head_only", "smooth"}
+    assert chosen == json.loads((tmp_path / "abl" / "chosen" / "selection.json").read_text())["members"]
+    best_single = max(r["validation"]["accuracy"] for r in rows[:2])
+    assert rows[3]["validation"]["accuracy"] >= best_single
+    assert rows[chosen[0] == "smooth"]["validation"]["accuracy"] == best_single
+    y, mean = [], []
+    for k in range(3):
+        parts = [RunRecord.load(tmp_path / "abl" / f / f"fold{k}").predictions for f in chosen]
+        by_key = [dict(zip(p.keys, p.probs, strict=True)) for p in parts]
+        y.extend(parts[0].y_true)
+        mean.extend(np.mean([d[key] for d in by_key], axis=0) for key in parts[0].keys)
+    expected = evaluate_predictions(np.array(y), np.array(mean), class_names, n_resamples=0)
+    assert rows[3]["test"]["accuracy"]["value"] == pytest.approx(expected["accuracy"])
     fold0 = tmp_path / "abl" / "smooth" / "fold0"
     smoothing = yaml.safe_load((fold0 / "config.yaml").read_text())
     assert smoothing["train"]["label_smoothing"] == 0.1
     table = (tmp_path / "abl" / "ablation.md").read_text()
-    assert table.count("\n| ") == 4 and "val accuracy" in table and "test per_class.malignant.recall" in table
+    assert table.count("\n| ") == 5 and "val accuracy" in table and "test per_class.malignant.recall" in table
 
 
 def test_plans_are_validated_in_one_line(tmp_path: Path) -> None:
@@ -62,6 +80,10 @@ def test_plans_are_validated_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(BreastvisionError, match="epochs"):
         Plan.read(bad)
     bad.write_text(yaml.safe_dump({"title": "x", "steps": [{"label": "a", "ensemble": ["b"]}]}))
+    with pytest.raises(BreastvisionError, match="earlier steps"):
+        Plan.read(bad)
+    bad.write_text(yaml.safe_dump({"title": "x", "steps": [
+        {"label": "a", "config": "c.yaml"}, {"label": "b", "select": {"candidates": ["a", "c"]}}]}))
     with pytest.raises(BreastvisionError, match="earlier steps"):
         Plan.read(bad)
     with pytest.raises(BreastvisionError, match="not found"):
@@ -79,4 +101,5 @@ def test_shipped_plans_name_shipped_configs(path: Path) -> None:
         if step.config is not None:
             load_config(config_path(step.config), step.set)
         assert set(step.ensemble) <= set(names)
+        assert step.select is None or set(step.select.candidates) <= set(names)
         names.append(step.folder)

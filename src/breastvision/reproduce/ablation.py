@@ -22,6 +22,14 @@ Plan format::
       - {label: "+ class-balanced loss", config: busi_fusion_cpu_noaug.yaml,
          set: [train.class_weighting=balanced], name: balanced}   # folder OUT/balanced
       - {label: "ensemble of both", ensemble: [frozen_fusion_head, balanced]}
+      - {label: "ensemble chosen on validation", select: {candidates: [frozen_fusion_head, balanced],
+         metric: recall_macro}}
+
+A ``select`` step is an ensemble whose members are chosen on the pooled validation predictions
+alone: greedy forward selection with replacement (Caruana et al., ICML 2004). Each round adds the
+candidate that most raises the validation ``metric`` of the mean; it stops when no candidate raises
+it or after ``rounds`` rounds. A member picked twice weighs twice. The test columns of that row are
+then the fold-by-fold mean of the chosen members, as for ``ensemble``.
 """
 
 from __future__ import annotations
@@ -48,6 +56,16 @@ VALIDATION_COLUMNS = ("accuracy", "recall_macro")
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
+class Selection:
+    """Which earlier steps an ensemble may use, and the validation metric that picks among them."""
+
+    candidates: list[str]
+    #: A dotted path into the metrics of the pooled validation predictions.
+    metric: str = "recall_macro"
+    rounds: int = Field(default=5, ge=1)
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
 class Step:
     """One row: a config cross-validated with ``set`` overrides, or with ``ensemble`` the mean of
     earlier steps' calibrated probabilities, fold by fold (each fold's members never saw its test
@@ -57,6 +75,7 @@ class Step:
     config: str | None = None
     set: list[str] = Field(default_factory=list)
     ensemble: list[str] = Field(default_factory=list)
+    select: Selection | None = None
     #: The step's folder under the output folder; default: the label made a file name (:func:`slug`).
     name: str | None = None
 
@@ -75,9 +94,12 @@ class Plan:
     def __post_init__(self) -> None:
         seen: list[str] = []
         for step in self.steps:
-            if (step.config is None) == (not step.ensemble):
-                raise ValueError(f"step '{step.label}' needs either a config or an ensemble of earlier steps")
-            if any(name not in seen for name in step.ensemble):
+            kinds = [step.config is not None, bool(step.ensemble), step.select is not None]
+            if sum(kinds) != 1:
+                raise ValueError(f"step '{step.label}' needs one of a config, an ensemble of earlier steps "
+                                 "or a selection among them")
+            members = step.ensemble or (step.select.candidates if step.select else [])
+            if any(name not in seen for name in members):
                 raise ValueError(f"step '{step.label}': ensemble members must be earlier steps' names {seen}")
             seen.append(step.folder)
 
@@ -113,6 +135,9 @@ def run_steps(plan: Plan, out: Path, overrides: list[str]) -> list[dict[str, Any
     for number, step in enumerate(plan.steps, 1):
         log.info(f"ablation step {number}/{len(plan.steps)}: {step.label}")
         title = f"{plan.title}: {step.label}"
+        if step.select is not None:
+            summaries.append(selected_ensemble(out, step.select, plan.folds, out / step.folder, title))
+            continue
         if step.ensemble:
             summaries.append(ensemble_folds(out, step.ensemble, plan.folds, out / step.folder, title))
             continue
@@ -135,6 +160,66 @@ def _mean_predictions(parts: list[Any]) -> Any:
         raise BreastvisionError("ensemble members of one fold must predict the same images and classes")
     probs = np.mean([[r[k] for k in first.keys] for r in rows], axis=0)
     return Predictions(first.keys, first.groups, first.y_true, probs, first.class_names)
+
+
+def _pooled_validation(out: Path, name: str, folds: int) -> Any:
+    """A step's validation predictions of every fold, each fold's in sorted image order, concatenated."""
+    import numpy as np
+
+    from breastvision.training.run_record import RunRecord
+
+    keys, labels, probs = [], [], []
+    for fold in range(folds):
+        val = RunRecord.load(out / name / f"fold{fold}").val_predictions
+        if val is None:
+            raise BreastvisionError(f"{out / name}/fold{fold} has no validation predictions to select on")
+        order = np.argsort(np.asarray(val.keys, dtype=str), kind="stable")
+        keys += [f"{fold}/{val.keys[i]}" for i in order]
+        labels.append(np.asarray(val.y_true)[order])
+        probs.append(np.asarray(val.probs)[order])
+    return keys, np.concatenate(labels), np.concatenate(probs), val.class_names
+
+
+def select_members(out: Path, selection: Selection, folds: int) -> list[str]:
+    """Greedy forward selection with replacement on the pooled validation predictions (module
+    docstring); ties go to the earlier candidate."""
+    from breastvision.evaluation.metrics import compute_metrics
+    from breastvision.evaluation.report import lookup
+
+    pooled = {name: _pooled_validation(out, name, folds) for name in selection.candidates}
+    keys, y, _, class_names = pooled[selection.candidates[0]]
+    if any(p[0] != keys or p[3] != class_names for p in pooled.values()):
+        raise BreastvisionError("selection candidates must be validated on the same images and classes")
+
+    def score(probs: Any) -> float:
+        value = lookup(compute_metrics(y, probs, class_names), selection.metric)
+        if not isinstance(value, int | float):
+            raise BreastvisionError(f"selection metric '{selection.metric}' is not a number in the metrics")
+        return float(value)
+
+    chosen: list[str] = []
+    total, best = 0.0, float("-inf")
+    for _ in range(selection.rounds):
+        scores = {name: score((total + p[2]) / (len(chosen) + 1)) for name, p in pooled.items()}
+        name = max(scores, key=scores.__getitem__)
+        if scores[name] <= best:
+            break
+        chosen.append(name)
+        total, best = total + pooled[name][2], scores[name]
+    return chosen
+
+
+def selected_ensemble(
+    out: Path, selection: Selection, folds: int, target: Path, title: str
+) -> dict[str, Any]:
+    """:func:`ensemble_folds` of the members :func:`select_members` picks, recorded in
+    ``target/selection.json``; the summary's ``selected`` lists them."""
+    members = select_members(out, selection, folds)
+    log.info(f"chosen on validation {selection.metric}: {', '.join(members)}")
+    summary = ensemble_folds(out, members, folds, target, title)
+    (target / "selection.json").write_text(json.dumps(
+        {"metric": selection.metric, "candidates": selection.candidates, "members": members}, indent=1))
+    return {**summary, "selected": members}
 
 
 def ensemble_folds(out: Path, members: list[str], folds: int, target: Path, title: str) -> dict[str, Any]:
@@ -170,7 +255,10 @@ def table(plan: Plan, summaries: list[dict[str, Any]]) -> str:
     for step, summary in zip(plan.steps, summaries, strict=True):
         validation = summary.get("validation") or {}
         wall = summary.get("wall_clock_seconds")
-        rows.append([step.label, *(validation.get(m) for m in VALIDATION_COLUMNS),
+        label = step.label
+        if summary.get("selected"):
+            label += f" ({' + '.join(summary['selected'])})"
+        rows.append([label, *(validation.get(m) for m in VALIDATION_COLUMNS),
                      *(with_interval(summary["pooled"], m) for m in plan.metrics),
                      None if wall is None else f"{wall / 60:.1f}"])
     n = lookup(summaries[0]["pooled"], "n_images") if summaries else None
@@ -189,7 +277,8 @@ def reproduce_ablation(plan: Plan, out: Path, overrides: list[str] = ()) -> str:
     text = table(plan, summaries)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(text + "\n")
-    rows = [{"label": s.label, "config": s.config, "set": s.set, "ensemble": s.ensemble,
+    rows = [{"label": s.label, "config": s.config, "set": s.set,
+             "ensemble": summary.get("selected", s.ensemble),
              "validation": summary.get("validation"),
              "test": {m: with_interval(summary["pooled"], m) for m in plan.metrics},
              "wall_clock_seconds": summary.get("wall_clock_seconds")}
