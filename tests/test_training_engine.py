@@ -277,12 +277,14 @@ def test_feature_cache_backend_is_checked_and_falls_back(
 
 @pytest.mark.parametrize(
     "balance",
-    [[], ["train.sampler=balanced", "train.class_weighting=balanced", "train.monitor=val_recall_macro"]],
-    ids=["shuffle", "balanced"],
+    [[], ["train.sampler=balanced", "train.class_weighting=balanced", "train.monitor=val_recall_macro"],
+     ["train.mixup_alpha=0.4"]],
+    ids=["shuffle", "balanced", "mixup"],
 )
 def test_resume_continues_exactly(image_tree, tmp_path: Path, balance: list[str]) -> None:
     source = image_tree()
-    if balance:  # 8 benign : 4 malignant images, so the weights and the sampler have something to balance
+    # 8 benign : 4 malignant images, so the weights and the sampler have something to balance
+    if "train.sampler=balanced" in balance:
         source = Path(shutil.copytree(source, tmp_path / "images"))
         for path in sorted((source / "malignant").iterdir())[:4]:
             path.unlink()
@@ -299,8 +301,9 @@ def test_resume_continues_exactly(image_tree, tmp_path: Path, balance: list[str]
     w_resumed = weights(resumed)
     assert all(torch.allclose(v, w_resumed[k], atol=1e-6) for k, v in weights(straight).items())
     facts = json.loads((resumed / "provenance.json").read_text())["facts"]
-    assert facts["class_balance"]["sampler"] == ("balanced" if balance else "shuffle")
-    if balance:
+    balanced = "train.sampler=balanced" in balance
+    assert facts["class_balance"]["sampler"] == ("balanced" if balanced else "shuffle")
+    if balanced:
         counts = facts["class_balance"]["training_items_per_class"]
         weighted = facts["class_balance"]["class_weights"]
         assert counts["benign"] > counts["malignant"] and weighted["malignant"] > 1 > weighted["benign"]

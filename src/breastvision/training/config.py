@@ -173,6 +173,11 @@ class TrainConfig:
     #: ``training.segmentation``); > 0 needs a fusion built with ``model.kwargs.seg_head: true``,
     #: its CNN branch's last block trainable and training images with masks (BUSI).
     mask_loss_weight: float = Field(default=0.0, ge=0)
+    #: Mixup (Zhang et al. 2018) with ``λ ~ Beta(α, α)``, α this value (0: off): every training batch
+    #: is blended with a shuffled copy of itself, ``λ·a + (1 − λ)·b``, the loss (and lesion masks)
+    #: likewise. It blends the frozen prefix's outputs (the images when nothing is frozen): manifold
+    #: mixup at the cut (Verma et al. 2019), the form cached features allow, the same uncached.
+    mixup_alpha: float = Field(default=0.0, ge=0)
     seed: int = 0
     #: ``auto``: bf16-mixed on CUDA when supported, else 16-mixed; 32-true on CPU.
     precision: str = "auto"

@@ -145,18 +145,49 @@ def make_loader(
     return loader, sampler
 
 
+@dataclass
+class Mixup:
+    """One batch's mixup draw: ``λ`` and the partner of each item (``partner[i]`` is blended into ``i``)."""
+
+    lam: float
+    partner: torch.Tensor
+
+    @classmethod
+    def draw(cls, alpha: float, n: int, device: torch.device) -> Mixup | None:
+        """``None`` when off (``alpha`` 0); else from the global generators, which ``fit`` seeds by
+        (seed, epoch, rank), so a resumed run draws as an uninterrupted one."""
+        if not alpha:
+            return None
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        return cls(lam, torch.randperm(n).to(device))
+
+    def blend(self, x: Any) -> Any:
+        """``λ·x + (1 − λ)·x[partner]``, part by part for a tuple of prefix outputs."""
+        if isinstance(x, tuple):
+            return tuple(self.blend(part) for part in x)
+        return self.lam * x + (1 - self.lam) * x[self.partner]
+
+    def loss(self, loss_fn: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.lam * loss_fn(logits, y) + (1 - self.lam) * loss_fn(logits, y[self.partner])
+
+
 def _losses(
     model: nn.Module, x: Any, y: torch.Tensor, masks: torch.Tensor | None, loss_fn: nn.Module,
-    mask_weight: float,
+    mask_weight: float, mixup: Mixup | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(training loss, logits, mask loss)``: ``loss_fn`` on the logits, plus ``mask_weight`` times
-    the auxiliary head's mask loss (``training.segmentation``) when it is > 0 (else the mask loss is 0)."""
-    if not mask_weight:
-        logits = model(x)
-        return loss_fn(logits, y), logits, torch.zeros((), device=y.device)
-    logits, mask_logits = model.forward_with_mask(x)
-    seg = mask_loss(mask_logits, masks)
-    return loss_fn(logits, y) + mask_weight * seg, logits, seg
+    the auxiliary head's mask loss (``training.segmentation``) when it is > 0 (else the mask loss is 0);
+    with ``mixup``, on the blended batch against both items' labels and masks."""
+    if mixup is not None:
+        x = mixup.blend(x)
+        masks = None if masks is None else mixup.blend(masks.float())
+    if mask_weight:
+        logits, mask_logits = model.forward_with_mask(x)
+        seg = mask_loss(mask_logits, masks)
+    else:
+        logits, seg = model(x), torch.zeros((), device=y.device)
+    classification = mixup.loss(loss_fn, logits, y) if mixup else loss_fn(logits, y)
+    return classification + mask_weight * seg, logits, seg
 
 
 def train_one_epoch(
@@ -169,9 +200,11 @@ def train_one_epoch(
     description: str = "train",
     show_progress: bool = False,
     mask_weight: float = 0.0,
+    mixup_alpha: float = 0.0,
 ) -> dict[str, float]:
     """One pass over ``loader``; mean loss and accuracy over every process's samples, and with a
-    ``mask_weight`` (batches ``(x, y, index, mask)``) the mean mask loss too."""
+    ``mask_weight`` (batches ``(x, y, index, mask)``) the mean mask loss too. With ``mixup_alpha``
+    (:class:`Mixup`) the accuracy counts an item right when the arg-max is its own label."""
     model.train()
     # loss sum, correct, count, mask-loss sum
     totals = torch.zeros(4, dtype=torch.float64, device=fabric.device)
@@ -182,7 +215,8 @@ def train_one_epoch(
             with fabric.autocast():
                 with torch.no_grad():
                     x = prefix(x)
-                loss, logits, seg = _losses(model, x, y, masks, loss_fn, mask_weight)
+                mixup = Mixup.draw(mixup_alpha, y.numel(), y.device)
+                loss, logits, seg = _losses(model, x, y, masks, loss_fn, mask_weight, mixup)
             optimizer.zero_grad(set_to_none=True)
             fabric.backward(loss)
             optimizer.step()
@@ -267,7 +301,8 @@ def _epoch(loop: Loop, train_loader: DataLoader, val_loader: DataLoader, val_lab
     """Train one epoch and validate; returns the row history.csv gets."""
     t0 = time.perf_counter()
     fit = train_one_epoch(loop.fabric, loop.trainable, loop.prefix, train_loader, loop.optimizer,
-                          loop.loss_fn, f"epoch {epoch + 1}/{tc.epochs}", loop.show, tc.mask_loss_weight)
+                          loop.loss_fn, f"epoch {epoch + 1}/{tc.epochs}", loop.show, tc.mask_loss_weight,
+                          tc.mixup_alpha)
     val_logits = evaluate(loop.fabric, loop.trainable, loop.prefix, val_loader, len(val_labels),
                           loop.num_classes)
     val_loss = float(nn.functional.cross_entropy(val_logits, val_labels))
