@@ -4,6 +4,7 @@ their lineage; finished stages are reused. Generated images, then the real share
 from __future__ import annotations
 
 import csv
+import json
 import random
 from pathlib import Path
 
@@ -59,6 +60,31 @@ def test_two_stage_chain(image_tree, tmp_path: Path) -> None:
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(BreastvisionError, match="trained with another config"):
         run_chain(chain, [*TINY, "lung.train.lr=0.5"], out=tmp_path / "runs")
+
+
+def test_a_chain_is_cross_validated_on_its_last_stage(image_tree, tmp_path: Path) -> None:
+    from breastvision.cli import main
+    from breastvision.training.run_record import RunRecord
+
+    lung = image_tree(classes=("aca", "n", "scc"), per_class=6, seed=2)
+    chain = _chain(tmp_path, lung, image_tree(per_class=6))
+    kfold = ["breast.data.split.protocol=group_kfold", "breast.data.split.options={}"]
+    out = tmp_path / "cv"
+    assert main(["crossval", str(chain), "--folds", "3", "--out", str(out),
+                 *(f"--set={item}" for item in [*TINY, *kfold])]) == 0
+    # The lung stage does not depend on the fold: trained once, the start of every fold's breast stage.
+    lung_model = out / "lung" / "model.safetensors"
+    stage_dirs = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "plots")
+    assert stage_dirs == ["breast_fold0", "breast_fold1", "breast_fold2", "lung"]
+    folds = [RunRecord.load(out / f"breast_fold{k}") for k in range(3)]
+    for record in folds:
+        bundle = ModelBundle.load(record.model_file)
+        assert str(lung_model) in bundle.lineage[2]["weights"]["backbone"]
+    tested = sorted(k for r in folds for k in r.predictions.keys)
+    assert len(tested) == len(set(tested)) == 12  # every breast image tested once, out of fold
+    summary = json.loads((out / "crossval.json").read_text())
+    assert summary["pooled"]["n_images"] == 12
+    assert [row["run_dir"] for row in summary["per_fold"]] == [str(r.run_dir) for r in folds]
 
 
 def _subset_manifest(source: Path, target: Path, per_group: int, groups_per_class: int, group: str) -> Path:

@@ -127,23 +127,31 @@ def slug(label: str) -> str:
 
 
 def run_steps(plan: Plan, out: Path, overrides: list[str]) -> list[dict[str, Any]]:
-    """Cross-validate every step into ``out/<slug>``; the ``crossval.json`` summaries in order."""
+    """Cross-validate every step into ``out/<slug>``; the ``crossval.json`` summaries in order.
+    Ensemble and selection steps read their members' fold records as the earlier steps returned
+    them (a transfer chain's folds included), never from folder names."""
     from breastvision.paths import config_path
     from breastvision.training.crossval import run_crossval
 
-    summaries = []
+    summaries, folds_of = [], {}
     for number, step in enumerate(plan.steps, 1):
         log.info(f"ablation step {number}/{len(plan.steps)}: {step.label}")
         title = f"{plan.title}: {step.label}"
+        if step.config is not None:
+            cv = run_crossval(config_path(step.config), plan.folds, [*overrides, *step.set],
+                              out / step.folder, title=title)
+            folds_of[step.folder] = cv.runs
+            summaries.append(cv.summary)
+            continue
+        members = step.ensemble or select_members(folds_of, step.select)
+        member_folds = [folds_of[m] for m in members]
+        summary, folds_of[step.folder] = ensemble_folds(member_folds, out / step.folder, title)
         if step.select is not None:
-            summaries.append(selected_ensemble(out, step.select, plan.folds, out / step.folder, title))
-            continue
-        if step.ensemble:
-            summaries.append(ensemble_folds(out, step.ensemble, plan.folds, out / step.folder, title))
-            continue
-        cv = run_crossval(config_path(step.config), plan.folds, [*overrides, *step.set],
-                          out / step.folder, title=title)
-        summaries.append(cv.summary)
+            log.info(f"chosen on validation {step.select.metric}: {', '.join(members)}")
+            choice = {"metric": step.select.metric, "candidates": step.select.candidates, "members": members}
+            (out / step.folder / "selection.json").write_text(json.dumps(choice, indent=1))
+            summary = {**summary, "selected": members}
+        summaries.append(summary)
     return summaries
 
 
@@ -162,17 +170,15 @@ def _mean_predictions(parts: list[Any]) -> Any:
     return Predictions(first.keys, first.groups, first.y_true, probs, first.class_names)
 
 
-def _pooled_validation(out: Path, name: str, folds: int) -> Any:
+def _pooled_validation(name: str, runs: list[Any]) -> Any:
     """A step's validation predictions of every fold, each fold's in sorted image order, concatenated."""
     import numpy as np
 
-    from breastvision.training.run_record import RunRecord
-
     keys, labels, probs = [], [], []
-    for fold in range(folds):
-        val = RunRecord.load(out / name / f"fold{fold}").val_predictions
+    for fold, run in enumerate(runs):
+        val = run.val_predictions
         if val is None:
-            raise BreastvisionError(f"{out / name}/fold{fold} has no validation predictions to select on")
+            raise BreastvisionError(f"step {name}: {run.run_dir} has no validation predictions to select on")
         order = np.argsort(np.asarray(val.keys, dtype=str), kind="stable")
         keys += [f"{fold}/{val.keys[i]}" for i in order]
         labels.append(np.asarray(val.y_true)[order])
@@ -180,13 +186,13 @@ def _pooled_validation(out: Path, name: str, folds: int) -> Any:
     return keys, np.concatenate(labels), np.concatenate(probs), val.class_names
 
 
-def select_members(out: Path, selection: Selection, folds: int) -> list[str]:
-    """Greedy forward selection with replacement on the pooled validation predictions (module
-    docstring); ties go to the earlier candidate."""
+def select_members(folds_of: dict[str, list[Any]], selection: Selection) -> list[str]:
+    """Greedy forward selection with replacement on the candidates' pooled validation predictions
+    (module docstring); ties go to the earlier candidate."""
     from breastvision.evaluation.metrics import compute_metrics
     from breastvision.evaluation.report import lookup
 
-    pooled = {name: _pooled_validation(out, name, folds) for name in selection.candidates}
+    pooled = {name: _pooled_validation(name, folds_of[name]) for name in selection.candidates}
     keys, y, _, class_names = pooled[selection.candidates[0]]
     if any(p[0] != keys or p[3] != class_names for p in pooled.values()):
         raise BreastvisionError("selection candidates must be validated on the same images and classes")
@@ -209,31 +215,18 @@ def select_members(out: Path, selection: Selection, folds: int) -> list[str]:
     return chosen
 
 
-def selected_ensemble(
-    out: Path, selection: Selection, folds: int, target: Path, title: str
-) -> dict[str, Any]:
-    """:func:`ensemble_folds` of the members :func:`select_members` picks, recorded in
-    ``target/selection.json``; the summary's ``selected`` lists them."""
-    members = select_members(out, selection, folds)
-    log.info(f"chosen on validation {selection.metric}: {', '.join(members)}")
-    summary = ensemble_folds(out, members, folds, target, title)
-    (target / "selection.json").write_text(json.dumps(
-        {"metric": selection.metric, "candidates": selection.candidates, "members": members}, indent=1))
-    return {**summary, "selected": members}
-
-
-def ensemble_folds(out: Path, members: list[str], folds: int, target: Path, title: str) -> dict[str, Any]:
-    """Fold by fold, the mean of the member steps' calibrated test and validation probabilities,
-    pooled like a cross-validation (``crossval.aggregate_runs``) into ``target``."""
+def ensemble_folds(members: list[list[Any]], target: Path, title: str) -> tuple[dict[str, Any], list[Any]]:
+    """Fold by fold, the mean of the members' (each a step's fold records) calibrated test and
+    validation probabilities, pooled like a cross-validation (``crossval.aggregate_runs``) into
+    ``target``; the summary and the mean's fold records."""
     import dataclasses
 
     from breastvision.evaluation.report import evaluate_predictions
     from breastvision.training.crossval import aggregate_runs
-    from breastvision.training.run_record import RunFacts, RunRecord
+    from breastvision.training.run_record import RunFacts
 
     records = []
-    for fold in range(folds):
-        runs = [RunRecord.load(out / name / f"fold{fold}") for name in members]
+    for fold, runs in enumerate(zip(*members, strict=True)):
         test = _mean_predictions([r.predictions for r in runs])
         vals = [r.val_predictions for r in runs]
         val = _mean_predictions(vals) if None not in vals else None
@@ -242,7 +235,7 @@ def ensemble_folds(out: Path, members: list[str], folds: int, target: Path, titl
         facts = RunFacts(wall_clock_seconds_this_session=None if None in walls else float(sum(walls)))
         records.append(dataclasses.replace(runs[0], run_dir=target / f"fold{fold}", metrics=metrics,
                                            facts=facts, predictions=test, val_predictions=val))
-    return aggregate_runs(records, target, title=title)
+    return aggregate_runs(records, target, title=title), records
 
 
 def table(plan: Plan, summaries: list[dict[str, Any]]) -> str:

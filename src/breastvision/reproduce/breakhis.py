@@ -303,16 +303,12 @@ def _cv_single(plan: _Plan, key: str) -> dict[str, Any]:
 
 def _cv_chain(plan: _Plan, key: str) -> dict[str, Any]:
     """The chain once per fold (its LC25000 stage trained once and reused), the folds pooled."""
-    from breastvision.training.crossval import aggregate_runs
-    from breastvision.training.transfer import run_chain
+    from breastvision.training.crossval import aggregate_runs, chain_folds
 
-    folds, lc = [], []
-    for fold in range(plan.folds):
-        fold_overrides = [f"breakhis.data.split={CV_SPLIT}", f"breakhis.data.split.options.k={plan.folds}",
-                          f"breakhis.data.fold={fold}"]
-        *earlier, last = run_chain(plan.config(key), [*plan.chain, *fold_overrides], out=plan.root / key)
-        folds.append(last)
-        lc = earlier[-1:]
+    overrides = [*plan.chain, f"breakhis.data.split={CV_SPLIT}"]
+    _, chain_of, _ = chain_folds(plan.config(key), plan.folds, overrides, plan.root / key)
+    chains = [chain_of(fold) for fold in range(plan.folds)]
+    folds, lc = [chain[-1] for chain in chains], chains[-1][-2:-1]
     title = f"System H {MODELS[key]}: patient-disjoint {plan.folds}-fold cross-validation"
     summary = aggregate_runs(folds, plan.root / "cv" / key, title=title)
     return _summary(summary["pooled"], folds, lc)

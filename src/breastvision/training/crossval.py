@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,32 +83,63 @@ def run_crossval(
     """Train every fold of a ``group_kfold`` config (finished folds reused) and write the pooled
     report into ``out`` (default: the config's run folder); with ``ensemble``, also
     ``out/ensemble.safetensors`` of the k fold models (``models.ensemble``). That file is for use,
-    not for scoring on these folds: every image is in some member's training data."""
-    from breastvision.training.config import load_config
+    not for scoring on these folds: every image is in some member's training data.
+
+    A transfer chain (``transfer``'s YAML, with ``stages``) is cross-validated on its last stage:
+    per fold the chain runs into ``out`` (its earlier stages do not depend on the fold, so they are
+    trained once, in ``out/<stage>``, and reused), and the last stages' folds
+    (``out/<stage>_fold<k>``) are pooled."""
+    from breastvision.paths import config_path as resolve
+    from breastvision.training.config import load_config, read_yaml
 
     if folds < 2:
         raise BreastvisionError(f"cross-validation needs at least 2 folds (got {folds})")
-    first = load_config(config_path, [*overrides, *fold_overrides(folds, 0)])
+    if "stages" in read_yaml(resolve(config_path)):
+        first, chain_of, out = chain_folds(config_path, folds, overrides, out)
+
+        def run_fold(fold: int) -> RunRecord:
+            return chain_of(fold)[-1]
+    else:
+        first = load_config(config_path, [*overrides, *fold_overrides(folds, 0)])
+
+        def run_fold(fold: int) -> RunRecord:
+            config = load_config(config_path, [*overrides, *fold_overrides(folds, fold)])
+            return train_or_reuse(config, out_dir / f"fold{fold}", f"fold {fold}/{folds}")
     if first.data.split.file is None and first.data.split.protocol != "group_kfold":
         raise BreastvisionError(
             f"{config_path}: cross-validation needs data.split.protocol group_kfold "
             f"(got {first.data.split.protocol}); add --set data.split.protocol=group_kfold"
         )
     out_dir = Path(out).expanduser() if out is not None else first.run_dir
-    runs = [
-        train_or_reuse(
-            load_config(config_path, [*overrides, *fold_overrides(folds, fold)]),
-            out_dir / f"fold{fold}",
-            f"fold {fold}/{folds}",
-        )
-        for fold in range(folds)
-    ]
+    runs = [run_fold(fold) for fold in range(folds)]
     summary = aggregate_runs(runs, out_dir, title=title or f"{first.name}: {folds}-fold cross-validation")
     if ensemble:
         from breastvision.models.ensemble import ENSEMBLE_FILE_NAME, ensemble_files
 
         ensemble_files([run.run_dir for run in runs], out_dir / ENSEMBLE_FILE_NAME)
     return CrossValidation(out_dir, runs, summary)
+
+
+def chain_folds(
+    path: str | os.PathLike, folds: int, overrides: Sequence[str], out: str | os.PathLike | None
+) -> tuple[Any, Callable[[int], list[RunRecord]], Path]:
+    """For a chain cross-validated on its last stage: that stage's config at fold 0 (to check the
+    split), a function that runs the chain for one fold and returns every stage's record, and the
+    folder of its stages (``out``, default the chain's ``output_dir``; :func:`run_crossval`)."""
+    from breastvision.training.transfer import load_chain, run_chain, stage_configs
+
+    chain = load_chain(path)
+    last = chain.stages[-1].name
+    out = Path(out).expanduser() if out is not None else Path(chain.output_dir.format(name=chain.name))
+
+    def fold_of(fold: int) -> list[str]:
+        return [*overrides, *(f"{last}.{item}" for item in fold_overrides(folds, fold))]
+
+    def run(fold: int) -> list[RunRecord]:
+        log.info(f"fold {fold}/{folds}: chain {path}")
+        return run_chain(path, fold_of(fold), out)
+
+    return stage_configs(path, fold_of(0), out)[-1], run, out
 
 
 def _mean_sd(values: Sequence[float | None]) -> dict[str, float] | None:
