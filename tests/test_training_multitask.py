@@ -158,6 +158,8 @@ def test_cross_validation_pools_the_dice(runs: dict[str, Path], tmp_path: Path) 
         (["model.name=resnet18", "model.kwargs={}", "model.first_trainable_stage=layer4"], "no mask head"),
         (["model.first_trainable_stage=cnn.head,vit.head"], "freezes the CNN feature map the mask head"),
         (["model.first_trainable_stage=head"], "freezes the CNN feature map the mask head"),
+        (["model.name=resnet18", "model.kwargs={seg_head: true}", "model.first_trainable_stage=head"],
+         r"freezes the CNN feature map the mask head reads: train the CNN's last block \(e\.g\. layer4\)"),
     ],
 )
 def test_mask_training_that_cannot_train_the_head_is_one_error(
@@ -176,6 +178,41 @@ def test_mask_training_needs_masks(image_tree, tmp_path: Path) -> None:
 def test_a_negative_weight_is_refused_with_the_config(busi_like: Path, tmp_path: Path) -> None:
     with pytest.raises(BreastvisionError, match="mask_loss_weight"):
         config(busi_like, tmp_path, "train.mask_loss_weight=-1")
+
+
+def test_a_single_densenet_trains_its_mask_head_on_cached_features(busi_like: Path, tmp_path: Path) -> None:
+    """The quick-start recipe's shape on one CNN: DenseNet-121 split at denseblock4, its prefix
+    outputs cached and the masks held beside them; the Dice reaches metrics.json, and the model file
+    predicts through ``serving.predict`` without masks, exactly as the same weights without the head."""
+    from breastvision.serving.predict import load_predictor, score_items
+
+    run = train(config(busi_like, tmp_path / "densenet", "model.name=densenet121",
+                       "model.kwargs={seg_head: true}", "model.first_trainable_stage=denseblock4",
+                       "data.input_size=64", "train.mask_loss_weight=0.5", "train.cache_features=true",
+                       "train.cache_backend=eager", "train.optimizer=sgd", "train.lr=0.05")).run_dir
+    rows = history(run)
+    assert all(r["train_loss"] > 0.5 * r["train_mask_loss"] > 0 for r in rows)
+    provenance = json.loads((run / "provenance.json").read_text())
+    assert provenance["facts"]["feature_cache"]["used"]
+    assert provenance["lineage"][-1]["trainable_stages"] == ["denseblock4", "head", "seg_head"]
+    dice = json.loads((run / "metrics.json").read_text())["segmentation"]
+    assert dice["images"] == provenance["facts"]["views"]["test"] and 0 < dice["lesion_images"]
+    assert 0.0 <= dice["dice"] <= 1.0
+    torch.manual_seed(0)  # the engine's seed: the head as it started
+    initial = create_model("densenet121", num_classes=3, seg_head=True).seg_head.conv.weight
+    bundle = ModelBundle.load(run / "model.safetensors")
+    assert not torch.equal(bundle.state_dict["seg_head.conv.weight"], initial)
+
+    predictor = load_predictor(run / "model.safetensors")
+    images = sorted((busi_like / "malignant").glob("malignant ([0-9]).png"))
+    scored = score_items(predictor, [(path, None) for path in images])
+    assert len(scored.probs) == len(images) == 4 and not scored.failures
+    plain = create_model("densenet121", num_classes=3).eval()
+    plain.load_state_dict({k: v for k, v in bundle.state_dict.items() if not k.startswith("seg_head.")})
+    batch = torch.stack([predictor.prepare_file(path) for path in images])
+    with torch.no_grad():
+        expected = torch.softmax(plain(batch).double(), 1).numpy()
+    np.testing.assert_allclose(scored.uncalibrated, expected, rtol=1e-5, atol=1e-6)
 
 
 class _Outputs(Dataset):

@@ -25,6 +25,9 @@ weights are small random numbers, not zeros, so the first layer receives a gradi
 
 Dropout 0.25 before the classifier, for both variants (paper 000, Table 2). torchvision's own
 ``drop_rate`` (dropout inside every dense layer) is not what the paper describes and stays 0.
+
+``seg_head=True`` adds the auxiliary lesion-mask head on ``features.norm5`` (``models.masking``),
+for mask-guided training; classification and prediction never use it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from torchvision.models.densenet import DenseNet as _TorchvisionDenseNet
 from torchvision.models.densenet import _DenseBlock
 
 from breastvision.models.layers import classifier_or_identity, imagenet_cfg
+from breastvision.models.masking import MaskHead, MaskHeadMixin
 from breastvision.models.registry import register_model
 from breastvision.models.weights import (
     StateDict,
@@ -88,8 +92,8 @@ class SEDenseBlock(nn.ModuleDict):
         return x
 
 
-class DenseNet(_TorchvisionDenseNet):
-    """torchvision DenseNet-BC, optionally with SE blocks, dropout before the classifier."""
+class DenseNet(MaskHeadMixin, _TorchvisionDenseNet):
+    """torchvision DenseNet-BC, optionally with SE blocks and a mask head, dropout before the classifier."""
 
     def __init__(
         self,
@@ -97,6 +101,7 @@ class DenseNet(_TorchvisionDenseNet):
         num_classes: int,
         drop_rate: float = 0.25,
         se_reduction: int | None = None,
+        seg_head: bool = False,
     ):
         super().__init__(block_config=block_config)
         self.num_classes = num_classes
@@ -115,6 +120,8 @@ class DenseNet(_TorchvisionDenseNet):
         if isinstance(self.classifier, nn.Linear):  # torchvision's init: zero classifier bias
             nn.init.zeros_(self.classifier.bias)
         self.pretrained_cfg = imagenet_cfg("classifier", num_classes)
+        # Drawn last, so a seed gives the same network with or without it.
+        self.seg_head = MaskHead(self.num_features) if seg_head else None
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -153,8 +160,10 @@ def _fix_old_keys(state: StateDict, _model: nn.Module) -> StateDict:
     return {(_OLD_KEY.sub(r"\1\2", k)): v for k, v in state.items()}
 
 
-def _build(num_classes: int, pretrained: WeightsSpec, drop_rate: float, se_reduction: int | None) -> DenseNet:
-    model = DenseNet((6, 12, 24, 16), num_classes, drop_rate, se_reduction)
+def _build(
+    num_classes: int, pretrained: WeightsSpec, drop_rate: float, se_reduction: int | None, seg_head: bool
+) -> DenseNet:
+    model = DenseNet((6, 12, 24, 16), num_classes, drop_rate, se_reduction, seg_head)
     model.weights_origin = apply_pretrained(
         model,
         pretrained,
@@ -170,14 +179,20 @@ def _build(num_classes: int, pretrained: WeightsSpec, drop_rate: float, se_reduc
 
 
 @register_model("densenet121")
-def densenet121(num_classes: int, pretrained: WeightsSpec = None, drop_rate: float = 0.25) -> DenseNet:
+def densenet121(
+    num_classes: int, pretrained: WeightsSpec = None, drop_rate: float = 0.25, seg_head: bool = False
+) -> DenseNet:
     """DenseNet-121 (7.0M parameters without the classifier); dropout before the classifier."""
-    return _build(num_classes, pretrained, drop_rate, None)
+    return _build(num_classes, pretrained, drop_rate, None, seg_head)
 
 
 @register_model("densenet121_se")
 def densenet121_se(
-    num_classes: int, pretrained: WeightsSpec = None, drop_rate: float = 0.25, se_reduction: int = 16
+    num_classes: int,
+    pretrained: WeightsSpec = None,
+    drop_rate: float = 0.25,
+    se_reduction: int = 16,
+    seg_head: bool = False,
 ) -> DenseNet:
     """DenseNet-121 with 61 near-identity SE blocks (58 dense layers + 3 transitions)."""
-    return _build(num_classes, pretrained, drop_rate, se_reduction)
+    return _build(num_classes, pretrained, drop_rate, se_reduction, seg_head)

@@ -20,29 +20,24 @@ both branches at once: the prefix runs both branches' frozen blocks on the image
 pair ``(cnn_map, vit_tokens)`` (a fixed function of the image view, so cacheable per view); the
 suffix runs the rest of each branch, concatenates and applies the head.
 
-**Mask head** (``seg_head=True``): a 1×1 convolution on the CNN branch's last spatial feature map,
-trained as an auxiliary lesion-segmentation task through ``forward_with_mask``. ``forward`` and the
-classification never use it, so prediction needs no mask and drops nothing by ignoring it. It
-reads the map through a forward hook on the layer that produces it, so the one mechanism works in
-the whole model and in a split suffix alike.
+**Mask head** (``seg_head=True``, ``models.masking``): a 1×1 convolution on the CNN branch's last
+spatial feature map, upsampled to the fusion's input size, trained as an auxiliary
+lesion-segmentation task through ``forward_with_mask``; prediction never uses it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 import torch
-from timm.models.efficientnet import EfficientNet
 from torch import nn
 
 from breastvision.errors import BreastvisionError
 from breastvision.models._timm import build_timm
-from breastvision.models.densenet import DenseNet
-from breastvision.models.layers import Call, MaskHead, Renormalize, captured_output, classifier_or_identity
+from breastvision.models.layers import Call, Renormalize, classifier_or_identity
+from breastvision.models.masking import MaskHead, logits_and_mask, spatial_layer
 from breastvision.models.registry import create_model, list_models, register_model
-from breastvision.models.resnet import ResNet
 from breastvision.models.staging import split_model, stages
 from breastvision.models.vit import build_vit
 from breastvision.models.weights import RANDOM_INIT, WeightsSpec, describe_file, load_into, read_state_dict
@@ -54,41 +49,8 @@ def _pooled_size(branch: nn.Module) -> int:
     return getattr(branch, "head_hidden_size", None) or branch.num_features
 
 
-#: Per CNN family, the layer whose output is the last spatial feature map (``forward_features``):
-#: it runs both in the branch's ``forward`` and in its staged blocks, so a hook on it serves both.
-_SPATIAL_LAYER: tuple[tuple[type[nn.Module], str], ...] = (
-    (DenseNet, "features.norm5"),
-    (ResNet, "layer4"),
-    (EfficientNet, "bn2"),
-)
-
-
-def _spatial_layer(cnn: nn.Module) -> nn.Module:
-    for family, name in _SPATIAL_LAYER:
-        if isinstance(cnn, family):
-            return cnn.get_submodule(name)
-    families = ", ".join(family.__name__ for family, _ in _SPATIAL_LAYER)
-    raise BreastvisionError(
-        f"a mask head needs a CNN branch of a known family ({families}), not {type(cnn).__name__}"
-    )
-
-
-def _logits_and_mask(
-    forward: Callable[[Any], torch.Tensor],
-    inputs: Any,
-    spatial: nn.Module | None,
-    mask_head: MaskHead | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if mask_head is None or spatial is None:
-        raise BreastvisionError("this fusion has no mask head: build it with seg_head=True")
-    with captured_output(spatial) as maps:
-        logits = forward(inputs)
-    if not maps:
-        raise BreastvisionError(
-            "the mask head reads the CNN branch's last feature map, which this split freezes: "
-            "make the CNN branch's last block trainable"
-        )
-    return logits, mask_head(maps[-1])
+#: What owns the map a fusion's mask head reads, as its errors name it.
+_CNN_BRANCH = "the CNN branch"
 
 
 class BranchPrefix(nn.Module):
@@ -125,7 +87,7 @@ class BranchSuffix(nn.Module):
     def forward_with_mask(
         self, parts: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _logits_and_mask(self, parts, self.spatial, self.mask_head)
+        return logits_and_mask(self, parts, self.spatial, self.mask_head, _CNN_BRANCH)
 
 
 class FusionNet(nn.Module):
@@ -168,7 +130,7 @@ class FusionNet(nn.Module):
         # Built after the head, so a seed gives the same classifier with or without it.
         self.seg_head = None
         if seg_head:
-            _spatial_layer(cnn)  # an unsupported CNN fails when built, not at the first training step
+            spatial_layer(cnn)  # an unsupported CNN fails when built, not at the first training step
             self.seg_head = MaskHead(cnn.num_features, vit_cfg["input_size"][1:])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,12 +144,12 @@ class FusionNet(nn.Module):
 
     def forward_with_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits, mask_logits)``, the latter B×1×H×W at the input size (training only)."""
-        return _logits_and_mask(self, x, self.mask_source(), self.seg_head)
+        return logits_and_mask(self, x, self.mask_source(), self.seg_head, _CNN_BRANCH)
 
     def mask_source(self) -> nn.Module | None:
         """The CNN layer whose output map the mask head reads (``None`` without a mask head): a
         split must leave it in the trainable suffix for the head to train."""
-        return _spatial_layer(self.cnn) if self.seg_head is not None else None
+        return spatial_layer(self.cnn) if self.seg_head is not None else None
 
     def _cnn_stage(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cnn(x), x
@@ -230,7 +192,7 @@ class FusionNet(nn.Module):
                 parts[name] = split_model(branch, first_trainable[name])
             except BreastvisionError as err:
                 raise BreastvisionError(f"fusion branch '{name}': {err}") from err
-        spatial = _spatial_layer(self.cnn) if self.seg_head is not None else None
+        spatial = spatial_layer(self.cnn) if self.seg_head is not None else None
         prefix = BranchPrefix(parts["cnn"][0], parts["vit"][0], self.vit_input)
         return prefix, BranchSuffix(parts["cnn"][1], parts["vit"][1], self.head, self.seg_head, spatial)
 
@@ -278,17 +240,9 @@ def fusion(
     )
     if whole_file:
         source = f"file: {describe_file(pretrained)}"
+        # A file with or without a mask head fits a fusion with or without one (``weights.load_into``).
         state = read_state_dict(pretrained)
-        if not seg_head:  # the mask head only ever served training: a fusion without one takes the rest
-            state = {k: v for k, v in state.items() if not k.startswith("seg_head.")}
-        loaded = load_into(
-            model,
-            state,
-            source,
-            classifier=model.pretrained_cfg["classifier"],
-            # A fusion trained without the mask head seeds one with it (the head starts random).
-            new_parts={"seg_head": r"^seg_head\."} if seg_head else None,
-        )
+        loaded = load_into(model, state, source, classifier=model.pretrained_cfg["classifier"])
         model.weights_origin = {"cnn": source, "vit": source, "head": source}
         if loaded.get("classifier") == RANDOM_INIT:
             model.weights_origin["head"] = f"{source}, final layer random init"

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -79,29 +78,3 @@ class Call(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
-
-
-class MaskHead(nn.Module):
-    """Auxiliary lesion segmentation: a 1×1 convolution to one logit per feature-map position,
-    bilinearly upsampled to the input size, so the loss compares it with a mask at image resolution."""
-
-    def __init__(self, channels: int, size: Sequence[int]):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, 1, kernel_size=1)
-        self.size = tuple(size)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        logits = self.conv(features)
-        return nn.functional.interpolate(logits, size=self.size, mode="bilinear", align_corners=False)
-
-
-@contextmanager
-def captured_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """The outputs of ``module`` during the ``with`` block, for a head that reads an inner layer
-    without changing the ``forward`` that computes it."""
-    outputs: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _module, _args, output: outputs.append(output))
-    try:
-        yield outputs
-    finally:
-        handle.remove()

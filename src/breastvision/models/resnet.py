@@ -2,7 +2,8 @@
 
 Paper 003's branch A: 7×7 convolution, max-pool, four residual stages, global average pooling →
 512-d. Subclassing torchvision's ``ResNet`` keeps its state-dict keys, so torchvision's ImageNet
-checkpoint (or any torchvision ResNet-18 file) loads unchanged.
+checkpoint (or any torchvision ResNet-18 file) loads unchanged. ``seg_head=True`` adds the
+auxiliary lesion-mask head on ``layer4`` (``models.masking``), for mask-guided training.
 """
 
 from __future__ import annotations
@@ -13,17 +14,20 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.models.resnet import ResNet as _TorchvisionResNet
 
 from breastvision.models.layers import classifier_or_identity, imagenet_cfg
+from breastvision.models.masking import MaskHead, MaskHeadMixin
 from breastvision.models.registry import register_model
 from breastvision.models.weights import WeightsSpec, apply_pretrained, torchvision_imagenet
 
 
-class ResNet(_TorchvisionResNet):
-    def __init__(self, block: type[BasicBlock], layers: list[int], num_classes: int):
+class ResNet(MaskHeadMixin, _TorchvisionResNet):
+    def __init__(self, block: type[BasicBlock], layers: list[int], num_classes: int, seg_head: bool = False):
         super().__init__(block, layers)
         self.num_classes = num_classes
         self.num_features = 512 * block.expansion
         self.fc = classifier_or_identity(self.num_features, num_classes)
         self.pretrained_cfg = imagenet_cfg("fc", num_classes)
+        # Drawn last, so a seed gives the same network with or without it.
+        self.seg_head = MaskHead(self.num_features) if seg_head else None
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -49,9 +53,9 @@ class ResNet(_TorchvisionResNet):
 
 
 @register_model("resnet18")
-def resnet18(num_classes: int, pretrained: WeightsSpec = None) -> ResNet:
+def resnet18(num_classes: int, pretrained: WeightsSpec = None, seg_head: bool = False) -> ResNet:
     """ResNet-18 (11.2M parameters without the classifier)."""
-    model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes)
+    model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes, seg_head)
     model.weights_origin = apply_pretrained(
         model, pretrained, torchvision_imagenet("resnet18"), classifier="fc", what="resnet18"
     )

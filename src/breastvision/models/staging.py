@@ -22,7 +22,8 @@ Stages per architecture (the stage that ends the feature extractor also pools, s
   pair ``(cnn_map, vit_tokens)``)
 
 The prefix and suffix share the model's parameters (they are views, not copies), so freezing the
-prefix freezes those layers of the model.
+prefix freezes those layers of the model. A model with a mask head (``seg_head``, ``models.masking``)
+gets a suffix that holds the head and has ``forward_with_mask`` too.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def split_model(model: nn.Module, first_trainable_stage: StageSpec) -> tuple[nn.
 
     The prefix is ``nn.Identity()`` when ``first_trainable_stage`` is the first stage. A per-branch
     spec (see :func:`parse_stage_spec`) cuts every branch of a composite model at its own stage.
+    With a mask head the suffix is a ``masking.MaskedSuffix`` (whose ``forward_with_mask`` needs
+    the map the head reads to be computed by the suffix's stages).
     """
     spec = parse_stage_spec(first_trainable_stage)
     if isinstance(spec, dict):
@@ -101,7 +104,12 @@ def split_model(model: nn.Module, first_trainable_stage: StageSpec) -> tuple[nn.
         )
     cut = names.index(first_trainable_stage)
     prefix = nn.Sequential(OrderedDict(modules[:cut])) if cut else nn.Identity()
-    return prefix, nn.Sequential(OrderedDict(modules[cut:]))
+    suffix = nn.Sequential(OrderedDict(modules[cut:]))
+    if getattr(model, "seg_head", None) is None:
+        return prefix, suffix
+    from breastvision.models.masking import MaskedSuffix
+
+    return prefix, MaskedSuffix(suffix, model.seg_head, model.mask_source())
 
 
 def split_stage_names(
@@ -110,8 +118,16 @@ def split_stage_names(
     """``(frozen, trainable)`` stage names of a split, as a run records them.
 
     A per-branch spec names branch stages ``cnn.stem``, ``vit.block10``...; the fusion's ``head``
-    (and ``seg_head``, when it has one) always train. Errors are :func:`split_model`'s.
+    always trains, and so does a mask head (``seg_head``, listed last), whatever the split. Errors
+    are :func:`split_model`'s.
     """
+    frozen, trainable = _split_names(model, first_trainable_stage)
+    if getattr(model, "seg_head", None) is not None:
+        trainable.append("seg_head")
+    return frozen, trainable
+
+
+def _split_names(model: nn.Module, first_trainable_stage: StageSpec | None) -> tuple[list[str], list[str]]:
     if first_trainable_stage is None:
         return [], stages(model)
     spec = parse_stage_spec(first_trainable_stage)
@@ -124,7 +140,4 @@ def split_stage_names(
         cut = names.index(spec[branch])
         frozen += [f"{branch}.{name}" for name in names[:cut]]
         trainable += [f"{branch}.{name}" for name in names[cut:]]
-    trainable.append("head")
-    if getattr(model, "seg_head", None) is not None:
-        trainable.append("seg_head")
-    return frozen, trainable
+    return frozen, [*trainable, "head"]

@@ -25,6 +25,7 @@ from torch import nn
 
 from breastvision import paths
 from breastvision.errors import BreastvisionError, one_line
+from breastvision.models.masking import MASK_HEAD_KEYS
 
 RANDOM_INIT = "random init"
 OFFLINE_ENV = "BREASTVISION_OFFLINE"
@@ -201,16 +202,22 @@ def load_into(
 ) -> dict[str, str]:
     """Copy ``state`` into ``model`` and return the ``weights_origin`` entries it accounts for.
 
-    Strict except for three deliberate cases, each reported rather than silent:
+    Strict except for four deliberate cases, each reported rather than silent:
     the classifier (keys under the ``classifier`` prefix) is skipped when its shape differs or the
     model has none (``num_classes=0``), so ImageNet or LC25000 weights seed a model with another
     number of classes; keys matching a ``new_parts`` regex (modules the checkpoint's architecture
     lacks, e.g. SE blocks added to a plain DenseNet) may be missing; BatchNorm's
-    ``num_batches_tracked`` may be missing (converted checkpoints omit it). Anything else that does
-    not fit is the user's wrong file and raises.
+    ``num_batches_tracked`` may be missing (converted checkpoints omit it); an auxiliary mask head
+    (``models.masking``, training only) is a new part of a model that has one and is left out of a
+    checkpoint by a model that has none. Anything else that does not fit is the user's wrong file
+    and raises.
     """
-    new_parts = dict(new_parts or {})
     own = model.state_dict()
+    new_parts = dict(new_parts or {})
+    if any(re.search(MASK_HEAD_KEYS, k) for k in own):
+        new_parts.setdefault("seg_head", MASK_HEAD_KEYS)
+    else:
+        state = {k: v for k, v in state.items() if not re.search(MASK_HEAD_KEYS, k)}
 
     def in_classifier(key: str) -> bool:
         return classifier is not None and (key == classifier or key.startswith(classifier + "."))
@@ -272,10 +279,15 @@ def apply_pretrained(
     adapt: Callable[[StateDict, nn.Module], StateDict] | None = None,
     what: str | None = None,
 ) -> dict[str, str]:
-    """Resolve ``spec``, adapt the checkpoint's keys to ``model`` if needed, load it; return the origin."""
+    """Resolve ``spec``, adapt the checkpoint's keys to ``model`` if needed, load it; return the
+    origin (with ``seg_head``'s when the model has a mask head)."""
     state, source = resolve(spec, imagenet, what or type(model).__name__)
     if state is None:
-        return {"backbone": RANDOM_INIT}
-    if adapt is not None:
-        state = adapt(state, model)
-    return load_into(model, state, source, classifier=classifier, new_parts=new_parts)
+        origin = {"backbone": RANDOM_INIT}
+    else:
+        if adapt is not None:
+            state = adapt(state, model)
+        origin = load_into(model, state, source, classifier=classifier, new_parts=new_parts)
+    if getattr(model, "seg_head", None) is not None:
+        origin.setdefault("seg_head", origin["backbone"])
+    return origin

@@ -12,9 +12,11 @@ its mask (``ViewDataset(masks=True)``: one draw for both). With it, each trainin
 rendered once, from the mask files alone (``ViewRenderer.render_mask``: the image is not decoded),
 and kept in memory beside the cached prefix outputs (:class:`MaskedDataset`), as a bool tensor.
 
-**The head** is the fusion's ``seg_head`` (``model.kwargs.seg_head: true``); it reads the CNN
-branch's last feature map, so that map must be computed by the trainable suffix (e.g. the split
-``cnn.denseblock4,vit.block10``). Validation, model selection, calibration and prediction never
+**The head** is the model's ``seg_head`` (``model.kwargs.seg_head: true``, ``models.masking``), on a
+single CNN (DenseNet-121(+SE), ResNet-18) or a fusion's CNN branch; it reads that CNN's last
+feature map, so that map must be computed by the trainable suffix (e.g. the split ``denseblock4``,
+or ``cnn.denseblock4,vit.block10`` for a fusion). Its logits are compared with each mask at the
+mask's size (``masking.at_size``). Validation, model selection, calibration and prediction never
 use it. With ``w = 0`` a head that was built is frozen (never trained), so the run trains exactly
 what it would without one.
 """
@@ -30,12 +32,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from breastvision.errors import BreastvisionError
+from breastvision.models.masking import at_size
 from breastvision.training.config import ExperimentConfig
 from breastvision.training.freezing import freeze
 
 
 def mask_loss(mask_logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Mean over the batch of BCE-with-logits + ``1 − soft Dice`` for B×1×H×W logits and 0/1 masks."""
+    """Mean over the batch of BCE-with-logits + ``1 − soft Dice`` for B×1×h×w logits (brought to
+    the masks' size) and B×1×H×W 0/1 masks."""
+    mask_logits = at_size(mask_logits, target.shape[-2:])
     target = target.to(mask_logits.dtype)
     bce = nn.functional.binary_cross_entropy_with_logits(mask_logits, target)
     probs = torch.sigmoid(mask_logits).flatten(1)
@@ -59,18 +64,26 @@ def prepare_mask_head(config: ExperimentConfig, model: nn.Module, suffix: nn.Mod
     if source is None:
         raise BreastvisionError(
             f"{setting} but model {config.model.name} has no mask head: mask-guided training needs a "
-            "fusion model built with one (set model.kwargs.seg_head=true)"
+            "DenseNet, a ResNet or a fusion built with one (set model.kwargs.seg_head=true)"
         )
     if not hasattr(suffix, "forward_with_mask") or not any(m is source for m in suffix.modules()):
         raise BreastvisionError(
             f"{setting} but model.first_trainable_stage '{config.model.first_trainable_stage}' freezes the "
-            "CNN feature map the mask head reads: train the CNN branch's last block (e.g. "
-            "cnn.denseblock4,vit.block10)"
+            f"CNN feature map the mask head reads: train the CNN's last block (e.g. {_last_block(model)})"
         )
     if not any(record.masks for record in records):
         raise BreastvisionError(
             f"{setting} but no training image has a lesion mask (BUSI's NAME_mask.png files)"
         )
+
+
+def _last_block(model: nn.Module) -> str:
+    """The split that trains a model's last block(s) and its head: ``denseblock4``, or per branch."""
+    from breastvision.models.staging import stages
+
+    if hasattr(model, "branch_stages"):
+        return ",".join(f"{branch}.{names[-2]}" for branch, names in model.branch_stages().items())
+    return stages(model)[-2]
 
 
 class MaskedDataset(Dataset):
@@ -120,5 +133,5 @@ def mask_dice(fabric: Fabric, suffix: nn.Module, prefix: nn.Module, dataset: Dat
     for batch in DataLoader(dataset, batch_size=batch_size):
         with fabric.autocast():
             _, mask_logits = suffix.forward_with_mask(prefix(fabric.to_device(batch[0])))
-        predicted.append(mask_logits.float().cpu() > 0)
+        predicted.append(at_size(mask_logits.float(), masks.shape[-2:]).cpu() > 0)
     return summarize_dice(torch.cat(predicted), masks)
