@@ -15,12 +15,14 @@ from breastvision.models.masking import at_size
 from breastvision.models.registry import create_model
 from breastvision.models.staging import split_model, split_stage_names
 from breastvision.models.weights import RANDOM_INIT
+from breastvision.training.feature_cache import module_hash
 from breastvision.training.freezing import freeze_before
 from breastvision.training.segmentation import mask_loss
 
 SIDE = 64
 #: Per architecture, the split that trains its last block (the one computing the map the head reads).
-LAST_BLOCK = {"densenet121": "denseblock4", "densenet121_se": "denseblock4", "resnet18": "layer4"}
+LAST_BLOCK = {"densenet121": "denseblock4", "densenet121_se": "denseblock4", "resnet18": "layer4",
+              "googlenet": "inception5"}
 
 
 def _model(name: str = "densenet121", **kwargs) -> nn.Module:
@@ -50,6 +52,8 @@ def test_split_suffix_with_mask_equals_the_whole_model(name: str) -> None:
     assert masked.model_kwargs["seg_head"] is True and masked.weights_origin["seg_head"] == RANDOM_INIT
     assert {id(p) for p in masked.seg_head.parameters()} <= {id(p) for p in suffix.parameters()}
     assert split_stage_names(masked, LAST_BLOCK[name])[1][-2:] == ["head", "seg_head"]
+    # The frozen prefix is the plain model's, so its cached outputs serve runs with and without a head.
+    assert module_hash(prefix) == module_hash(split_model(plain, LAST_BLOCK[name])[0])
     assert "seg_head" not in split_stage_names(plain, LAST_BLOCK[name])[1]
 
 
@@ -82,8 +86,8 @@ def test_a_split_that_freezes_the_map_gives_the_head_nothing_to_read() -> None:
         suffix.forward_with_mask(prefix(torch.randn(1, 3, SIDE, SIDE)))
     with pytest.raises(BreastvisionError, match="no mask head"):
         _model("resnet18").forward_with_mask(torch.randn(1, 3, SIDE, SIDE))
-    with pytest.raises(BreastvisionError, match="bad arguments for model 'googlenet'"):
-        create_model("googlenet", num_classes=2, seg_head=True)
+    with pytest.raises(BreastvisionError, match="bad arguments for model 'efficientnet_lite0'"):
+        create_model("efficientnet_lite0", num_classes=2, seg_head=True)  # a timm class: no head of its own
 
 
 def test_the_loss_compares_map_resolution_logits_at_the_mask_size() -> None:
@@ -124,3 +128,15 @@ def test_a_model_file_with_the_head_predicts_as_the_same_weights_without_it(make
     x = torch.randn(2, 3, SIDE, SIDE)
     with torch.no_grad():
         torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+
+
+def test_a_model_file_with_the_head_exports_without_it(make_model_file, tmp_path) -> None:
+    import onnx
+
+    from breastvision.serving.export import export_onnx
+
+    result = export_onnx(make_model_file("resnet18", input_size=SIDE, seg_head=True), tmp_path / "m.onnx")
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert [tuple(d.dim_value for d in o.type.tensor_type.shape.dim)[1:] for o in graph.output] == [(3,)]
+    assert not any("seg_head" in init.name for init in graph.initializer)

@@ -9,6 +9,9 @@ The baseline of paper 003's Table 4. Two choices the paper leaves open:
   expects inputs in [-1, 1]; ``transform_input`` maps an ImageNet-normalised tensor there. Keeping it
   on for random init too (a fixed affine map, harmless) means one input convention for every
   GoogLeNet and nothing extra to record in a model file.
+
+``seg_head=True`` adds the auxiliary lesion-mask head on ``inception5b`` (``models.masking``), for
+mask-guided training; classification and prediction never use it.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from torch import nn
 from torchvision.models.googlenet import GoogLeNet as _TorchvisionGoogLeNet
 
 from breastvision.models.layers import Call, classifier_or_identity, imagenet_cfg
+from breastvision.models.masking import MaskHead, MaskHeadMixin
 from breastvision.models.registry import register_model
 from breastvision.models.weights import StateDict, WeightsSpec, apply_pretrained, torchvision_imagenet
 
 
-class GoogLeNet(_TorchvisionGoogLeNet):
-    def __init__(self, num_classes: int, drop_rate: float = 0.2):
+class GoogLeNet(MaskHeadMixin, _TorchvisionGoogLeNet):
+    def __init__(self, num_classes: int, drop_rate: float = 0.2, seg_head: bool = False):
         super().__init__(
             num_classes=max(num_classes, 1),
             aux_logits=False,
@@ -35,6 +39,8 @@ class GoogLeNet(_TorchvisionGoogLeNet):
         self.num_features = 1024
         self.fc = classifier_or_identity(self.num_features, num_classes)
         self.pretrained_cfg = imagenet_cfg("fc", num_classes)
+        # Drawn last, so a seed gives the same network with or without it.
+        self.seg_head = MaskHead(self.num_features) if seg_head else None
 
     def _stem(self) -> nn.Sequential:
         return nn.Sequential(
@@ -82,9 +88,11 @@ def _drop_aux(state: StateDict, _model: nn.Module) -> StateDict:
 
 
 @register_model("googlenet")
-def googlenet(num_classes: int, pretrained: WeightsSpec = None, drop_rate: float = 0.2) -> GoogLeNet:
+def googlenet(
+    num_classes: int, pretrained: WeightsSpec = None, drop_rate: float = 0.2, seg_head: bool = False
+) -> GoogLeNet:
     """GoogLeNet without auxiliary heads (5.6M parameters without the classifier)."""
-    model = GoogLeNet(num_classes, drop_rate)
+    model = GoogLeNet(num_classes, drop_rate, seg_head)
     model.weights_origin = apply_pretrained(
         model,
         pretrained,

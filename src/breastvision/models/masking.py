@@ -36,9 +36,10 @@ def _families() -> tuple[tuple[type[nn.Module], str], ...]:
     from timm.models.efficientnet import EfficientNet
 
     from breastvision.models.densenet import DenseNet
+    from breastvision.models.googlenet import GoogLeNet
     from breastvision.models.resnet import ResNet
 
-    return (DenseNet, "features.norm5"), (ResNet, "layer4"), (EfficientNet, "bn2")
+    return (DenseNet, "features.norm5"), (ResNet, "layer4"), (GoogLeNet, "inception5b"), (EfficientNet, "bn2")
 
 
 def spatial_layer(cnn: nn.Module) -> nn.Module:

@@ -171,8 +171,8 @@ class TrainConfig:
     sampler: Literal["shuffle", "balanced"] = "shuffle"
     #: Weight ``w`` of the auxiliary lesion-mask loss (training loss CE + w · mask loss,
     #: ``training.segmentation``); > 0 needs a model built with ``model.kwargs.seg_head: true``
-    #: (DenseNet-121(+SE), ResNet-18, or a fusion on their or EfficientNet's map), its CNN's last
-    #: block trainable and training images with masks (BUSI).
+    #: (DenseNet-121(+SE), ResNet-18, GoogLeNet, or a fusion on their or EfficientNet's map), its
+    #: CNN's last block trainable and training images with masks (BUSI).
     mask_loss_weight: float = Field(default=0.0, ge=0)
     #: Mixup (Zhang et al. 2018) with ``λ ~ Beta(α, α)``, α this value (0: off): every training batch
     #: is blended with a shuffled copy of itself, ``λ·a + (1 − λ)·b``, the loss (and lesion masks)

@@ -13,7 +13,7 @@ rendered once, from the mask files alone (``ViewRenderer.render_mask``: the imag
 and kept in memory beside the cached prefix outputs (:class:`MaskedDataset`), as a bool tensor.
 
 **The head** is the model's ``seg_head`` (``model.kwargs.seg_head: true``, ``models.masking``), on a
-single CNN (DenseNet-121(+SE), ResNet-18) or a fusion's CNN branch; it reads that CNN's last
+single CNN (DenseNet-121(+SE), ResNet-18, GoogLeNet) or a fusion's CNN branch; it reads that CNN's last
 feature map, so that map must be computed by the trainable suffix (e.g. the split ``denseblock4``,
 or ``cnn.denseblock4,vit.block10`` for a fusion). Its logits are compared with each mask at the
 mask's size (``masking.at_size``). Validation, model selection, calibration and prediction never
@@ -64,7 +64,7 @@ def prepare_mask_head(config: ExperimentConfig, model: nn.Module, suffix: nn.Mod
     if source is None:
         raise BreastvisionError(
             f"{setting} but model {config.model.name} has no mask head: mask-guided training needs a "
-            "DenseNet, a ResNet or a fusion built with one (set model.kwargs.seg_head=true)"
+            "DenseNet, ResNet, GoogLeNet or fusion built with one (set model.kwargs.seg_head=true)"
         )
     if not hasattr(suffix, "forward_with_mask") or not any(m is source for m in suffix.modules()):
         raise BreastvisionError(
