@@ -88,7 +88,8 @@ def test_evaluate_external_manifest(tmp_path: Path, model_file: Path, manifest: 
     assert {r["path"]: r["true_label"] for r in rows} == expected
     assert all(abs(float(r["p_malignant"]) + float(r["p_benign"]) - 1) < 1e-5 for r in rows)
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["tta"] is True and len(config["model_sha256"]) == 64
+    # The model's own view set: its lineage names no modality, so the 8 dihedral views.
+    assert config["tta"] == "dihedral8" and len(config["model_sha256"]) == 64
     assert "random init" in (out / "report.md").read_text()  # the model file's lineage
     assert "P_arp" in capsys.readouterr().out
 

@@ -105,18 +105,21 @@ class Model:
         """The model card: architecture, classes, pre-processing, lineage, metrics, file hash."""
         return self._predictor.card()
 
-    def predict(self, image: ImageInput, *, tta: bool = False) -> Result:
-        """Class probabilities of one image; ``tta`` averages the 8 dihedral views."""
+    def predict(self, image: ImageInput, *, tta: bool | str = False) -> Result:
+        """Class probabilities of one image; ``tta=True`` averages the model file's own test-time
+        view set (``hflip`` for ultrasound models, ``dihedral8`` for histology: ``card()["tta"]``),
+        ``tta="hflip"`` or ``"dihedral8"`` that set."""
         tensor = self._predictor.preprocess(as_image(image)).unsqueeze(0)
         rows, scores, _ = self._predictor.assess(tensor, tta=tta)
         p = self._predictor.judge("image", Path("image"), rows[0], None if scores is None else scores[0])
         return Result(p.predicted, p.probabilities, p.decisions, p.out_of_scope, p.scope_score, p.decision)
 
     def predict_folder(
-        self, *paths: str | os.PathLike, tta: bool = False, batch_size: int = 8
+        self, *paths: str | os.PathLike, tta: bool | str = False, batch_size: int = 8
     ) -> PredictionRun:
         """Every image under the files and folders given (``serving.predict.predict_paths``):
-        ``.predictions`` (name, path, probabilities, predicted) and ``.skipped`` (path, reason)."""
+        ``.predictions`` (name, path, probabilities, predicted), ``.skipped`` (path, reason) and
+        ``.tta`` (the view set averaged; ``tta`` as for :meth:`predict`)."""
         from breastvision.serving.predict import predict_paths
 
         return predict_paths(self._predictor, paths, tta=tta, batch_size=batch_size)

@@ -48,6 +48,8 @@ class Catalog:
     skipped: list[Skipped] = field(default_factory=list)
     #: How ``Record.group`` was formed, e.g. ``"slide"``, ``"patient"``, ``"tile_group"``.
     grouping: str = "image"
+    #: The reader's facts: ``format``, ``read_options``, ``source``, and for BUSI, BreakHis and
+    #: LC25000 the imaging ``modality`` (``models.tta``: it decides a model's test-time views).
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:

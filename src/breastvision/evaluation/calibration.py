@@ -4,7 +4,10 @@ Temperature scaling (Guo et al., 2017, "On calibration of modern neural networks
 logits by one scalar ``T`` fitted on held-out (validation) data by minimising the negative log
 likelihood; it leaves the arg-max, hence accuracy, unchanged and only makes the probabilities
 mean what they say. Log-probabilities are valid logits here (softmax ignores a per-row shift), so
-a run that kept only probabilities can be calibrated from ``np.log(probs)``.
+a run that kept only probabilities can be calibrated from ``np.log(probs)``. Under test-time
+augmentation the logits are a V×N×K stack, one N×K per view, and the probability is what the
+predictors give: the mean over the views of ``softmax(logits / T)`` (:func:`calibrated_probabilities`),
+so the temperature is fitted for that mean, not for any one view.
 
 The expected calibration error is the top-label one of the same paper: images are put into
 ``n_bins`` equal-width bins of their highest probability (the confidence), and ECE is the
@@ -19,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.special import log_softmax, logsumexp, softmax
 
 from breastvision.errors import BreastvisionError
 
@@ -33,26 +36,41 @@ _LOG_T_BOUNDS = (np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1]))
 
 def _check_logits(logits: np.ndarray, y: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
-    if z.ndim != 2 or z.shape[1] < 2:
-        raise BreastvisionError(f"logits must be (n_images, n_classes >= 2), got shape {z.shape}")
+    if z.ndim not in (2, 3) or z.shape[-1] < 2 or (z.ndim == 3 and z.shape[0] < 1):
+        raise BreastvisionError(f"logits must be ([n_views,] n_images, n_classes >= 2), got shape {z.shape}")
     if not np.isfinite(z).all():
         raise BreastvisionError("logits contain NaN or infinite values (log of a zero probability?)")
-    if y is not None and np.asarray(y).shape != (z.shape[0],):
-        raise BreastvisionError(f"{z.shape[0]} rows of logits but labels of shape {np.asarray(y).shape}")
+    if y is not None and np.asarray(y).shape != (z.shape[-2],):
+        raise BreastvisionError(f"{z.shape[-2]} rows of logits but labels of shape {np.asarray(y).shape}")
     return z
+
+
+def _log_probabilities(z: np.ndarray, temperature: float) -> np.ndarray:
+    """N×K log of :func:`calibrated_probabilities`, computed stably."""
+    log_p = log_softmax(z / temperature, axis=-1)
+    return log_p if z.ndim == 2 else logsumexp(log_p, axis=0) - np.log(z.shape[0])
+
+
+def calibrated_probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """``softmax(logits / temperature)`` of N×K logits; of a V×N×K view stack, its mean over the
+    views (module docstring)."""
+    z = _check_logits(logits)
+    probs = softmax(z / temperature, axis=-1)
+    return probs if z.ndim == 2 else probs.mean(axis=0)
 
 
 def negative_log_likelihood(
     logits: np.ndarray, y: Sequence[int] | np.ndarray, temperature: float = 1.0
 ) -> float:
-    """Mean NLL of the true classes under ``softmax(logits / temperature)``."""
+    """Mean NLL of the true classes under :func:`calibrated_probabilities`."""
     z = _check_logits(logits, y)
     labels = np.asarray(y, dtype=np.int64)
-    return float(-log_softmax(z / temperature, axis=1)[np.arange(labels.size), labels].mean())
+    return float(-_log_probabilities(z, temperature)[np.arange(labels.size), labels].mean())
 
 
 class TemperatureScaler:
-    """One temperature for all logits, scikit-learn style: ``fit(logits, y)`` then ``transform``.
+    """One temperature for all logits, scikit-learn style: ``fit(logits, y)`` then ``transform``;
+    logits are N×K, or a V×N×K stack of views (module docstring).
 
     ``temperature_`` > 1 softens an over-confident model, < 1 sharpens an under-confident one.
     ``nll_before_`` / ``nll_after_`` are the fitting data's NLL at ``T = 1`` and at the fit.
@@ -67,7 +85,8 @@ class TemperatureScaler:
         labels = np.asarray(y, dtype=np.int64)
         if labels.size == 0:
             raise BreastvisionError("temperature scaling needs at least one validation image")
-        # NLL is convex in 1/T, so it has one minimum along log T: a bounded Brent search finds it.
+        # One view's NLL is convex in 1/T, so it has one minimum along log T: a bounded Brent search
+        # finds it (and the minimum within the range for a view stack's mean, convex or not).
         result = minimize_scalar(lambda log_t: negative_log_likelihood(z, labels, float(np.exp(log_t))),
                                  bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-5})
         self.temperature_ = float(np.exp(result.x))
@@ -76,10 +95,10 @@ class TemperatureScaler:
         return self
 
     def transform(self, logits: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities ``softmax(logits / temperature_)``."""
+        """Calibrated probabilities (:func:`calibrated_probabilities` at ``temperature_``)."""
         if not hasattr(self, "temperature_"):
             raise BreastvisionError("TemperatureScaler.transform called before fit")
-        return softmax(_check_logits(logits) / self.temperature_, axis=1)
+        return calibrated_probabilities(logits, self.temperature_)
 
     def fit_transform(self, logits: np.ndarray, y: Sequence[int] | np.ndarray) -> np.ndarray:
         return self.fit(logits, y).transform(logits)

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from breastvision.devices import add_device_option
-from breastvision.serving.cli import add_operating_point_option
+from breastvision.serving.cli import add_operating_point_option, add_tta_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="part of --split to evaluate (default: test)")
     parser.add_argument("--fold", type=int, help="fold of a k-fold --split whose test part is evaluated")
     parser.add_argument("--out", type=Path, help="report folder (default: runs/evaluate/MODEL_SOURCE)")
-    parser.add_argument("--tta", action="store_true", help="average the 8 dihedral views (rotations × flip)")
+    add_tta_options(parser)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default: 0)")
     add_device_option(parser)

@@ -4,7 +4,8 @@ The command's arguments are declared in ``evaluation.cli``, which imports this m
 the command runs (torch and numpy are slow to import; ``breastvision --help`` should not wait).
 
 Images are scored by the one predictor (``serving.predict``: the model file's pre-processing,
-fitted stain normaliser included, optional TTA, ``--device``, calibrated probabilities, decisions at
+fitted stain normaliser included, optional TTA (``--tta``: the model file's own view set, or
+``--tta-views``), ``--device``, calibrated probabilities, decisions at
 the stored operating points, the out-of-scope flag), exactly as ``predict`` scores them, so the
 same command scores the test split of a training run, held-out patients or
 another hospital's images. Labels are matched to the model's classes *by name*, never by index:
@@ -151,7 +152,7 @@ def _inputs(model: Path, source: str, data: str | None, split_file: Path | None,
     return _Inputs(predictor, catalog, records, views)
 
 
-def _score(inputs: _Inputs, *, tta: bool, batch_size: int, workers: int, progress: bool) -> Scored:
+def _score(inputs: _Inputs, *, tta: str | None, batch_size: int, workers: int, progress: bool) -> Scored:
     """The predictor over the records' (file, view) pairs; a one-line error when none could be read."""
     from breastvision.serving.predict import score_items
     from breastvision.training.progress import progress_bar
@@ -170,6 +171,7 @@ def _score(inputs: _Inputs, *, tta: bool, batch_size: int, workers: int, progres
 def _record(inputs: _Inputs, model_path: Path, settings: dict[str, Any], seconds: float,
             unreadable: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """What the report says about the evaluation: its configuration, facts and weights' origin."""
+    from breastvision.data.transforms import describe_tta
     from breastvision.paths import file_sha256
 
     bundle, catalog, n = inputs.bundle, inputs.catalog, len(inputs.records)
@@ -187,7 +189,7 @@ def _record(inputs: _Inputs, model_path: Path, settings: dict[str, Any], seconds
         "inference time (s)": round(seconds, 2),
         "images / s": round(n / seconds, 1) if seconds > 0 else None,
         "device": settings["device"],
-        "test-time augmentation": "8 dihedral views" if settings["tta"] else "none",
+        "test-time augmentation": describe_tta(settings["tta"]),
         "files skipped by the reader": len(catalog.skipped),
         "images that could not be decoded": unreadable,
         "patient-level metrics": f"yes (groups: {catalog.grouping})" if patients
@@ -236,7 +238,7 @@ def evaluate_model(
     subset: str = "test",
     fold: int | None = None,
     out: str | Path | None = None,
-    tta: bool = False,
+    tta: bool | str | None = False,
     batch_size: int = 32,
     workers: int = 0,
     device: str = "auto",
@@ -249,7 +251,8 @@ def evaluate_model(
 ) -> Evaluation:
     """Evaluate a model file on a dataset name, image folder or manifest (or one ``subset`` of a
     ``split`` file) and write a report folder (module docstring); the arguments are the
-    ``breastvision evaluate`` command's."""
+    ``breastvision evaluate`` command's (``tta``: ``serving.predict.TtaChoice``; the report's
+    ``tta`` names the view set averaged)."""
     from breastvision.evaluation.report import calibration_entry, evaluate_predictions, write_report
 
     if batch_size < 1:
@@ -257,6 +260,7 @@ def evaluate_model(
     model, split = Path(model), Path(split) if split else None
     inputs = _inputs(model, source, data, split, subset, fold, device, operating_point)
     bundle, catalog, records, views = inputs.bundle, inputs.catalog, inputs.records, inputs.views
+    tta = inputs.predictor.resolve_tta(tta)
     mapping = class_mapping(catalog.class_names, bundle.class_names, {r.label for r in records})
     start = time.perf_counter()
     scored = _score(inputs, tta=tta, batch_size=batch_size, workers=workers, progress=progress)
@@ -294,12 +298,14 @@ def evaluate_model(
 def run(args: argparse.Namespace) -> int:
     """The ``breastvision evaluate`` command: :func:`evaluate_model` with its arguments."""
     from breastvision.evaluation.report import print_headline
+    from breastvision.serving.cli import tta_choice
     from breastvision.training.progress import wanted
 
     resolve_device(args.device)  # an absent device is said before the data is read
     result = evaluate_model(
         args.model, args.source, data=args.data, split=args.split, subset=args.subset, fold=args.fold,
-        out=args.out, tta=args.tta, batch_size=args.batch_size, workers=args.workers, device=args.device,
+        out=args.out, tta=tta_choice(args), batch_size=args.batch_size, workers=args.workers,
+        device=args.device,
         operating_point=args.operating_point, positive=args.positive, patient_level=args.patient_level,
         n_resamples=args.n_resamples, seed=args.seed, progress=wanted("auto"),
     )

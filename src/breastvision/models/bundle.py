@@ -11,6 +11,10 @@ folder, a training checkpoint, an empty, truncated or foreign file) and validate
 (pydantic, as the training configs are) before anything is built from it, each with a one-line
 error naming the file. Normalisation takes exactly three values per statistic, one per RGB
 channel: a one-value ``mean`` is refused rather than broadcast, since no file written here has one.
+
+**Test-time augmentation.** A file names the view set ``--tta`` averages (``tta``: ``dihedral8`` or
+``hflip``), chosen when it was trained; files written before the field get the set of the modality
+they record (``models.tta``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from pydantic import (
 from pydantic import dataclasses as pydantic_dataclasses
 
 from breastvision.errors import BreastvisionError, describe_validation_error, one_line
+from breastvision.models.tta import TtaSet, recorded_modality, tta_for
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -228,6 +233,8 @@ class ModelMetadata(BaseModel):
     #: An ensemble's members (``models.ensemble``); absent in single-model files.
     ensemble: Ensemble | None = None
     scope: ScopeMetadata | None = None
+    #: The view set ``--tta`` averages (``models.tta``); absent in older files.
+    tta: TtaSet | None = None
 
     _distinct = field_validator("class_names")(_unique)
 
@@ -286,6 +293,8 @@ class ModelBundle:
     #: ``models.scope.Scope`` (``None``: not fitted, as in older files); its tensors are saved beside
     #: the weights under ``scope.*`` and are not part of ``state_dict``.
     scope: Any = None
+    #: The test-time augmentation view set the file records (``None``: an older file, :attr:`default_tta`).
+    tta: str | None = None
     #: The file this bundle was read from (named in errors); not part of the metadata.
     source: Path | None = field(default=None, repr=False, compare=False)
 
@@ -303,7 +312,7 @@ class ModelBundle:
             # Written only when fitted, so a file without them stays readable by older releases.
             **{k: v for k, v in (("calibration", self.calibration),
                                  ("operating_points", self.operating_points),
-                                 ("ensemble", self.ensemble)) if v is not None},
+                                 ("ensemble", self.ensemble), ("tta", self.tta)) if v is not None},
             **({"scope": self.scope.metadata()} if self.scope is not None else {}),
         }
 
@@ -311,6 +320,12 @@ class ModelBundle:
     def temperature(self) -> float:
         """What logits are divided by before the softmax: the fitted temperature, else 1."""
         return float(self.calibration["temperature"]) if self.calibration else 1.0
+
+    @property
+    def default_tta(self) -> str:
+        """The view set ``--tta`` averages: the file's ``tta``, else that of the modality it records
+        (``models.tta``)."""
+        return self.tta or tta_for(recorded_modality(self.metadata()))
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -378,6 +393,7 @@ class ModelBundle:
             operating_points=valid.operating_points.model_dump() if valid.operating_points else None,
             ensemble=meta["ensemble"] if valid.ensemble else None,  # validated, kept as written
             scope=scope,
+            tta=valid.tta,
             source=Path(source) if isinstance(source, Path) else None,
         )
 

@@ -21,6 +21,9 @@ resulting probabilities, applied by every predictor as for a single model. A cro
 folds cannot give them (each image is in some member's training data). Nor are
 their out-of-scope statistics (``models.scope``): each member's were fitted on its own features, and
 an ensemble's flag would need a rule for combining them, so an ensemble file has no scope flag.
+Its test-time augmentation set (``--tta``) is its members' when they agree, else the one whose
+views they all accept (``models.tta.common_tta``: a histology member's 8 views include an
+ultrasound member's two).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch import nn
 
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import MODEL_FILE_NAME, ModelBundle
+from breastvision.models.tta import common_tta
 
 ARCHITECTURE = "ensemble"
 COMBINE = "mean of calibrated probabilities"
@@ -109,6 +113,7 @@ def combine(bundles: Sequence[ModelBundle], names: Sequence[str] | None = None) 
         preprocessing=first.preprocessing,
         lineage=[{"stage": "ensemble", "members": names}],
         ensemble={"members": [_without_scope(b.metadata()) for b in parts], "combine": COMBINE},
+        tta=common_tta(b.default_tta for b in parts),
     )
 
 

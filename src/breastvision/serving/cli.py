@@ -9,6 +9,7 @@ from pathlib import Path
 
 from breastvision.devices import add_device_option
 from breastvision.errors import BreastvisionError
+from breastvision.models.tta import TTA_SETS
 
 #: Skipped files listed one by one before the rest are only counted by reason.
 _SKIPPED_SHOWN = 20
@@ -22,6 +23,22 @@ def add_operating_point_option(parser: argparse.ArgumentParser, what: str) -> No
                         "other class (default: the most probable class)")
 
 
+def add_tta_options(parser: argparse.ArgumentParser, what: str = "probabilities") -> None:
+    """``--tta`` (the model file's own view set) and ``--tta-views SET`` (another); read back by
+    :func:`tta_choice`."""
+    parser.add_argument("--tta", action="store_true",
+                        help=f"test-time augmentation: average the {what} over the model file's own view "
+                        "set (hflip, the image and its mirror, for ultrasound models; dihedral8, the 8 "
+                        "rotations/flips, for histology; the output names the set)")
+    parser.add_argument("--tta-views", choices=TTA_SETS, metavar="SET",
+                        help=f"average over this view set instead ({', '.join(TTA_SETS)}; implies --tta)")
+
+
+def tta_choice(args: argparse.Namespace) -> bool | str:
+    """What ``--tta`` / ``--tta-views`` ask of a predictor (``serving.predict.TtaChoice``)."""
+    return args.tta_views or args.tta
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     predict = subparsers.add_parser(
         "predict", help="class probabilities for image files and folders (model file or ONNX)",
@@ -31,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("model", type=Path, help=_MODEL_HELP)
     predict.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files and folders")
     predict.add_argument("--out", type=Path, help="write the table to this .csv or .json (default: print it)")
-    predict.add_argument("--tta", action="store_true", help="average over the 8 rotations/flips")
+    add_tta_options(predict)
     predict.add_argument("--explain", type=Path, metavar="DIR", help="save Grad-CAM overlay PNGs here")
     predict.add_argument("--method", default="gradcam", help="CAM method for --explain (default gradcam)")
     predict.add_argument("--target-layer", action="append", metavar="MODULE",
@@ -66,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB (default 20)")
     serve.add_argument("--max-megapixels", type=float, default=40.0, help="largest image (default 40 MP)")
-    serve.add_argument("--tta", action="store_true", help="average predictions over the 8 rotations/flips")
+    add_tta_options(serve, "answers' probabilities")
     serve.add_argument("--backend", choices=["auto", "pytorch", "onnxruntime"], default="auto",
                        help="where forward passes run; a .safetensors file is exported to ONNX on start "
                        "for onnxruntime, which is faster on CPUs (bench/bench_serving.py). auto (the "
@@ -91,6 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _predict(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
+    from breastvision.data.transforms import describe_tta
     from breastvision.serving.predict import load_predictor, predict_paths, write_results
 
     if args.batch_size < 1:
@@ -105,13 +123,15 @@ def _predict(args: argparse.Namespace) -> int:
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("predicting", total=None)
         run = predict_paths(
-            predictor, args.paths, tta=args.tta, batch_size=args.batch_size, frame=frame,
+            predictor, args.paths, tta=tta_choice(args), batch_size=args.batch_size, frame=frame,
             explain_dir=args.explain, explain_method=args.method, target_layers=args.target_layer,
             on_batch=lambda n: progress.advance(task, n),
         )
     if args.out:
         write_results(run, args.out)
         print(f"wrote {len(run.predictions)} predictions to {args.out}")
+        if run.tta:
+            print(f"test-time augmentation: {describe_tta(run.tta)}")
     else:
         _print_table(run)
     _report_skipped(run)
@@ -137,7 +157,8 @@ def _print_table(run) -> None:  # noqa: ANN001 - a PredictionRun
     from breastvision.paths import printable
     from breastvision.serving.predict import decision_columns
 
-    table = Table(title=f"{run.model['architecture']} ({run.model['backend']}{', TTA' if run.tta else ''})")
+    tta = f", TTA {run.tta}" if run.tta else ""
+    table = Table(title=f"{run.model['architecture']} ({run.model['backend']}{tta})")
     table.add_column("image", overflow="fold")  # wrapped, never cut: rows must stay distinguishable
     table.add_column("predicted")
     if run.decision_rule != "argmax":
@@ -194,7 +215,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     print(f"breastvision: serving {args.model} on http://{args.host}:{args.port}/  (Ctrl-C stops)")
     serve(
-        args.model, host=args.host, port=args.port, backend=args.backend, tta=args.tta, device=args.device,
+        args.model, host=args.host, port=args.port, backend=args.backend, tta=tta_choice(args),
+        device=args.device,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=int(args.max_megapixels * 1_000_000), max_batch=args.max_batch,
         inference_workers=args.inference_workers,

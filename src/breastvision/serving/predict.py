@@ -22,10 +22,14 @@ Choices recorded here:
   (``cine.dcm#frame=3``). Single-frame images are predicted as they are.
 - **Bad files** (unreadable, not an image, truncated, too small, a decompression bomb, a stain
   normaliser failure) become ``Skipped(path, reason)`` entries, listed with the results.
-- **Test-time augmentation** averages the softmax probabilities over the 8 dihedral views
-  (``data.transforms.view_logits``), the group of 90° rotations and flips under which a
-  histopathology or ultrasound field keeps its class; averaging probabilities rather than logits
-  keeps every view's vote bounded.
+- **Test-time augmentation** averages the softmax probabilities over a named view set
+  (``data.transforms.TTA_VIEWS``, by ``data.transforms.view_logits``): ``dihedral8``, the 8 rotations
+  and flips under which a histopathology field keeps its class, or ``hflip``, the image and its
+  mirror, all an ultrasound allows (its depth axis runs top-down). ``tta=True`` (``--tta``) takes the
+  model file's own set (``ModelBundle.default_tta``: ``hflip`` for ultrasound models, ``dihedral8``
+  for histology), a set's name (``--tta-views``) overrides it, and every output names the set it
+  averaged (:meth:`Predictor.resolve_tta`). Averaging probabilities rather than logits keeps every
+  view's vote bounded.
 - **ONNX** exports (``serving.export``) end in a softmax, so onnxruntime returns probabilities.
 - **Calibration.** Probabilities are ``softmax(logits / T)`` with the model file's fitted temperature
   ``T`` (1 for files without one), in :meth:`Predictor.assess`, the one place every consumer
@@ -73,7 +77,7 @@ from breastvision.data import dicom
 from breastvision.data.io import BadImageError, file_problem, is_image_file, load_image
 from breastvision.data.readers._common import walk_files
 from breastvision.data.records import Skipped
-from breastvision.data.transforms import DIHEDRAL_8, apply_view, preprocess_image, view_logits
+from breastvision.data.transforms import apply_view, preprocess_image, tta_views, view_logits
 from breastvision.errors import BreastvisionError, one_line
 from breastvision.models.bundle import ModelBundle, Preprocessing, check_model_path
 from breastvision.paths import file_sha256, printable
@@ -84,6 +88,9 @@ log = logging.getLogger(__name__)
 MASK_PATTERN = "*_mask*"
 #: Key of the model metadata in an ONNX file's ``metadata_props``, as in the model file.
 ONNX_METADATA_KEY = "breastvision"
+#: What a caller asks of test-time augmentation: ``True`` the model file's own view set, a set's name
+#: (``dihedral8``, ``hflip``), ``False`` / ``None`` none (:meth:`Predictor.resolve_tta`).
+TtaChoice = bool | str | None
 
 
 def is_mask(path: Path) -> bool:
@@ -263,16 +270,32 @@ class Predictor(ABC):
         """V×B×K logits of each view and, where the model has a scope, the scores of the images as given."""
         return view_logits(self.logits, batch, views), None
 
-    def assess(self, batch: torch.Tensor, tta: bool = False) -> Assessment:
+    def resolve_tta(self, tta: TtaChoice) -> str | None:
+        """The name of the view set ``tta`` asks for (:data:`TtaChoice`): ``True`` the model file's
+        own (``ModelBundle.default_tta``), a name itself (checked), ``False`` / ``None``: none."""
+        if tta is True:
+            return self.info.default_tta
+        if not tta:
+            return None
+        tta_views(tta)  # an unknown name is a one-line error
+        return str(tta)
+
+    def tta_card(self) -> dict[str, Any]:
+        """The view set ``--tta`` averages for this model, its views, and whether the file records
+        it (else it follows from the modality the file records: ``models.bundle``)."""
+        name = self.info.default_tta
+        return {"set": name, "views": list(tta_views(name)), "recorded": self.info.tta is not None}
+
+    def assess(self, batch: torch.Tensor, tta: TtaChoice = False) -> Assessment:
         """For a B×C×H×W batch: ``softmax(logits / T)`` (``T`` the model file's temperature, 1 without
-        one), with ``tta`` the mean over the 8 dihedral views; the scope scores; and the same
-        probabilities at ``T = 1``."""
-        logits, scores = self._view_logits(batch, DIHEDRAL_8 if tta else ("identity",))
+        one), with ``tta`` the mean over that view set's views (:meth:`resolve_tta`); the scope
+        scores; and the same probabilities at ``T = 1``."""
+        logits, scores = self._view_logits(batch, tta_views(self.resolve_tta(tta)))
         temperature = self.info.temperature
         return Assessment(torch.softmax(logits / temperature, 2).mean(0).numpy(), scores,
                           torch.softmax(logits, 2).mean(0).numpy())
 
-    def probabilities(self, batch: torch.Tensor, tta: bool = False) -> np.ndarray:
+    def probabilities(self, batch: torch.Tensor, tta: TtaChoice = False) -> np.ndarray:
         """B×K calibrated probabilities (:meth:`assess`)."""
         return self.assess(batch, tta).probs
 
@@ -290,6 +313,7 @@ class Predictor(ABC):
         name and SHA-256 and which back-end runs it."""
         return {
             **self.info.public_metadata(),
+            "tta": self.tta_card(),
             "source": {"file": self.source.name, "sha256": file_sha256(self.source), "backend": self.backend,
                        "explainable": self.can_explain},
         }
@@ -441,7 +465,8 @@ class PredictionRun:
     masks_ignored: int
     class_names: list[str]
     model: dict[str, Any]
-    tta: bool
+    #: The test-time augmentation view set averaged (``None``: none).
+    tta: str | None
     #: The model file's operating points (``ModelBundle.operating_points``), ``None`` without them.
     operating_points: dict[str, Any] | None = None
     #: What ``decision`` follows: ``argmax`` or a stored operating point's name.
@@ -506,7 +531,7 @@ def score_items(
     predictor: Predictor,
     items: Sequence[tuple[Path, str | None]],
     *,
-    tta: bool = False,
+    tta: TtaChoice = False,
     batch_size: int = 8,
     workers: int = 0,
     render: Callable[[Path, str | None], torch.Tensor] | None = None,
@@ -565,7 +590,7 @@ def predict_paths(
     predictor: Predictor,
     inputs: Iterable[str | os.PathLike],
     *,
-    tta: bool = False,
+    tta: TtaChoice = False,
     batch_size: int = 8,
     frame: int | None = None,
     explain_dir: Path | None = None,
@@ -575,13 +600,15 @@ def predict_paths(
 ) -> PredictionRun:
     """Predict every image under ``inputs``; with ``explain_dir``, save Grad-CAM overlays there.
 
-    Heat-maps explain the predicted class (after TTA when it is on). ``frame`` picks one frame of
+    Heat-maps explain the predicted class (after TTA when it is on; ``tta``: :data:`TtaChoice`,
+    the run records the set's name). ``frame`` picks one frame of
     multi-frame DICOM files (None: all). ``on_batch`` is told how many images each finished batch
     held, for progress bars.
     """
     if explain_dir is not None and not predictor.can_explain:
         raise BreastvisionError("--explain needs the .safetensors model file (Grad-CAM needs PyTorch)")
     found = discover_images(inputs, frame)
+    tta = predictor.resolve_tta(tta)
     scored = score_items(predictor, [(path, None) for path, _ in found.images], tta=tta,
                          batch_size=batch_size, on_batch=on_batch)
     skipped = [*found.skipped, *(Skipped(found.images[i][0], r) for i, r in sorted(scored.failures.items()))]
@@ -627,6 +654,7 @@ def write_results(run: PredictionRun, out: Path) -> Path:
     document = {
         "model": run.model,
         "tta": run.tta,
+        "tta_views": list(tta_views(run.tta)),
         "class_names": run.class_names,
         "decision_rule": run.decision_rule,
         **({"operating_points": run.operating_points} if run.operating_points else {}),

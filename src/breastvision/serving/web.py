@@ -317,7 +317,7 @@ class InferenceService:
 
     def __init__(
         self, predictor: Predictor, *, explain_file: Path | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS, tta: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS, tta: bool | str | None = False,
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES, max_batch: int = DEFAULT_MAX_BATCH,
         batch_wait_s: float = DEFAULT_BATCH_WAIT_S, inference_workers: int = 1,
     ) -> None:
@@ -325,7 +325,8 @@ class InferenceService:
         self.explain_file = explain_file
         self.can_explain = predictor.can_explain or explain_file is not None
         self.max_pixels = max_pixels
-        self.tta = tta
+        #: The view set every answer averages (``None``: none), named in each answer.
+        self.tta = predictor.resolve_tta(tta)
         self.card = predictor.card()
         self.card["source"]["explainable"] = self.can_explain
         first_size = predictor.preprocessing.resize or predictor.preprocessing.input_size
@@ -501,7 +502,7 @@ def create_app(
     backend: str | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    tta: bool = False,
+    tta: bool | str | None = False,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     max_batch: int = DEFAULT_MAX_BATCH,
     batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
@@ -516,7 +517,10 @@ def create_app(
     passes on onnxruntime by exporting it on start; "auto" does so unless the export fails.
     ``device``: where a model given by path runs (``devices.resolve_device``). ``operating_point``:
     the stored operating point the answer's ``decision`` (the page's headline) follows (``None``: the
-    most probable class); an unknown name is a one-line error listing the stored ones.
+    most probable class); an unknown name is a one-line error listing the stored ones. ``tta``
+    (``serving.predict.TtaChoice``: ``True`` the model file's own view set, or a set's name): every
+    answer averages that set and names it (``tta``; ``null``: none); the card's ``tta`` gives the
+    model's own set.
     """
     predictor, explain_file = _predictor(model, backend, device, operating_point)
     service = InferenceService(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from breastvision.devices import add_device_option
 from breastvision.errors import BreastvisionError
+from breastvision.serving.cli import add_tta_options, tta_choice
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="p(positive) at which a tile counts as positive (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass (default 16)")
-    parser.add_argument("--tta", action="store_true", help="average over the 8 rotations/flips")
+    add_tta_options(parser, "tiles' probabilities")
     parser.add_argument("--heatmap-size", type=int, default=2048, help="longest side of the heat-map PNG")
     add_device_option(parser)
     parser.set_defaults(func=_predict_slide)
@@ -64,7 +65,7 @@ def _predict_slide(args: argparse.Namespace) -> int:
             try:
                 run = predict_slide(
                     predictor, path, model_mpp, slide_mpp=slide_mpp, min_tissue=args.min_tissue,
-                    batch_size=args.batch_size, tta=args.tta, thumbnail_side=args.heatmap_size,
+                    batch_size=args.batch_size, tta=tta_choice(args), thumbnail_side=args.heatmap_size,
                     on_start=lambda name, n: progress.update(task, description=name, completed=0, total=n),
                     on_batch=lambda n: progress.advance(task, n),
                 )

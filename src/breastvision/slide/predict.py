@@ -53,7 +53,8 @@ class SlideRun:
     thumbnail_downsample: tuple[float, float]
     seconds: float
     min_tissue: float
-    tta: bool
+    #: The test-time augmentation view set averaged per tile (``None``: none).
+    tta: str | None
 
 
 def _thumbnail_side(dimensions: tuple[int, int], size0: tuple[int, int], wanted: int) -> int:
@@ -71,7 +72,7 @@ def predict_slide(
     slide_mpp: tuple[float, float] | None = None,
     min_tissue: float = 0.5,
     batch_size: int = 16,
-    tta: bool = False,
+    tta: bool | str | None = False,
     thumbnail_side: int = 2048,
     on_start: Callable[[str, int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
@@ -80,11 +81,12 @@ def predict_slide(
 
     The thumbnail kept for the heat-map is about ``thumbnail_side`` pixels (more when the tissue
     mask needs it). ``on_start(name, n_tiles)`` is called once the tissue tiles are known,
-    ``on_batch(n)`` after each batch, for progress bars.
+    ``on_batch(n)`` after each batch, for progress bars. ``tta``: ``serving.predict.TtaChoice``.
     """
     if not 0.0 <= min_tissue <= 1.0:
         raise BreastvisionError(f"--min-tissue must be in [0, 1], got {min_tissue}")
     started = time.perf_counter()
+    tta = predictor.resolve_tta(tta)
     slide = open_slide(path, slide_mpp)
     try:
         geometry = tile_geometry(

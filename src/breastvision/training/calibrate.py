@@ -51,9 +51,10 @@ def calibrate(
     val_logits: torch.Tensor, val_labels: Sequence[int], class_names: Sequence[str],
     say: Callable[[str], None] = log.info, fitted_on: str = "validation",
 ) -> Calibrated:
-    """Fit the temperature on validation logits (one row per validation item) and choose the
-    operating points on the calibrated probabilities (module docstring); ``fitted_on`` names the
-    images in the model file and the log."""
+    """Fit the temperature on validation logits (one row per validation item, or a V×N×K stack of
+    test-time augmentation views, whose probabilities are the views' mean as the predictors'
+    are: ``evaluation.calibration``) and choose the operating points on the calibrated
+    probabilities (module docstring); ``fitted_on`` names the images in the model file and the log."""
     logits, labels = val_logits.double().numpy(), np.asarray(val_labels)
     scaler = TemperatureScaler().fit(logits, labels)
     calibration = {**scaler.to_dict(), "fitted_on": fitted_on, "n_images": int(labels.size)}

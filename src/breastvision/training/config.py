@@ -25,6 +25,7 @@ from pydantic.dataclasses import dataclass
 
 from breastvision.errors import BreastvisionError, describe_validation_error
 from breastvision.models.bundle import ChannelMeans, ChannelStds, ImageSide
+from breastvision.models.tta import TtaSet
 
 WEIGHTS_ENV_VAR = "BREASTVISION_WEIGHTS"
 _STRICT = ConfigDict(extra="forbid")
@@ -120,8 +121,12 @@ class DataConfig:
     mpp: tuple[PositiveFloat, PositiveFloat] | None = None
     views: ViewConfig = Field(default_factory=ViewConfig)
     stain: StainConfig | None = None
-    #: Test-time augmentation at evaluation: ``dihedral8`` averages the 8 dihedral views.
-    tta: Literal["dihedral8"] | None = None
+    #: Test-time augmentation of the validation predictions (``val_predictions.csv``, what the
+    #: temperature and operating points are fitted on) and of the test pass: ``dihedral8`` averages
+    #: the 8 dihedral views, ``hflip`` the image and its mirror (``data.transforms.TTA_VIEWS``;
+    #: image-level splits). Also the set the model file's ``--tta`` averages; ``None``: no TTA here,
+    #: and the model file gets its modality's set (``models.tta``).
+    tta: TtaSet | None = None
     num_workers: int = Field(default=0, ge=0)
 
 

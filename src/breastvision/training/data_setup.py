@@ -3,8 +3,10 @@ none) and the train / val / test items every process computes the same way.
 
 Training items are each training image under each configured view, or the split's own (image,
 view) pairs for protocols that split after augmentation; validation and test items are the images
-themselves, or their 8 dihedral views with ``data.tta: dihedral8`` (image-level splits only: a
-view-level split already fixes which views are tested).
+themselves (or the split's pairs). With ``data.tta`` (image-level splits only: a view-level split
+already fixes which views are scored) the validation images are also scored under the set's other
+views (:attr:`RunData.val_views`, at the end of training: ``engine``), and the predictor averages the
+set over each test image.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from breastvision.data.records import Catalog
 from breastvision.data.splits import VIEW_SEPARATOR, Split, SplitItem
+from breastvision.data.transforms import tta_views
 from breastvision.errors import BreastvisionError
 from breastvision.training.config import ExperimentConfig
-from breastvision.training.views import Item, training_views
+from breastvision.training.views import Item, training_views, tta_view
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,18 @@ class RunData:
     test_targets: list[TestTarget]
 
     @property
-    def test_tta(self) -> bool:
-        """Whether the test part is scored with the 8 dihedral views (``data.tta``, image-level splits)."""
-        return self.tta == "dihedral8" and not self.split.views
+    def eval_tta(self) -> str | None:
+        """The view set the validation predictions and the test part are averaged over (``data.tta``,
+        image-level splits), ``None``: none."""
+        return None if self.split.views else self.tta
+
+    @property
+    def val_views(self) -> list[Item]:
+        """The validation items under each view of :attr:`eval_tta` but the first (``identity``, which
+        ``val`` holds), view after view, each keeping its image's target; the views are taken of the
+        pre-processed tensor, as predictors take them (``views.tta_view``)."""
+        views = tta_views(self.eval_tta)[1:]
+        return [replace(item, view=tta_view(view)) for view in views for item in self.val]
 
     @property
     def class_names(self) -> list[str]:

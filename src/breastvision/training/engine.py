@@ -23,6 +23,16 @@ A run (:func:`train`) is a few steps, each in its own module:
    covers the training and validation parts (and the test part of mask-guided runs, whose mask head's
    Dice is measured on it).
 
+**Test-time augmentation on validation.** With ``data.tta`` the validation predictions
+(``val_predictions.csv``) and the temperature and operating points are those of the mean over the
+set's views, as the test part's and every later ``--tta`` prediction are, so whether TTA helps is
+chosen on validation alone. The other views of each validation image are one more part of the
+inputs (``val_views``: ``data_setup.RunData.val_views``), rendered by the same ``ViewRenderer`` and,
+with the feature cache, cached per image view like every other part (``feature_cache`` keys entries
+by view), so cached and uncached runs still agree; they are scored once, with the best weights
+(:func:`_validation_logits`). The epochs themselves validate on the images as given: model
+selection and ``history.csv`` do not depend on ``data.tta``, and no epoch pays for the views.
+
 Devices, process launching (DDP; gloo on CPU) and mixed precision are Fabric's (``devices``).
 """
 
@@ -42,6 +52,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from breastvision.errors import BreastvisionError
+from breastvision.evaluation.calibration import calibrated_probabilities
 from breastvision.models.bundle import ModelBundle, Preprocessing
 from breastvision.training.balance import classification_loss
 from breastvision.training.calibrate import calibrate
@@ -175,10 +186,10 @@ def fit_stain(
 
 @dataclass
 class Inputs:
-    """What the loop reads: per part (train, val; test for a mask head's Dice) a dataset of image
-    views or cached prefix outputs, the part of the model still to run before the trainable suffix,
-    and how it got there; and the renderer of the views (the test part's augmented draws, on splits
-    drawn after augmentation)."""
+    """What the loop reads: per part (train, val; val_views under ``data.tta``; test for a mask head's
+    Dice) a dataset of image views or cached prefix outputs, the part of the model still to run
+    before the trainable suffix, and how it got there; and the renderer of the views (the test
+    part's augmented draws, on splits drawn after augmentation)."""
 
     preprocessing: Preprocessing
     renderer: ViewRenderer
@@ -275,6 +286,8 @@ def prepare_inputs(
     # The test part is scored by the predictor (outputs); only the mask head's Dice runs it here.
     parts = ("train", "val", "test") if config.train.mask_loss_weight else ("train", "val")
     datasets: dict[str, Dataset] = {part: ViewDataset(getattr(data, part), renderer) for part in parts}
+    if data.val_views:
+        datasets["val_views"] = ViewDataset(data.val_views, renderer)
     if not _use_cache(config, prefix, renderer, datasets["train"], fabric):
         return Inputs(preprocessing, renderer, datasets, prefix, {"used": False}, stain_facts,
                       config.data.num_workers)
@@ -307,7 +320,7 @@ def _facts(data: RunData, inputs: Inputs, model: nn.Module, suffix: nn.Module, f
         best_epoch=state.best["epoch"],
         seconds_to_best_epoch=sum(r["seconds"] for r in state.history[: state.best["epoch"]]),
         wall_clock_seconds_this_session=time.perf_counter() - started,
-        test_time_augmentation=config.data.tta,
+        test_time_augmentation=data.eval_tta,
     )
 
 
@@ -317,6 +330,16 @@ def _logits(loop: Loop, inputs: Inputs, part: str, config: ExperimentConfig) -> 
     loader, _ = make_loader(dataset, loop.fabric, tc.eval_batch_size or tc.batch_size, tc.seed, False,
                             inputs.workers)
     return evaluate(loop.fabric, loop.trainable, loop.prefix, loader, len(dataset), loop.num_classes)
+
+
+def _validation_logits(loop: Loop, inputs: Inputs, config: ExperimentConfig) -> torch.Tensor:
+    """V×N×K logits of the N validation images under each of the V views of ``data.tta``'s set
+    (V = 1 without one), in the set's order (module docstring)."""
+    plain = _logits(loop, inputs, "val", config)
+    if "val_views" not in inputs.datasets:
+        return plain.unsqueeze(0)
+    others = _logits(loop, inputs, "val_views", config).reshape(-1, *plain.shape)
+    return torch.cat([plain.unsqueeze(0), others])
 
 
 def _draws(data: RunData, renderer: ViewRenderer) -> Callable[[Path, str | None], torch.Tensor] | None:
@@ -373,10 +396,10 @@ def _run(
 
     load_best(run_dir / "checkpoints", model)
     val_labels = [i.record.label for i in data.val]
-    val_logits = _logits(loop, inputs, "val", config)
+    val_logits = _validation_logits(loop, inputs, config)
     calibrated = calibrate(val_logits, val_labels, data.class_names,
                            say if fabric.is_global_zero else log.debug)
-    val_probs = torch.softmax(val_logits.double() / calibrated.temperature, 1).numpy()
+    val_probs = calibrated_probabilities(val_logits.double().numpy(), calibrated.temperature)
     facts = _facts(data, inputs, model, suffix, fabric, config, state, started)
     facts.class_balance = balance
     if fabric.is_global_zero:

@@ -2,14 +2,17 @@
 (``serving.predict``: the model file about to be written, run as ``predict`` and ``evaluate`` run
 it, so a run's predictions.csv is what they give on the same files): the model file (weights, class names,
 pre-processing with the fitted stain normaliser, lineage, validation and test metrics, the
-temperature and operating points fitted on validation, the scope of ``models.scope``), the split,
-and the :class:`~breastvision.training.run_record.RunRecord` with its report::
+temperature and operating points fitted on validation, the scope of ``models.scope``, the
+test-time augmentation set ``--tta`` averages: ``data.tta``, else the training data's modality's,
+``models.tta``, which the lineage entry records), the split, and the
+:class:`~breastvision.training.run_record.RunRecord` with its report::
 
     model.safetensors   ModelBundle
     split.json          the split used;  config.yaml  the resolved config
     history.csv         per-epoch train/val loss and accuracy, learning rate, seconds (the loop's)
     report.md, metrics.json, provenance.json, predictions.csv, plots/   (RunRecord.save)
-    val_predictions.csv the best weights' calibrated validation probabilities (same format)
+    val_predictions.csv the best weights' calibrated validation probabilities (same format;
+                        averaged over ``data.tta``'s views, as the test part is)
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import nn
 
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import ModelBundle, Preprocessing
+from breastvision.models.tta import tta_for
 from breastvision.training.calibrate import Calibrated
 from breastvision.training.checkpoint import LoopState
 from breastvision.training.config import ExperimentConfig
@@ -69,6 +73,7 @@ def _stage(config: ExperimentConfig, data: RunData, trained: Trained, split: Spl
         "stage": config.stage or config.name,
         "weights": dict(model.weights_origin),  # each part: file and SHA-256, or random init
         "data": f"{data.catalog.name} ({config.data.source})",
+        "modality": data.catalog.meta.get("modality"),
         "split": {"protocol": split.protocol, "leaky": split.leaky, "fold": config.data.fold,
                   "file": str(split.file)},
         "frozen_stages": frozen,
@@ -96,6 +101,7 @@ def _bundle(config: ExperimentConfig, data: RunData, trained: Trained,
         calibration=trained.calibrated.calibration,
         operating_points=trained.calibrated.operating_points,
         scope=trained.scope,
+        tta=config.data.tta or tta_for(data.catalog.meta.get("modality")),
     )
 
 
@@ -118,7 +124,7 @@ def score_test(bundle: ModelBundle, model: nn.Module, data: RunData, config: Exp
     predictor = TorchPredictor(bundle, model_file, device, model=model)
     items = [(t.path, t.view) for t in data.test_targets]
     batch = config.train.eval_batch_size or config.train.batch_size
-    scored = score_items(predictor, items, tta=data.test_tta, batch_size=batch,
+    scored = score_items(predictor, items, tta=data.eval_tta, batch_size=batch,
                          workers=config.data.num_workers, render=render)
     if scored.failures:
         index, reason = next(iter(sorted(scored.failures.items())))

@@ -6,6 +6,10 @@ draw of a training augmentation pipeline (paper 003's "expanded 5×"). Draw ``k`
 seeded by (run seed, the image's path relative to its dataset root, ``k``), so it is the same in
 every epoch, every process and every run with that seed, which is what lets frozen-layer outputs be
 cached (``feature_cache``). With ``fresh_each_epoch`` the epoch joins the seed and the draws change.
+A test-time augmentation view, ``tta:<dihedral view>`` (:func:`tta_view`: the validation images'
+views under ``data.tta``), is the evaluated image's tensor under that view, exactly as the
+predictors' test-time augmentation makes it: a flip applied before pre-processing is not the same
+image when the centre crop's margin is odd, nor to the resize's rounding.
 
 Stain normalisation comes first (a disk cache of normalised files, ``data.stain_cache``), then the
 view, then the model's pre-processing (``data.transforms.eval_transform``) — or, for ``aug<k>``
@@ -33,6 +37,12 @@ from breastvision.models.bundle import Preprocessing
 from breastvision.training.config import ViewConfig
 
 AUG_PREFIX = "aug"
+TTA_PREFIX = "tta:"
+
+
+def tta_view(name: str) -> str:
+    """The view name of dihedral view ``name`` taken of the pre-processed tensor (module docstring)."""
+    return f"{TTA_PREFIX}{name}"
 
 
 def derive_seed(*parts: object) -> int:
@@ -123,6 +133,8 @@ class ViewRenderer:
         return load_image(self.normalized_files.get(item.record.path, item.record.path))
 
     def __call__(self, item: Item, epoch: int = 0) -> torch.Tensor:
+        if item.view.startswith(TTA_PREFIX):
+            return transforms.apply_view(self.eval(self._image(item)), item.view.removeprefix(TTA_PREFIX))
         return self._transform(item, epoch)(self._view(item, self._image(item)))
 
     def render_with_mask(self, item: Item, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,6 +51,7 @@ from breastvision.data.readers._common import (
 )
 from breastvision.data.records import Catalog, Record, Skipped
 from breastvision.errors import BreastvisionError
+from breastvision.models.tta import HISTOLOGY
 
 CLASS_NAMES = ["benign", "malignant"]
 SUBTYPES = {
@@ -204,6 +205,7 @@ def _finish(
     magnification filter dropped."""
     meta: dict[str, Any] = {
         "format": fmt,
+        "modality": HISTOLOGY,
         "read_options": {"group_by": group_by, "magnification": sorted(wanted) if wanted else None},
     }
     if wanted:

@@ -17,6 +17,7 @@ from pathlib import Path
 from breastvision.data import dedup
 from breastvision.data.readers._common import finish_catalog, header_meta, scan_class_tree
 from breastvision.data.records import Catalog, Record, Skipped
+from breastvision.models.tta import ULTRASOUND
 
 CLASS_NAMES = ["normal", "benign", "malignant"]
 MASK_PATTERN = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<index>\d+))?$", re.IGNORECASE)
@@ -78,7 +79,8 @@ def read_busi(
                 good_masks.append(mask)
             rel = path.relative_to(folder).as_posix()
             records.append(Record(path, label, rel, {**header}, tuple(good_masks)))
-    meta: dict = {"format": "busi", "read_options": {"near_duplicates": near_duplicates}}
+    meta: dict = {"format": "busi", "modality": ULTRASOUND,
+                  "read_options": {"near_duplicates": near_duplicates}}
     if not near_duplicates:
         meta["notes"] = ["near-duplicate grouping off: copies of one scan can straddle a split"]
     return finish_catalog(

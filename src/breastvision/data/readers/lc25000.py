@@ -14,6 +14,7 @@ from pathlib import Path
 from breastvision.data.readers._common import MANIFEST_NAME
 from breastvision.data.readers.generic import read_class_tree, read_manifest
 from breastvision.data.records import Catalog
+from breastvision.models.tta import HISTOLOGY
 
 CLASS_NAMES = ["lung_aca", "lung_n", "lung_scc"]
 
@@ -46,4 +47,5 @@ def read_lc25000(folder: Path, *, verify: bool = False, name: str = "lc25000") -
         ]
     # Nothing to choose when reading LC25000 again (e.g. from a split file).
     catalog.meta["read_options"] = {}
+    catalog.meta["modality"] = HISTOLOGY
     return catalog

@@ -68,6 +68,7 @@ function renderCard(card) {
     ["input", `${pre.input_size}×${pre.input_size}` + (pre.resize ? ` (resize ${pre.resize}, centre crop)` : "")],
     ["normalisation", `mean ${JSON.stringify(pre.mean)}, std ${JSON.stringify(pre.std)}`],
     ["stain normaliser", pre.stain ? (pre.stain.method || "fitted") : "none"],
+    ["test-time views", card.tta ? `${card.tta.set} (${card.tta.views.join(", ")})` : "—"],
     ["model file", source.file],
     ["sha256", source.sha256 ? source.sha256.slice(0, 16) + "…" : "—"],
     ["runs on", source.backend],
@@ -99,7 +100,7 @@ function renderResult(result) {
   const decision = result.decision || result.predicted_class;
   $("predicted-class").textContent = decision;
   const rule = result.decision_rule && result.decision_rule !== "argmax" ? `at ${result.decision_rule}, ` : "";
-  $("timing").textContent = `(${rule}${result.elapsed_ms} ms${result.tta ? ", 8-view TTA" : ""})`;
+  $("timing").textContent = `(${rule}${result.elapsed_ms} ms${result.tta ? `, TTA ${result.tta}` : ""})`;
   const bars = $("probabilities");
   bars.replaceChildren();
   for (const name of result.class_names) {
