@@ -72,6 +72,7 @@ def _csv_probabilities(path: Path) -> np.ndarray:
 def test_view_sets_start_with_the_image_and_are_named_alike_everywhere() -> None:
     assert tuple(TTA_VIEWS) == TTA_SETS == ("dihedral8", "hflip")
     assert TTA_VIEWS["hflip"] == ("identity", "hflip")
+    assert all(views[0] == "identity" for views in TTA_VIEWS.values())  # what the engine relies on
     assert len(set(TTA_VIEWS["dihedral8"])) == 8 and set(TTA_VIEWS["hflip"]) <= set(TTA_VIEWS["dihedral8"])
 
 

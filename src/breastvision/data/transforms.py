@@ -15,7 +15,7 @@ outputs on one named view set (:data:`TTA_VIEWS`): ``dihedral8``, the 8 elements
 group (:data:`DIHEDRAL_8`), whose average is exactly invariant to rotating or flipping the input,
 whatever the model (histology: a field has no up or down); or ``hflip``, the image and its mirror
 (ultrasound: depth runs top-down, and its models train on exactly those two views). Which set a
-model file averages by default is recorded in it (``models.bundle``, "Test-time augmentation").
+model file averages by default is recorded in it (``models.tta``).
 
 **System U (paper 003) — online augmentation.** In the paper's order: resize to 256×256, "random crop
 and rescale back to 224×224", horizontal and vertical flips (p = 0.5 each), rotation ±15°, colour
@@ -60,7 +60,6 @@ from breastvision.data.hed import hed_jitter
 from breastvision.data.stain import cached_normalizer
 from breastvision.errors import BreastvisionError
 from breastvision.models.bundle import Preprocessing
-from breastvision.models.tta import TTA_SETS
 
 ImageOrTensor = Image.Image | torch.Tensor
 
@@ -91,10 +90,9 @@ _TENSOR_VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 DIHEDRAL_5 = ("rot90", "rot180", "rot270", "hflip", "vflip")
 #: The whole dihedral group of the square, for test-time augmentation.
 DIHEDRAL_8 = ("identity", *DIHEDRAL_5, "transpose", "antitranspose")
-#: Test-time augmentation view sets by name (``models.bundle.TTA_SETS``), each starting with the
+#: Test-time augmentation view sets by name (``models.tta.TTA_SETS``), each starting with the
 #: image as given (the training engine scores the other views of validation images apart).
 TTA_VIEWS: dict[str, tuple[str, ...]] = {"dihedral8": DIHEDRAL_8, "hflip": ("identity", "hflip")}
-assert tuple(TTA_VIEWS) == TTA_SETS and all(v[0] == "identity" for v in TTA_VIEWS.values())
 
 
 def tta_views(name: str | None) -> tuple[str, ...]:

@@ -305,8 +305,8 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_model(
         args.model, args.source, data=args.data, split=args.split, subset=args.subset, fold=args.fold,
         out=args.out, tta=tta_choice(args), batch_size=args.batch_size, workers=args.workers,
-        device=args.device,
-        operating_point=args.operating_point, positive=args.positive, patient_level=args.patient_level,
+        device=args.device, operating_point=args.operating_point, positive=args.positive,
+        patient_level=args.patient_level,
         n_resamples=args.n_resamples, seed=args.seed, progress=wanted("auto"),
     )
     print_headline(result.metrics, result.report)

@@ -282,7 +282,7 @@ class Predictor(ABC):
 
     def tta_card(self) -> dict[str, Any]:
         """The view set ``--tta`` averages for this model, its views, and whether the file records
-        it (else it follows from the modality the file records: ``models.bundle``)."""
+        it (else it follows from the modality the file records: ``models.tta``)."""
         name = self.info.default_tta
         return {"set": name, "views": list(tta_views(name)), "recorded": self.info.tta is not None}
 
