@@ -267,3 +267,22 @@ def test_training_with_hflip_scores_validation_and_test_under_it(
         tested = torch.stack([predictor.prepare_file(source / r["path"]) for r in csv.DictReader(handle)])
     np.testing.assert_allclose(_csv_probabilities(run / "predictions.csv"),
                                predictor.probabilities(tested, tta="hflip"), atol=1e-5)
+
+
+def test_the_web_answer_and_card_name_the_views(busi_run: Path, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from breastvision.serving.web import create_app
+
+    model = busi_run / "model.safetensors"
+    image = tmp_path / "scan.png"
+    _tinted(image, 1, 8, size=(52, 44))
+    predictor = load_predictor(model)
+    expected = predictor.probabilities(predictor.prepare_file(image).unsqueeze(0), tta="hflip")[0]
+    with TestClient(create_app(model, tta=True)) as client:
+        assert client.get("/api/model").json()["tta"] == {"set": "hflip", "views": ["identity", "hflip"],
+                                                          "recorded": True}
+        upload = {"file": ("scan.png", image.read_bytes(), "image/png")}
+        body = client.post("/api/predict", files=upload).json()
+    assert body["tta"] == "hflip"
+    np.testing.assert_allclose([body["probabilities"][c] for c in body["class_names"]], expected, atol=1e-6)
