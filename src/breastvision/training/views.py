@@ -8,8 +8,8 @@ every epoch, every process and every run with that seed, which is what lets froz
 cached (``feature_cache``). With ``fresh_each_epoch`` the epoch joins the seed and the draws change.
 A test-time augmentation view, ``tta:<dihedral view>`` (:func:`tta_view`: the validation images'
 views under ``data.tta``), is the evaluated image's tensor under that view, exactly as the
-predictors' test-time augmentation makes it: a flip applied before pre-processing is not the same
-image when the centre crop's margin is odd, nor to the resize's rounding.
+predictors' test-time augmentation makes it: a flip applied before pre-processing gives another
+image when the centre crop's margin is odd, and can differ by the resize's rounding otherwise.
 
 Stain normalisation comes first (a disk cache of normalised files, ``data.stain_cache``), then the
 view, then the model's pre-processing (``data.transforms.eval_transform``) — or, for ``aug<k>``
