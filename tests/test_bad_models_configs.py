@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +20,6 @@ import torch
 import yaml
 from onnx import TensorProto, helper
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from breastvision.cli import main
 from breastvision.errors import BreastvisionError
@@ -70,11 +69,31 @@ def _metadata(path: Path) -> dict:
         return json.loads(handle.metadata()["breastvision"])
 
 
-def _rewrite(good: Path, out: Path, change: Callable[[dict], object]) -> Path:
-    """``good`` with its metadata changed by ``change`` (which edits in place, or returns the text)."""
+def _rewrite(good: Path, out: Path, change: Callable[[dict], object], cut: int = 0) -> Path:
+    """``good`` with its metadata changed by ``change`` (which edits in place, or returns the text)
+    and its weights zero (:func:`_zero_weights_copy`), less its last ``cut`` bytes."""
     meta = _metadata(good)
     text = change(meta)
-    save_file(load_file(str(good)), str(out), metadata={"breastvision": text if text else json.dumps(meta)})
+    return _zero_weights_copy(good, out, {"breastvision": text if text else json.dumps(meta)}, cut)
+
+
+def _zero_weights_copy(good: Path, out: Path, metadata: dict[str, str] | None, cut: int = 0) -> Path:
+    """A safetensors file with ``good``'s tensor names, shapes and offsets, ``metadata`` as its
+    metadata (``None``: none) and every weight zero, less its last ``cut`` bytes. The zeros are a
+    sparse hole: the corpus's files are about their metadata, and real copies of the weights
+    would be a gigabyte and a half on disk."""
+    with good.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    data_size = max(entry["data_offsets"][1] for entry in header.values())
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors pads its header to 8 bytes
+    with out.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        handle.truncate(8 + len(encoded) + data_size - cut)
     return out
 
 
@@ -125,7 +144,7 @@ _BAD_STAIN = _stain({"stain_matrix": [[0.6, 0.2], [0.7, 0.9]], "max_concentratio
 #: name -> (how to make it from the good file and a folder, a regex the one-line error must match)
 SAFETENSORS_CASES: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "zero_bytes": (lambda g, d: _bytes(d / "m.safetensors", b""), r"empty \(0 bytes\)"),
-    "truncated": (lambda g, d: _bytes(d / "m.safetensors", g.read_bytes()[:-1000]), "truncated"),
+    "truncated": (lambda g, d: _rewrite(g, d / "m.safetensors", lambda meta: None, cut=1000), "truncated"),
     "png_renamed": (lambda g, d: _bytes(d / "m.safetensors", _png_bytes()), "not a safetensors file"),
     "random_bytes": (lambda g, d: _bytes(d / "m.safetensors", os.urandom(4096)), "not a breastvision model"),
     "missing": (lambda g, d: d / "absent.safetensors", "model file not found"),
@@ -137,7 +156,8 @@ SAFETENSORS_CASES: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
                      "training checkpoint, not a model file"),
     "pth_weights": (lambda g, d: _copy(g.parent / "checkpoints" / "best.ckpt", d / "w.pth"),
                     "is a PyTorch weights file .*, not a model file"),
-    "no_metadata": (lambda g, d: _plain_safetensors(g, d / "m.safetensors"), "without breastvision metadata"),
+    "no_metadata": (lambda g, d: _zero_weights_copy(g, d / "m.safetensors", None),
+                    "without breastvision metadata"),
     "bad_json": (_text("{not json"), "metadata is not JSON"),
     "json_list": (_text("[1, 2]"), "not a JSON object"),
     "no_architecture": (_edited("architecture", _DELETE), "architecture: Field required"),
@@ -188,7 +208,8 @@ def _bytes(path: Path, data: bytes) -> Path:
 
 
 def _copy(source: Path, path: Path) -> Path:
-    shutil.copyfile(source, path)
+    """``source`` under another name: a hard link, as the content is the same (no second copy on disk)."""
+    os.link(source, path)
     return path
 
 
@@ -198,11 +219,6 @@ def _png_bytes() -> bytes:
     buffer = BytesIO()
     Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _plain_safetensors(good: Path, path: Path) -> Path:
-    save_file(load_file(str(good)), str(path))
-    return path
 
 
 def _vit_file(path: Path) -> Path:
