@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,10 @@ def runs(busi_like: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     out = tmp_path_factory.mktemp("runs")
     settings = {"masked": ["train.mask_loss_weight=1", "train.epochs=4"], "zero": [],
                 "no_head": ["model.kwargs.seg_head=false"]}
-    return {name: train(config(busi_like, out / name, *extra)).run_dir for name, extra in settings.items()}
+    runs = {name: train(config(busi_like, out / name, *extra)).run_dir for name, extra in settings.items()}
+    for run in runs.values():  # no test resumes: the checkpoints would be 600 MB kept all session
+        shutil.rmtree(run / "checkpoints")
+    return runs
 
 
 def test_mask_loss_trains_the_head_and_its_loss_falls(runs: dict[str, Path]) -> None:
