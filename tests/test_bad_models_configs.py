@@ -296,6 +296,9 @@ ALL_CASES = [*SAFETENSORS_CASES, *ONNX_CASES]
 def test_controls_the_good_files_work(good: Path, images: Path, tmp_path: Path, capsys) -> None:
     """The corpus's starting points are valid, so each case fails for its own defect alone."""
     assert main(["predict", str(good), str(images), "--out", str(tmp_path / "p.csv")]) == 0
+    # The edited files' zero weights are not a defect: unedited, such a file predicts too.
+    unedited = _rewrite(good, tmp_path / "zero.safetensors", lambda meta: None)
+    assert main(["predict", str(unedited), str(images), "--out", str(tmp_path / "z.csv")]) == 0
     tiny = OnnxPredictor(_onnx_file(tmp_path / "ok.onnx", json.dumps(_metadata(good))))
     assert tiny.probabilities(torch.zeros(2, 3, SIDE, SIDE)).shape == (2, 3)
     stain = _stain({"stain_matrix": [[0.6, 0.2], [0.7, 0.9], [0.3, 0.4]], "max_concentrations": [1.9, 1.0]})
