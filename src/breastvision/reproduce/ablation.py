@@ -231,7 +231,8 @@ def ensemble_folds(members: list[list[Any]], target: Path, title: str) -> tuple[
         vals = [r.val_predictions for r in runs]
         val = _mean_predictions(vals) if None not in vals else None
         metrics = evaluate_predictions(test.y_true, test.probs, test.class_names, n_resamples=0)
-        walls = [r.facts.wall_clock_seconds_this_session for r in runs]
+        # A member chosen twice was trained once.
+        walls = [r.facts.wall_clock_seconds_this_session for r in {id(r): r for r in runs}.values()]
         facts = RunFacts(wall_clock_seconds_this_session=None if None in walls else float(sum(walls)))
         records.append(dataclasses.replace(runs[0], run_dir=target / f"fold{fold}", metrics=metrics,
                                            facts=facts, predictions=test, val_predictions=val))
