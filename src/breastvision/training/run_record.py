@@ -38,7 +38,7 @@ from breastvision.errors import BreastvisionError
 #: resumed with other values.
 SPEED_KEYS = frozenset({
     "output_dir", "weights_root", "data.num_workers",
-    "train.threads", "train.progress", "train.cache_backend",
+    "train.threads", "train.progress", "train.cache_backend", "train.cache_dir", "data.stain.cache_dir",
 })
 
 VAL_PREDICTIONS = "val_predictions.csv"
