@@ -318,3 +318,145 @@ def test_concurrent_workers_sharing_one_model_get_their_own_scope_scores(scoped:
         service.close()
     np.testing.assert_allclose(together, alone, rtol=1e-4)
     assert len(set(np.round(alone, 3))) == 6  # six different images: a mix-up would show
+
+
+# -- ONNX exports carry the score (serving.export, models.scope.ScopeScorer) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def scoped_onnx(scoped: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
+    """The scoped model file's ONNX export (the default opset, the dynamo exporter) and its result."""
+    from breastvision.serving.export import export_onnx
+
+    return export_onnx(scoped[0], tmp_path_factory.mktemp("onnx") / "scoped.onnx")
+
+
+def _constant_image(path: Path, value: int) -> Path:
+    Image.new("RGB", (64, 64), (value, value, value)).save(path)
+    return path
+
+
+def test_onnx_export_of_a_scoped_file_carries_the_score_and_the_scope_metadata(scoped, scoped_onnx) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    bundle = ModelBundle.load(scoped[0])
+    session = ort.InferenceSession(str(scoped_onnx.path), providers=["CPUExecutionProvider"])
+    outputs = [(o.name, o.type) for o in session.get_outputs()]
+    assert outputs == [("probabilities", "tensor(float)"), ("scope_score", "tensor(double)")]
+    probs, scores = session.run(None, {"image": np.zeros((3, 3, 64, 64), np.float32)})
+    assert probs.shape == (3, 3) and scores.shape == (3,)  # the batch axis is dynamic
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(scoped_onnx.path)).metadata_props}
+    assert "scope" not in props["breastvision"]  # releases before the output read it as unscoped
+    assert props["breastvision_onnx"]["scope_output"] == "scope_score"
+    assert props["breastvision_scope"] == bundle.scope.metadata()
+    assert [layer["name"] for layer in props["breastvision_scope"]["layers"]] == bundle.scope.layer_names
+    assert 0 <= scoped_onnx.scope_diff <= 1e-4 and scoped_onnx.max_abs_diff <= 1e-4
+
+
+def test_onnx_predictor_scores_and_flags_as_the_model_file(scoped, scoped_onnx, tmp_path: Path) -> None:
+    """The same probabilities, scope scores and flags as PyTorch on in-domain grey images, colour noise
+    and two constant images (far outside), with and without TTA (the score: the image as given)."""
+    from breastvision.serving.predict import OnnxPredictor, TorchPredictor, load_predictor
+
+    model_file, inputs = scoped
+    torch_predictor, onnx_predictor = load_predictor(model_file), load_predictor(scoped_onnx.path)
+    assert isinstance(torch_predictor, TorchPredictor) and isinstance(onnx_predictor, OnnxPredictor)
+    paths = [*sorted(inputs.glob("*.png")), _constant_image(tmp_path / "white.png", 255),
+             _constant_image(tmp_path / "black.png", 0)]
+    batch = torch.stack([torch_predictor.prepare_file(p) for p in paths])
+    flags = {}
+    for tta in (False, "hflip"):
+        expected, actual = torch_predictor.assess(batch, tta), onnx_predictor.assess(batch, tta)
+        np.testing.assert_allclose(actual.probs, expected.probs, atol=1e-5)
+        # Scores are in validation standard deviations; this scope, fitted on nearly flat grey images,
+        # turns the runtimes' float32 rounding of the features into up to ~3e-4 of one in domain.
+        np.testing.assert_allclose(actual.scores, expected.scores, rtol=1e-4, atol=1e-3)
+        for predictor, assessment in ((torch_predictor, expected), (onnx_predictor, actual)):
+            judged = [predictor.judge(p.name, p, row, score).out_of_scope
+                      for p, row, score in zip(paths, assessment.probs, assessment.scores, strict=True)]
+            flags.setdefault(tta, []).append(judged)
+    np.testing.assert_allclose(onnx_predictor.assess(batch, "hflip").scores,
+                               onnx_predictor.assess(batch).scores, rtol=1e-9)
+    assert flags[False][0] == flags[False][1] == flags["hflip"][1]
+    assert flags[False][1] == [False] * 3 + [True] * 3 + [True, True], flags  # grey, noise, constants
+    assert onnx_predictor.judge.scope_threshold == ModelBundle.load(model_file).scope.threshold
+    assert onnx_predictor.card()["scope"] == ModelBundle.load(model_file).scope.metadata()
+
+
+def test_predict_with_a_scoped_onnx_file_writes_the_scope_columns(scoped, scoped_onnx, tmp_path) -> None:
+    model_file, inputs = scoped
+    rows = {}
+    for name, model in (("torch", model_file), ("onnx", scoped_onnx.path)):
+        assert main(["predict", str(model), str(inputs), "--out", str(tmp_path / f"{name}.csv")]) == 0
+        rows[name] = {Path(r["path"]).name: r for r in _rows(tmp_path / f"{name}.csv")}
+    assert list(next(iter(rows["onnx"].values())))[-3:] == ["out_of_scope", "scope_score", "skipped"]
+    assert {k: r["out_of_scope"] for k, r in rows["onnx"].items()} == \
+        {**{f"grey{i}.png": "False" for i in range(3)}, **{f"noise{i}.png": "True" for i in range(3)}}
+    for key, row in rows["onnx"].items():
+        expected = float(rows["torch"][key]["scope_score"])
+        assert float(row["scope_score"]) == pytest.approx(expected, rel=1e-4, abs=1e-3)
+
+
+def test_export_without_a_scope_is_unchanged_and_a_mismatched_file_is_refused(
+        make_model_file, scoped, scoped_onnx, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+
+    from breastvision.serving.export import export_onnx
+    from breastvision.serving.predict import load_predictor
+
+    plain = export_onnx(make_model_file("resnet18"), tmp_path / "plain.onnx", opset=17)
+    proto = onnx.load(str(plain.path))
+    assert [o.name for o in proto.graph.output] == ["probabilities"] and plain.scope_diff is None
+    assert {p.key for p in proto.metadata_props} == {"breastvision", "breastvision_onnx"}
+    assert load_predictor(plain.path).info.scope is None  # as an export from before the output
+    # The scope's description without its output, and the output without its description.
+    scope_entry = next(p for p in onnx.load(str(scoped_onnx.path)).metadata_props
+                       if p.key == "breastvision_scope")
+    unscored = onnx.load(str(plain.path))
+    unscored.metadata_props.add(key=scope_entry.key, value=scope_entry.value)
+    undescribed = onnx.load(str(scoped_onnx.path))
+    kept = [p for p in undescribed.metadata_props if p.key != "breastvision_scope"]
+    del undescribed.metadata_props[:]
+    undescribed.metadata_props.extend(kept)
+    for proto, message in ((unscored, "needs a second output scope_score"),
+                           (undescribed, "output scope_score without the scope metadata")):
+        onnx.save(proto, str(tmp_path / "bad.onnx"))
+        out = tmp_path / "p.csv"
+        assert main(["predict", str(tmp_path / "bad.onnx"), str(scoped[1]), "--out", str(out)]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and message in error, error
+
+
+def test_export_refuses_a_graph_whose_score_differs_from_the_scopes(scoped, monkeypatch, tmp_path) -> None:
+    """The check compares the graph's scores with ``Scope.score`` of PyTorch's features (opset 17, the
+    TorchScript exporter, here): a scope that scored otherwise is a one-line error."""
+    from breastvision.serving.export import export_onnx
+
+    result = export_onnx(scoped[0], tmp_path / "ok.onnx", opset=17)
+    assert result.scope_diff is not None and result.scope_diff <= 1e-4
+    score = Scope.score
+    monkeypatch.setattr(Scope, "score", lambda self, features: score(self, features) * 1.001)
+    with pytest.raises(BreastvisionError, match=r"scores disagree by 9\.99e-04 \(> 0\.0001, relative\)"):
+        export_onnx(scoped[0], tmp_path / "off.onnx", opset=17)
+
+
+def test_auto_back_end_serves_a_scoped_model_on_onnxruntime(scoped, monkeypatch) -> None:
+    """``serve``'s default back-end exports a scoped model too, and the answers carry its flag."""
+    from breastvision.serving import web
+    from breastvision.serving.export import export_onnx
+    from breastvision.serving.predict import OnnxPredictor
+
+    # In this process, not a spawned one: the same export, without a second interpreter's start-up.
+    monkeypatch.setattr(web, "_export_in_subprocess", lambda model, out: export_onnx(model, out).path)
+    model_file, inputs = scoped
+    predictor, explain_file = web._predictor(model_file, "auto")
+    assert isinstance(predictor, OnnxPredictor) and explain_file == model_file
+    service = web.InferenceService(predictor)
+    try:
+        with (inputs / "noise0.png").open("rb") as noise, (inputs / "grey0.png").open("rb") as grey:
+            answers = [service.predict(noise), service.predict(grey)]
+    finally:
+        service.close()
+    assert [a["out_of_scope"] for a in answers] == [True, False]
+    assert service.card["source"]["backend"] == "onnxruntime" and service.card["scope"]["threshold"] > 0

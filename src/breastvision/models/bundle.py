@@ -204,6 +204,20 @@ class ScopeMetadata(BaseModel):
         return self
 
 
+def scope_description(raw: str, source: str | Path) -> Any:
+    """A ``models.scope.Scope`` from its metadata alone (JSON text; an ONNX export's, whose graph
+    holds the statistics), validated as a model file's: a one-line ``BreastvisionError`` naming
+    ``source`` if it is not one. Its layers hold shape-only tensors (``Scope.from_file``)."""
+    from breastvision.models.scope import Scope
+
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise BreastvisionError(f"{source}: the scope metadata is not JSON ({err})") from None
+    valid = _validated(ScopeMetadata, meta, f"{source}: bad scope metadata")
+    return Scope.from_file(valid.model_dump(), None, str(source))
+
+
 def _unique(names: list[str]) -> list[str]:
     if any(not name.strip() for name in names):
         raise ValueError("class names must not be empty")

@@ -37,6 +37,10 @@ Files store, per layer, the means and the precision matrix as tensors ``scope.<l
 (:class:`ScopeMetadata`). Files written before the layers were added hold one penultimate layer as
 ``scope.means`` / ``scope.precision`` with unstandardised distances; they load as that one layer and
 score exactly as before.
+
+:class:`ScopeScorer` is the model and its scope as one traceable module, so an ONNX export
+(``serving.export``) computes the score in its graph: the statistics become float64 initializers and
+the distances are :func:`min_distance`, the same float64 arithmetic as :meth:`Layer.distance`.
 """
 
 from __future__ import annotations
@@ -64,6 +68,15 @@ PRE_LOGITS = "pre_logits"
 QUANTILE = 0.975
 
 
+def min_distance(x: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Per row of N×D ``x``, the smallest Mahalanobis distance to a row of K×D ``means`` under the
+    D×D ``precision``, in their dtype. Matrix products, not einsum, so that it exports to ONNX as
+    MatMul, which onnxruntime runs in float64."""
+    diff = x[:, None, :] - means[None]  # N×K×D
+    squared = ((diff @ precision) * diff).sum(-1)
+    return squared.clamp_min(0).sqrt().min(1).values
+
+
 @dataclass
 class Layer:
     """One layer's class means (K×D), shared precision matrix (D×D) and the standardisation of its
@@ -89,9 +102,7 @@ class Layer:
     def distance(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """Per row of N×D features, the smallest Mahalanobis distance to a class mean."""
         x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
-        diff = x[:, None, :] - self.means.double()[None]  # N×K×D
-        squared = torch.einsum("nkd,de,nke->nk", diff, self.precision.double(), diff)
-        return squared.clamp_min(0).sqrt().min(1).values.numpy()
+        return min_distance(x, self.means.double(), self.precision.double()).numpy()
 
     def standardised(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         return (self.distance(features) - self.centre) / self.spread
@@ -158,19 +169,26 @@ class Scope:
         return out
 
     @classmethod
-    def from_file(cls, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], where: str) -> Scope:
-        """From a model file's ``scope`` metadata and tensors, shapes checked (a one-line error)."""
+    def from_file(cls, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None,
+                  where: str) -> Scope:
+        """From a model file's ``scope`` metadata and tensors, shapes checked (a one-line error).
+        ``tensors=None``: the statistics live elsewhere (an ONNX export's graph), and each layer
+        holds shape-only tensors (the meta device) with its sizes and standardisation: enough to
+        flag by the threshold and describe the scope, not to :meth:`score`."""
         entries = meta.get("layers") or [  # a file from before per-layer statistics
             {"name": PRE_LOGITS, "feature_dim": meta["feature_dim"], "n_classes": meta["n_classes"]}]
         layers = []
         for entry in entries:
             layer = Layer(entry["name"], torch.empty(0), torch.empty(0), float(entry.get("centre", 0.0)),
                           float(entry.get("spread", 1.0)))
+            k, d = entry["n_classes"], entry["feature_dim"]
             keys = layer.keys() if meta.get("layers") else (MEANS_KEY, PRECISION_KEY)
-            means, precision = (tensors.get(k) for k in keys)
+            if tensors is None:
+                means, precision = torch.empty(k, d, device="meta"), torch.empty(d, d, device="meta")
+            else:
+                means, precision = (tensors.get(key) for key in keys)
             if means is None or precision is None:
                 raise BreastvisionError(f"{where}: scope metadata lacks the {keys[0]}, {keys[1]}")
-            k, d = entry["n_classes"], entry["feature_dim"]
             if tuple(means.shape) != (k, d) or tuple(precision.shape) != (d, d):
                 raise BreastvisionError(
                     f"{where}: scope tensors have shapes {list(means.shape)} and {list(precision.shape)}, "
@@ -228,19 +246,24 @@ class FeatureTap:
                 kept[name] = _pooled(output)
         return keep
 
-    def features(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
-        """``(logits, {layer: pooled features})`` for one batch, in one forward pass."""
+    def pooled(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(logits, {layer: pooled features})`` for one batch, in one forward pass, as tensors
+        and without inference mode, so that it traces (:class:`ScopeScorer`)."""
         self._local.kept = {}
         try:
-            with torch.inference_mode():
-                maps = self.model.forward_features(batch)  # the head is cheap: run twice on the same maps
-                logits = self.model.forward_head(maps)
-                head_input = self.model.forward_head(maps, pre_logits=True)
-                self._local.kept[PRE_LOGITS] = head_input.float().flatten(1)
+            maps = self.model.forward_features(batch)  # the head is cheap: run twice on the same maps
+            logits = self.model.forward_head(maps)
+            self._local.kept[PRE_LOGITS] = self.model.forward_head(maps, pre_logits=True).float().flatten(1)
             kept = self._local.kept
         finally:
             self._local.kept = None
-        return logits.float(), {n: kept[n].cpu().numpy() for n in self.layers}
+        return logits.float(), {n: kept[n] for n in self.layers}
+
+    def features(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """``(logits, {layer: pooled features})`` for one batch, in one forward pass."""
+        with torch.inference_mode():
+            logits, kept = self.pooled(batch)
+        return logits, {n: v.cpu().numpy() for n, v in kept.items()}
 
     def close(self) -> None:
         for handle in self._handles:
@@ -255,3 +278,28 @@ def tapped(model: nn.Module, layers: Sequence[str]) -> Iterator[FeatureTap]:
         yield tap
     finally:
         tap.close()
+
+
+class ScopeScorer(nn.Module):
+    """A model and its scope as one module whose ``forward`` gives ``(logits, scope scores)``: B×K
+    logits and, per image, :meth:`Scope.score` computed from the same forward pass — traceable, so
+    an ONNX export carries the score. The statistics are float64 buffers (the file's float32 values,
+    exactly) and the distances float64, as in :meth:`Layer.distance`. Tracing it registers the
+    scope's hooks on ``model`` (a :class:`FeatureTap`), which then serves no other caller."""
+
+    def __init__(self, model: nn.Module, scope: Scope) -> None:
+        super().__init__()
+        self.model, self.scope = model, scope
+        self.tap = FeatureTap(model, scope.layer_names)
+        # Indexed, not by layer name: buffer names cannot hold the dots of module paths.
+        for i, layer in enumerate(scope.layers):
+            self.register_buffer(f"means{i}", layer.means.double())
+            self.register_buffer(f"precision{i}", layer.precision.double())
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, pooled = self.tap.pooled(image)
+        standardised = [
+            (min_distance(pooled[layer.name].double(), getattr(self, f"means{i}"),
+                          getattr(self, f"precision{i}")) - layer.centre) / layer.spread
+            for i, layer in enumerate(self.scope.layers)]
+        return logits, torch.stack(standardised).sum(0)

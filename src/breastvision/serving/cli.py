@@ -63,8 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     export = subparsers.add_parser(
         "export", help="export a model file to ONNX with its metadata",
-        description="Export to ONNX (dynamic batch, softmax output, the model file's metadata in "
-        "metadata_props), then check it with onnx.checker and against PyTorch with onnxruntime.",
+        description="Export to ONNX (dynamic batch, softmax output, and for a model with a scope its "
+        "out-of-scope score as a second output; the model file's metadata in metadata_props), then "
+        "check it with onnx.checker and against PyTorch with onnxruntime.",
     )
     export.add_argument("model", type=Path, help="a breastvision .safetensors model file")
     export.add_argument("--onnx", type=Path, required=True, metavar="OUT", help="the .onnx file to write")
@@ -87,7 +88,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--backend", choices=["auto", "pytorch", "onnxruntime"], default="auto",
                        help="where forward passes run; a .safetensors file is exported to ONNX on start "
                        "for onnxruntime, which is faster on CPUs (bench/bench_serving.py). auto (the "
-                       "default): onnxruntime unless the export fails, then PyTorch")
+                       "default): onnxruntime (with the out-of-scope score of a model with a scope) unless "
+                       "the export fails, then PyTorch")
     serve.add_argument("--max-batch", type=int, default=8,
                        help="concurrent requests run as one forward pass, at most this many (default 8)")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0,
@@ -195,6 +197,8 @@ def _export(args: argparse.Namespace) -> int:
                          device=args.device)
     diff = result.max_abs_diff
     check = "" if diff is None else f"; onnxruntime vs PyTorch max |Δp| = {diff:.1e}"
+    if result.scope_diff is not None:
+        check += f", scope score max relative Δ = {result.scope_diff:.1e}"
     print(f"wrote {result.path} (opset {result.opset}, passes onnx.checker{check})")
     return 0
 

@@ -30,7 +30,8 @@ Choices recorded here:
   for histology), a set's name (``--tta-views``) overrides it, and every output names the set it
   averaged (:meth:`Predictor.resolve_tta`). Averaging probabilities rather than logits keeps every
   view's vote bounded.
-- **ONNX** exports (``serving.export``) end in a softmax, so onnxruntime returns probabilities.
+- **ONNX** exports (``serving.export``) end in a softmax, so onnxruntime returns probabilities;
+  an export of a file with a scope also returns each image's scope score (output ``scope_score``).
 - **Calibration.** Probabilities are ``softmax(logits / T)`` with the model file's fitted temperature
   ``T`` (1 for files without one), in :meth:`Predictor.assess`, the one place every consumer
   (predict, evaluate, the training engine's test pass, web, the Python API, slides) goes through; it
@@ -52,8 +53,9 @@ Choices recorded here:
   images' statistics; older files: the distance of the penultimate features alone) and
   ``out_of_scope`` (score above the stored threshold): an image so flagged is "outside this model's
   scope" and its label should not be trusted. The score is of the image as given (identity view),
-  also under TTA. A file without a scope, and an ONNX export (which carries no features: the flag
-  needs the .safetensors model file), leave both CSV cells blank, so the CSV has one shape.
+  also under TTA, by either back-end: an ONNX export computes it in its graph. A file without a
+  scope, and an ONNX file exported before the graph carried the score, leave both CSV cells blank,
+  so the CSV has one shape.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ from breastvision.data.readers._common import walk_files
 from breastvision.data.records import Skipped
 from breastvision.data.transforms import apply_view, preprocess_image, tta_views, view_logits
 from breastvision.errors import BreastvisionError, one_line
-from breastvision.models.bundle import ModelBundle, Preprocessing, check_model_path
+from breastvision.models.bundle import ModelBundle, Preprocessing, check_model_path, scope_description
 from breastvision.paths import file_sha256, printable
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,10 @@ log = logging.getLogger(__name__)
 MASK_PATTERN = "*_mask*"
 #: Key of the model metadata in an ONNX file's ``metadata_props``, as in the model file.
 ONNX_METADATA_KEY = "breastvision"
+#: Key of the scope's metadata in an ONNX export of a file with a scope (``serving.export``).
+SCOPE_METADATA_KEY = f"{ONNX_METADATA_KEY}_scope"
+#: The ONNX graph's input and outputs (``serving.export``); ``scope_score`` only with a scope.
+INPUT_NAME, OUTPUT_NAME, SCOPE_OUTPUT = "image", "probabilities", "scope_score"
 #: What a caller asks of test-time augmentation: ``True`` the model file's own view set, a set's name
 #: (``dihedral8``, ``hflip``), ``False`` / ``None`` none (:meth:`Predictor.resolve_tta`).
 TtaChoice = bool | str | None
@@ -265,10 +271,20 @@ class Predictor(ABC):
         """B×K float32 logits (or log-probabilities: the softmax treats them alike) for one
         B×C×H×W batch, before calibration."""
 
+    def _scored(self, batch: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """B×K logits (as :meth:`logits`) and the scope scores of one batch, in one forward pass;
+        called only for a model with a scope."""
+        raise NotImplementedError(f"{type(self).__name__} has no scope scores")
+
     def _view_logits(self, batch: torch.Tensor,
                      views: Sequence[str]) -> tuple[torch.Tensor, np.ndarray | None]:
         """V×B×K logits of each view and, where the model has a scope, the scores of the images as given."""
-        return view_logits(self.logits, batch, views), None
+        if self.info.scope is None:
+            return view_logits(self.logits, batch, views), None
+        # One pass gives the image's logits and its scores; the other views need only logits.
+        logits, scores = self._scored(batch)
+        rest = [self.logits(apply_view(batch, v)) for v in views if v != "identity"]
+        return torch.stack([logits, *rest]), scores
 
     def resolve_tta(self, tta: TtaChoice) -> str | None:
         """The name of the view set ``tta`` asks for (:data:`TtaChoice`): ``True`` the model file's
@@ -343,19 +359,16 @@ class TorchPredictor(Predictor):
         with torch.inference_mode():
             return self.model(batch.to(self.device)).float().cpu()
 
-    def _view_logits(self, batch: torch.Tensor,
-                     views: Sequence[str]) -> tuple[torch.Tensor, np.ndarray | None]:
-        if self._tap is None:
-            return super()._view_logits(batch, views)
-        # One pass gives the image's logits and its features; the other views need only logits.
+    def _scored(self, batch: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         logits, features = self._tap.features(batch.to(self.device))
-        rest = [self.logits(apply_view(batch, v)) for v in views if v != "identity"]
-        return torch.stack([logits.cpu(), *rest]), self.info.scope.score(features)
+        return logits.cpu(), self.info.scope.score(features)
 
 
 class OnnxPredictor(Predictor):
     """An ONNX export of a model file, run by onnxruntime: on a GPU (CUDAExecutionProvider) when the
-    device is CUDA, which needs the onnxruntime-gpu build, else on the CPU."""
+    device is CUDA, which needs the onnxruntime-gpu build, else on the CPU. An export with a
+    ``scope_score`` output and the scope's metadata flags as the model file does; its ``info.scope``
+    holds the threshold and the layers' sizes and standardisation, the statistics being in the graph."""
 
     backend = "onnxruntime"
 
@@ -376,12 +389,17 @@ class OnnxPredictor(Predictor):
                 f"{path} has no breastvision metadata; export it with 'breastvision export'"
             )
         self.info = ModelBundle.from_metadata(raw, state_dict={}, source=path)
+        scope = self.session.get_modelmeta().custom_metadata_map.get(SCOPE_METADATA_KEY)
+        if scope is not None:
+            self.info.scope = scope_description(scope, path)
         self.source = path
         self.input_name = self.session.get_inputs()[0].name
         self._check_shapes()
+        self._outputs = [o.name for o in self.session.get_outputs()][:2 if scope is not None else 1]
 
     def _check_shapes(self) -> None:
-        """The graph must take B×3×S×S and give B×K for this file's S and K (static sizes only)."""
+        """The graph must take B×3×S×S and give B×K for this file's S and K (static sizes only),
+        and a B scope score where the metadata has a scope (an output older readers pass over)."""
         size, k = self.preprocessing.input_size, len(self.class_names)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         problems = []
@@ -390,14 +408,31 @@ class OnnxPredictor(Predictor):
         if not outputs or not _shape_fits(outputs[0].shape, [None, k]):
             problems.append(f"output {outputs[0].shape if outputs else None}, expected [batch, {k}] "
                             f"for its {k} class names")
+        scored = len(outputs) > 1 and outputs[1].name == SCOPE_OUTPUT
+        if self.info.scope is not None and not (scored and _shape_fits(outputs[1].shape, [None])):
+            problems.append(f"its scope metadata needs a second output {SCOPE_OUTPUT} of shape [batch], "
+                            f"not {[(o.name, o.shape) for o in outputs[1:]]}")
+        elif self.info.scope is None and scored:
+            problems.append(f"output {SCOPE_OUTPUT} without the scope metadata ({SCOPE_METADATA_KEY})")
         if problems:
             raise BreastvisionError(f"{self.source} does not match its own metadata: {'; '.join(problems)}")
 
+    def _run(self, batch: torch.Tensor, outputs: list[str]) -> list[np.ndarray]:
+        # TTA views can be strided (transposes); onnxruntime is given a packed float32 copy.
+        return self.session.run(outputs, {self.input_name: np.ascontiguousarray(batch.numpy(), np.float32)})
+
+    def outputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
+        """The graph's log-probabilities (as :meth:`logits`) and its scope scores (``None`` without
+        a scope), from one run."""
+        probs, *scores = self._run(batch, self._outputs)
+        return torch.from_numpy(probs).log(), (np.asarray(scores[0], np.float64) if scores else None)
+
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Log-probabilities: the graph ends in a softmax, and the temperature is applied here."""
-        # TTA views can be strided (transposes); onnxruntime is given a packed float32 copy.
-        probs = self.session.run(None, {self.input_name: np.ascontiguousarray(batch.numpy(), np.float32)})[0]
-        return torch.from_numpy(probs).log()
+        return torch.from_numpy(self._run(batch, self._outputs[:1])[0]).log()
+
+    def _scored(self, batch: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        return self.outputs(batch)
 
 
 def _shape_fits(shape: Sequence[Any], expected: Sequence[int | None]) -> bool:

@@ -459,16 +459,15 @@ def _predictor(model: str | os.PathLike | Predictor, backend: str | None, device
                operating_point: str | None = None) -> tuple[Predictor, Path | None]:
     """The predictor running forward passes on ``backend``, and the model file an ONNX export of it
     explains with. None: the file's own back-end; "auto": onnxruntime for a model file, exported on
-    start, unless the export fails (then PyTorch, with a warning) — or the file has a scope (the
-    out-of-scope flag needs PyTorch's features, ``models.scope``) or the model is on a GPU."""
+    start (with its scope, if it has one: the graph computes the out-of-scope score), unless the
+    export fails (then PyTorch, with a warning) or the model is on a GPU."""
     if backend not in (None, *BACKENDS):
         raise BreastvisionError(f"unknown back-end '{backend}' (choose from {', '.join(BACKENDS)})")
     loaded = model if isinstance(model, Predictor) else load_predictor(model, device)
     loaded.use_operating_point(operating_point)  # an unknown name fails before any export
     if backend is None or backend == loaded.backend or (backend == "auto" and loaded.backend != "pytorch"):
         return loaded, None
-    if backend == "auto" and isinstance(loaded, TorchPredictor) and (
-            loaded.info.scope is not None or loaded.device.type == "cuda"):
+    if backend == "auto" and isinstance(loaded, TorchPredictor) and loaded.device.type == "cuda":
         return loaded, None
     if not isinstance(loaded, TorchPredictor):
         raise BreastvisionError("an ONNX file runs on onnxruntime only: serve the .safetensors model file")
