@@ -54,8 +54,9 @@ class Result:
     label: str
     probabilities: dict[str, float]
     decisions: dict[str, bool] = field(default_factory=dict)
-    #: For a model file with a scope (``models.scope``): whether the image lies outside it, and its
-    #: score; ``None`` without one (or from an ONNX export).
+    #: For a model file with a scope (``models.scope``) or its ONNX export: whether the image lies
+    #: outside it, and its score; ``None`` without one (or from an ONNX file exported before the
+    #: graph carried the score).
     out_of_scope: bool | None = None
     scope_score: float | None = None
     decision: str = ""
