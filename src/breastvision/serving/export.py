@@ -31,6 +31,7 @@ from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -154,17 +155,7 @@ def export_onnx(
     written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if written != opset:
         raise BreastvisionError(f"the exporter wrote opset {written}, not the requested {opset}")
-    export_info = {
-        "opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, "torch": torch.__version__,
-        "source_file": model_file.name, "source_sha256": file_sha256(model_file),
-        **({"scope_output": SCOPE_OUTPUT} if bundle.scope is not None else {}),
-    }
-    # The scope's statistics are in the graph; its description has a key of its own (module docstring).
-    meta = {k: v for k, v in bundle.metadata().items() if k != "scope"}
-    props = [(ONNX_METADATA_KEY, meta), (f"{ONNX_METADATA_KEY}_onnx", export_info)]
-    if bundle.scope is not None:
-        props.append((SCOPE_METADATA_KEY, bundle.scope.metadata()))
-    for key, value in props:
+    for key, value in _metadata_props(bundle, model_file, opset).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
     onnx.save(proto, str(out))
@@ -182,6 +173,21 @@ def export_onnx(
         raise BreastvisionError(f"onnxruntime and PyTorch scope scores disagree by {scope_diff:.2e} "
                                 f"(> {SCOPE_TOLERANCE:g}, relative) on a random batch")
     return ExportResult(out, opset, diff, scope_diff)
+
+
+def _metadata_props(bundle: ModelBundle, model_file: Path, opset: int) -> dict[str, Any]:
+    """The ONNX file's ``metadata_props`` (module docstring), by key."""
+    export_info = {
+        "opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, "torch": torch.__version__,
+        "source_file": model_file.name, "source_sha256": file_sha256(model_file),
+        **({"scope_output": SCOPE_OUTPUT} if bundle.scope is not None else {}),
+    }
+    # The scope's statistics are in the graph; its description has a key of its own.
+    props = {ONNX_METADATA_KEY: {k: v for k, v in bundle.metadata().items() if k != "scope"},
+             f"{ONNX_METADATA_KEY}_onnx": export_info}
+    if bundle.scope is not None:
+        props[SCOPE_METADATA_KEY] = bundle.scope.metadata()
+    return props
 
 
 def _verify(module: _WithSoftmax, scope: Scope | None, out: Path, example: torch.Tensor,
