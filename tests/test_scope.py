@@ -442,15 +442,21 @@ def test_export_refuses_a_graph_whose_score_differs_from_the_scopes(scoped, monk
         export_onnx(scoped[0], tmp_path / "off.onnx", opset=17)
 
 
-def test_auto_back_end_serves_a_scoped_model_on_onnxruntime(scoped, monkeypatch) -> None:
+def test_auto_back_end_serves_a_scoped_model_on_onnxruntime(scoped, scoped_onnx, monkeypatch) -> None:
     """``serve``'s default back-end exports a scoped model too, and the answers carry its flag."""
+    import shutil
+
     from breastvision.serving import web
-    from breastvision.serving.export import export_onnx
     from breastvision.serving.predict import OnnxPredictor
 
-    # In this process, not a spawned one: the same export, without a second interpreter's start-up.
-    monkeypatch.setattr(web, "_export_in_subprocess", lambda model, out: export_onnx(model, out).path)
     model_file, inputs = scoped
+
+    def export(model: Path, out: Path) -> Path:
+        # The fixture's export of the same file (the same call), not a second one in a spawned process.
+        assert model == model_file
+        return Path(shutil.copy(scoped_onnx.path, out))
+
+    monkeypatch.setattr(web, "_export_in_subprocess", export)
     predictor, explain_file = web._predictor(model_file, "auto")
     assert isinstance(predictor, OnnxPredictor) and explain_file == model_file
     service = web.InferenceService(predictor)
