@@ -94,11 +94,14 @@ def test_plans_are_validated_in_one_line(tmp_path: Path) -> None:
 def test_shipped_plans_name_shipped_configs(path: Path) -> None:
     from breastvision.paths import config_path
     from breastvision.training.config import load_config
+    from breastvision.training.transfer import is_chain, stage_configs
 
     plan = Plan.read(path.name)
     names: list[str] = []
     for step in plan.steps:
-        if step.config is not None:
+        if step.config is not None and is_chain(config_path(step.config)):
+            stage_configs(config_path(step.config), step.set)
+        elif step.config is not None:
             load_config(config_path(step.config), step.set)
         assert set(step.ensemble) <= set(names)
         assert step.select is None or set(step.select.candidates) <= set(names)

@@ -89,12 +89,12 @@ def run_crossval(
     per fold the chain runs into ``out`` (its earlier stages do not depend on the fold, so they are
     trained once, in ``out/<stage>``, and reused), and the last stages' folds
     (``out/<stage>_fold<k>``) are pooled."""
-    from breastvision.paths import config_path as resolve
-    from breastvision.training.config import load_config, read_yaml
+    from breastvision.training.config import load_config
+    from breastvision.training.transfer import is_chain
 
     if folds < 2:
         raise BreastvisionError(f"cross-validation needs at least 2 folds (got {folds})")
-    if "stages" in read_yaml(resolve(config_path)):
+    if is_chain(config_path):
         first, chain_of, out = chain_folds(config_path, folds, overrides, out)
 
         def run_fold(fold: int) -> RunRecord:

@@ -72,6 +72,11 @@ class ChainConfig:
     output_dir: str = "runs/{name}"
 
 
+def is_chain(path: str | os.PathLike) -> bool:
+    """Whether a YAML file is a transfer chain (it lists ``stages``) rather than one experiment."""
+    return "stages" in read_yaml(config_path(path))
+
+
 def load_chain(path: str | os.PathLike) -> ChainConfig:
     path = config_path(path)
     try:
