@@ -171,19 +171,23 @@ def _mean_predictions(parts: list[Any]) -> Any:
 
 
 def _pooled_validation(name: str, runs: list[Any]) -> Any:
-    """A step's validation predictions of every fold, each fold's in sorted image order, concatenated."""
+    """A step's validation predictions of every fold (keys ``<fold>/<image>``), each fold's in sorted
+    image order, concatenated into one ``Predictions``."""
     import numpy as np
 
-    keys, labels, probs = [], [], []
+    from breastvision.training.run_record import Predictions
+
+    keys, groups, labels, probs = [], [], [], []
     for fold, run in enumerate(runs):
         val = run.val_predictions
         if val is None:
             raise BreastvisionError(f"step {name}: {run.run_dir} has no validation predictions to select on")
         order = np.argsort(np.asarray(val.keys, dtype=str), kind="stable")
         keys += [f"{fold}/{val.keys[i]}" for i in order]
+        groups += [val.groups[i] for i in order]
         labels.append(np.asarray(val.y_true)[order])
         probs.append(np.asarray(val.probs)[order])
-    return keys, np.concatenate(labels), np.concatenate(probs), val.class_names
+    return Predictions(keys, groups, np.concatenate(labels), np.concatenate(probs), val.class_names)
 
 
 def select_members(folds_of: dict[str, list[Any]], selection: Selection) -> list[str]:
@@ -193,12 +197,12 @@ def select_members(folds_of: dict[str, list[Any]], selection: Selection) -> list
     from breastvision.evaluation.report import lookup
 
     pooled = {name: _pooled_validation(name, folds_of[name]) for name in selection.candidates}
-    keys, y, _, class_names = pooled[selection.candidates[0]]
-    if any(p[0] != keys or p[3] != class_names for p in pooled.values()):
+    first = pooled[selection.candidates[0]]
+    if any(p.keys != first.keys or p.class_names != first.class_names for p in pooled.values()):
         raise BreastvisionError("selection candidates must be validated on the same images and classes")
 
     def score(probs: Any) -> float:
-        value = lookup(compute_metrics(y, probs, class_names), selection.metric)
+        value = lookup(compute_metrics(first.y_true, probs, first.class_names), selection.metric)
         if not isinstance(value, int | float):
             raise BreastvisionError(f"selection metric '{selection.metric}' is not a number in the metrics")
         return float(value)
@@ -206,12 +210,12 @@ def select_members(folds_of: dict[str, list[Any]], selection: Selection) -> list
     chosen: list[str] = []
     total, best = 0.0, float("-inf")
     for _ in range(selection.rounds):
-        scores = {name: score((total + p[2]) / (len(chosen) + 1)) for name, p in pooled.items()}
+        scores = {name: score((total + p.probs) / (len(chosen) + 1)) for name, p in pooled.items()}
         name = max(scores, key=scores.__getitem__)
         if scores[name] <= best:
             break
         chosen.append(name)
-        total, best = total + pooled[name][2], scores[name]
+        total, best = total + pooled[name].probs, scores[name]
     return chosen
 
 
