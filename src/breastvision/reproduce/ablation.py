@@ -171,23 +171,13 @@ def _mean_predictions(parts: list[Any]) -> Any:
 
 
 def _pooled_validation(name: str, runs: list[Any]) -> Any:
-    """A step's validation predictions of every fold (keys ``<fold>/<image>``), each fold's in sorted
-    image order, concatenated into one ``Predictions``."""
-    import numpy as np
+    from breastvision.training.crossval import pooled_validation
 
-    from breastvision.training.run_record import Predictions
-
-    keys, groups, labels, probs = [], [], [], []
-    for fold, run in enumerate(runs):
-        val = run.val_predictions
-        if val is None:
-            raise BreastvisionError(f"step {name}: {run.run_dir} has no validation predictions to select on")
-        order = np.argsort(np.asarray(val.keys, dtype=str), kind="stable")
-        keys += [f"{fold}/{val.keys[i]}" for i in order]
-        groups += [val.groups[i] for i in order]
-        labels.append(np.asarray(val.y_true)[order])
-        probs.append(np.asarray(val.probs)[order])
-    return Predictions(keys, groups, np.concatenate(labels), np.concatenate(probs), val.class_names)
+    pooled = pooled_validation(runs)
+    if pooled is None:
+        missing = next(r.run_dir for r in runs if r.val_predictions is None)
+        raise BreastvisionError(f"step {name}: {missing} has no validation predictions to select on")
+    return pooled
 
 
 def select_members(folds_of: dict[str, list[Any]], selection: Selection) -> list[str]:

@@ -205,17 +205,32 @@ def _folds_section(per_fold: list[dict[str, Any]], mean_sd: dict[str, Any], wall
     )
 
 
-def _validation_summary(records: Sequence[RunRecord]) -> dict[str, Any] | None:
-    """The folds' validation predictions pooled (no intervals): what recipes are chosen on. A
-    validation image may serve several folds, so this is a mean over folds, not a held-out score."""
-    from breastvision.evaluation.report import evaluate_predictions
-
+def pooled_validation(records: Sequence[RunRecord]) -> Predictions | None:
+    """The folds' validation predictions in one ``Predictions`` (keys ``<fold>/<image>``, each fold in
+    sorted image order, so two recipes' pools align row by row); ``None`` when a run has none."""
     parts = [r.val_predictions for r in records]
     if any(p is None for p in parts):
         return None
-    metrics = evaluate_predictions(np.concatenate([p.y_true for p in parts]),
-                                   np.concatenate([p.probs for p in parts]), parts[0].class_names,
-                                   grouping=None, n_resamples=0)
+    keys, groups, labels, probs = [], [], [], []
+    for fold, val in enumerate(parts):
+        order = np.argsort(np.asarray(val.keys, dtype=str), kind="stable")
+        keys += [f"{fold}/{val.keys[i]}" for i in order]
+        groups += [val.groups[i] for i in order]
+        labels.append(np.asarray(val.y_true)[order])
+        probs.append(np.asarray(val.probs)[order])
+    return Predictions(keys, groups, np.concatenate(labels), np.concatenate(probs), parts[0].class_names)
+
+
+def _validation_summary(records: Sequence[RunRecord]) -> dict[str, Any] | None:
+    """The pooled validation predictions' metrics (no intervals): what recipes are chosen on. A
+    validation image may serve several folds, so this is a mean over folds, not a held-out score."""
+    from breastvision.evaluation.report import evaluate_predictions
+
+    pooled = pooled_validation(records)
+    if pooled is None:
+        return None
+    metrics = evaluate_predictions(pooled.y_true, pooled.probs, pooled.class_names, grouping=None,
+                                   n_resamples=0)
     keep = ("n_images", "accuracy", "recall_macro", "f1_macro", "auc", "ece", "brier")
     return {**{k: metrics[k] for k in keep if k in metrics},
             "recall": {c: v["recall"] for c, v in metrics["per_class"].items()}}
