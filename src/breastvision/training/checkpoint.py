@@ -1,8 +1,10 @@
 """A run's checkpoints: ``checkpoints/last.ckpt`` to resume, ``best.ckpt`` (the model at its
-best-on-validation epoch) at the end; written after every epoch (:func:`save_epoch`), read back here.
+best-on-validation epoch) at the end; written after every epoch (:func:`save_last`,
+:func:`save_best`), read back here.
 
 ``last.ckpt`` holds everything a run needs to continue (model, optimizer, scheduler, epoch,
-history, best score, config); ``best.ckpt`` only the best epoch's model and that epoch, which is
+history, best score, config, and the weights' moving average under ``train.ema_decay``);
+``best.ckpt`` only the best epoch's model and that epoch, which is
 all the final evaluation needs. Both are read with ``weights_only=True`` pinned
 (``models.weights.load_torch_file``), so a checkpoint from elsewhere cannot run code whatever the
 installed torch's default, and anything else given to ``--resume`` is named for what it is. A
@@ -87,24 +89,31 @@ class LoopState:
     best: dict[str, Any] | None = None
 
 
-def restore(checkpoint: dict[str, Any], optimizer: Any, scheduler: Any) -> LoopState:
-    """Optimizer and scheduler state from a checkpoint :func:`check_resumable` accepted; the loop's."""
+def restore(checkpoint: dict[str, Any], optimizer: Any, scheduler: Any, ema: Any = None) -> LoopState:
+    """Optimizer, scheduler and moving-average state from a checkpoint :func:`check_resumable`
+    accepted; the loop's. An average switched on at resume starts from the resumed weights."""
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
+    if ema is not None and "ema" in checkpoint:
+        ema.load_state_dict(checkpoint["ema"])
     return LoopState(checkpoint["epoch"], checkpoint["history"], checkpoint["best"])
 
 
-def save_epoch(
-    fabric: Fabric, folder: Path, model: nn.Module, optimizer: Any, scheduler: Any,
-    state: LoopState, config: ExperimentConfig, improved: bool,
-) -> None:
-    """``last.ckpt`` after every epoch, ``best.ckpt`` when the epoch ``improved`` on the best."""
-    if improved:
-        fabric.save(folder / "best.ckpt", {"model": model, "epoch": state.epoch})
-    fabric.save(folder / "last.ckpt", {
-        "model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": state.epoch,
+def save_best(fabric: Fabric, folder: Path, model: nn.Module, state: LoopState) -> None:
+    """``best.ckpt``: written when an epoch improved on the best."""
+    fabric.save(folder / "best.ckpt", {"model": model, "epoch": state.epoch})
+
+
+def save_last(fabric: Fabric, folder: Path, loop: Any, state: LoopState, config: ExperimentConfig) -> None:
+    """``last.ckpt`` after every epoch (``loop``: ``training.loop.Loop``), with the weights' moving
+    average under ``ema`` when the run keeps one."""
+    content = {
+        "model": loop.model, "optimizer": loop.optimizer, "scheduler": loop.scheduler, "epoch": state.epoch,
         "history": state.history, "best": state.best, "config": config.to_dict(),
-    })
+    }
+    if loop.ema is not None:
+        content["ema"] = loop.ema.state_dict()
+    fabric.save(folder / "last.ckpt", content)
 
 
 def load_best(folder: Path, model: nn.Module) -> None:

@@ -184,6 +184,10 @@ class TrainConfig:
     #: likewise. It blends the frozen prefix's outputs (the images when nothing is frozen): manifold
     #: mixup at the cut (Verma et al. 2019), the form cached features allow, the same uncached.
     mixup_alpha: float = Field(default=0.0, ge=0)
+    #: Exponential moving average of the trainable weights and buffers (``loop.make_ema``): after
+    #: every optimizer step ``w̄ ← d·w̄ + (1 − d)·w``. With ``d`` > 0 the epochs are validated, the
+    #: best epoch chosen and the model file written with the averaged weights; 0 turns it off.
+    ema_decay: float = Field(default=0.0, ge=0, lt=1)
     seed: int = 0
     #: ``auto``: bf16-mixed on CUDA when supported, else 16-mixed; 32-true on CPU.
     precision: str = "auto"

@@ -67,6 +67,7 @@ from breastvision.training.loop import (
     Loop,
     evaluate,
     fit,
+    make_ema,
     make_loader,
     make_optimizer,
     make_scheduler,
@@ -387,10 +388,10 @@ def _run(
         trainable.mark_forward_method("forward_with_mask")  # through DDP's forward, as gradients need
     num_classes = len(data.class_names)
     loop = Loop(fabric, model, trainable, inputs.step_prefix, optimizer, scheduler, num_classes, show,
-                loss_fn.to(fabric.device))
+                loss_fn.to(fabric.device), make_ema(suffix, tc.ema_decay))
     state = LoopState()
     if checkpoint is not None:
-        state = restore(checkpoint, optimizer, scheduler)
+        state = restore(checkpoint, optimizer, scheduler, loop.ema)
         say(f"resuming {resume} after epoch {state.epoch}")
     state = fit(loop, config, inputs.datasets, inputs.workers, state, run_dir, say)
 

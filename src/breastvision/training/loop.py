@@ -17,7 +17,8 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,12 @@ from lightning.fabric import Fabric
 from lightning.fabric.utilities.seed import seed_everything
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from breastvision.errors import BreastvisionError
 from breastvision.training.balance import sample_weights
-from breastvision.training.checkpoint import LoopState, save_epoch
+from breastvision.training.checkpoint import LoopState, save_best, save_last
 from breastvision.training.config import ExperimentConfig, TrainConfig
 from breastvision.training.progress import progress_bar
 from breastvision.training.segmentation import mask_loss
@@ -123,6 +125,14 @@ def make_scheduler(
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
+def make_ema(suffix: nn.Module, decay: float) -> AveragedModel | None:
+    """The exponential moving average of the trainable suffix (``train.ema_decay``), buffers too, so
+    BatchNorm statistics match the averaged weights; ``None`` when off. Its first update copies."""
+    if not decay:
+        return None
+    return AveragedModel(suffix, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def make_loader(
     dataset: Dataset, fabric: Fabric, batch_size: int, seed: int, train: bool, num_workers: int,
     weights: torch.Tensor | None = None,
@@ -201,10 +211,12 @@ def train_one_epoch(
     show_progress: bool = False,
     mask_weight: float = 0.0,
     mixup_alpha: float = 0.0,
+    ema: AveragedModel | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; mean loss and accuracy over every process's samples, and with a
     ``mask_weight`` (batches ``(x, y, index, mask)``) the mean mask loss too. With ``mixup_alpha``
-    (:class:`Mixup`) the accuracy counts an item right when the arg-max is its own label."""
+    (:class:`Mixup`) the accuracy counts an item right when the arg-max is its own label; ``ema``
+    (:func:`make_ema`) is updated after every step."""
     model.train()
     # loss sum, correct, count, mask-loss sum
     totals = torch.zeros(4, dtype=torch.float64, device=fabric.device)
@@ -220,6 +232,8 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
             fabric.backward(loss)
             optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
             n = y.numel()
             totals += torch.stack(
                 [
@@ -294,6 +308,29 @@ class Loop:
     show: bool
     #: The training loss on the logits (``balance.classification_loss``), on the device.
     loss_fn: nn.Module
+    #: The moving average of ``trainable`` (:func:`make_ema`), or ``None``.
+    ema: AveragedModel | None = None
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """What the epochs validate: the moving average when there is one."""
+        return self.trainable if self.ema is None else self.ema.module
+
+
+@contextmanager
+def averaged_weights(loop: Loop) -> Iterator[None]:
+    """Within the block ``loop.model`` holds the moving average's weights (a no-op without one), so
+    what is saved as the best epoch is what was validated; the trained weights come back after."""
+    if loop.ema is None:
+        yield
+        return
+    suffix = loop.trainable.module
+    trained = {k: v.clone() for k, v in suffix.state_dict().items()}
+    suffix.load_state_dict(loop.ema.module.state_dict())
+    try:
+        yield
+    finally:
+        suffix.load_state_dict(trained)
 
 
 def _epoch(loop: Loop, train_loader: DataLoader, val_loader: DataLoader, val_labels: torch.Tensor,
@@ -302,8 +339,8 @@ def _epoch(loop: Loop, train_loader: DataLoader, val_loader: DataLoader, val_lab
     t0 = time.perf_counter()
     fit = train_one_epoch(loop.fabric, loop.trainable, loop.prefix, train_loader, loop.optimizer,
                           loop.loss_fn, f"epoch {epoch + 1}/{tc.epochs}", loop.show, tc.mask_loss_weight,
-                          tc.mixup_alpha)
-    val_logits = evaluate(loop.fabric, loop.trainable, loop.prefix, val_loader, len(val_labels),
+                          tc.mixup_alpha, loop.ema)
+    val_logits = evaluate(loop.fabric, loop.evaluated, loop.prefix, val_loader, len(val_labels),
                           loop.num_classes)
     val_loss = float(nn.functional.cross_entropy(val_logits, val_labels))
     val_acc = float((val_logits.argmax(1) == val_labels).float().mean())
@@ -349,8 +386,10 @@ def fit(
         if improved:
             state.best = {"epoch": epoch + 1, "score": value, "val_loss": row["val_loss"],
                           "val_acc": row["val_acc"]}
-        save_epoch(fabric, run_dir / "checkpoints", loop.model, loop.optimizer, loop.scheduler,
-                               state, config, improved)
+        if improved:
+            with averaged_weights(loop):
+                save_best(fabric, run_dir / "checkpoints", loop.model, state)
+        save_last(fabric, run_dir / "checkpoints", loop, state, config)
         fabric.log_dict(row, step=epoch + 1)
         if fabric.is_global_zero:
             write_history(run_dir / "history.csv", state.history)
