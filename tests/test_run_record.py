@@ -24,6 +24,7 @@ def test_speed_and_location_settings_do_not_make_another_run() -> None:
     faster = _config(train={"threads": 3, "progress": "none"}, data={"num_workers": 2})
     assert config_differences(saved, faster) == []
     assert config_differences({**saved, "output_dir": "elsewhere", "weights_root": "/w"}, _config()) == []
+    assert config_differences({**saved, "name": "renamed"}, _config()) == []
     elsewhere = _config(train={"cache_dir": "/other/cache"}, data={"stain": {"cache_dir": "/other/stain"}})
     assert config_differences(_config(data={"stain": {}}).to_dict(), elsewhere) == []
     assert config_differences(saved, _config(data={"fold": 1})) == ["data.fold: None → 1"]

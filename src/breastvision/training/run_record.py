@@ -35,9 +35,10 @@ import yaml
 from breastvision.errors import BreastvisionError
 
 #: Settings that change speed, display or where files are, not results: a run may be reused or
-#: resumed with other values.
+#: resumed with other values. ``name`` is a label, so a config renamed (or one ``extends`` with
+#: nothing but another name) reuses the runs of its original.
 SPEED_KEYS = frozenset({
-    "output_dir", "weights_root", "data.num_workers",
+    "name", "output_dir", "weights_root", "data.num_workers",
     "train.threads", "train.progress", "train.cache_backend", "train.cache_dir", "data.stain.cache_dir",
 })
 
