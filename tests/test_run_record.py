@@ -25,6 +25,13 @@ def test_speed_and_location_settings_do_not_make_another_run() -> None:
     assert config_differences(saved, faster) == []
     assert config_differences({**saved, "output_dir": "elsewhere", "weights_root": "/w"}, _config()) == []
     assert config_differences({**saved, "name": "renamed"}, _config()) == []
+    # A view list means something for dihedral views only.
+    drawn = _config(data={"views": {"kind": "random", "count": 2}})
+    listed = _config(data={"views": {"kind": "random", "count": 2, "names": ["identity", "hflip"]}})
+    assert config_differences(drawn.to_dict(), listed) == []
+    dihedral = _config(data={"views": {"kind": "dihedral", "names": ["identity", "hflip"]}})
+    assert config_differences(_config(data={"views": {"kind": "dihedral"}}).to_dict(), dihedral) == [
+        "data.views.names: ['rot90', 'rot180', 'rot270', 'hflip', 'vflip'] → ['identity', 'hflip']"]
     elsewhere = _config(train={"cache_dir": "/other/cache"}, data={"stain": {"cache_dir": "/other/stain"}})
     assert config_differences(_config(data={"stain": {}}).to_dict(), elsewhere) == []
     assert config_differences(saved, _config(data={"fold": 1})) == ["data.fold: None → 1"]

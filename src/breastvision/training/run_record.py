@@ -59,13 +59,21 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _moot(flat: Mapping[str, Any]) -> set[str]:
+    """Keys whose value cannot change what a run of this (flattened) config does: the view list of
+    views that are not ``dihedral`` (an ``extends`` turning a parent's dihedral views into random
+    draws keeps the parent's list)."""
+    return set() if flat.get("data.views.kind") == "dihedral" else {"data.views.names"}
+
+
 def config_differences(
     saved: Mapping[str, Any], config: Any, *, may_differ: Sequence[str] = ()
 ) -> list[str]:
     """Dotted keys whose values differ between a saved config dict and ``config`` (an
-    ``ExperimentConfig`` or its dict), ignoring :data:`SPEED_KEYS` and keys under the sections
-    named in ``may_differ``; each entry reads ``key: saved → now``. A key missing from the saved
-    config (added by a later version) stands for its default."""
+    ``ExperimentConfig`` or its dict), ignoring :data:`SPEED_KEYS`, keys that are moot in both
+    (:func:`_moot`) and keys under the sections named in ``may_differ``; each entry reads
+    ``key: saved → now``. A key missing from the saved config (added by a later version) stands for
+    its default."""
     from breastvision.training.config import ExperimentConfig
 
     now = config.to_dict() if hasattr(config, "to_dict") else config
@@ -74,8 +82,9 @@ def config_differences(
     defaults = _flatten(_plain(ExperimentConfig().to_dict()))
     old = {**{k: defaults[k] for k in new.keys() - old.keys() if k in defaults}, **old}
     free = tuple(f"{section}." for section in may_differ)
+    ignored = SPEED_KEYS | (_moot(old) & _moot(new))
     keys = sorted(k for k in old.keys() | new.keys()
-                  if k not in SPEED_KEYS and not k.startswith(free) and old.get(k) != new.get(k))
+                  if k not in ignored and not k.startswith(free) and old.get(k) != new.get(k))
     return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys]
 
 
