@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning.fabric import Fabric
 from torch import nn
@@ -25,6 +25,9 @@ from breastvision.errors import BreastvisionError
 from breastvision.models.weights import load_torch_file
 from breastvision.training.config import ExperimentConfig
 from breastvision.training.run_record import config_differences
+
+if TYPE_CHECKING:  # loop imports this module
+    from breastvision.training.loop import Loop
 
 #: What ``last.ckpt`` holds besides the model: resuming needs every one of them.
 RESUME_KEYS = ("optimizer", "scheduler", "epoch", "history", "best", "config")
@@ -104,9 +107,9 @@ def save_best(fabric: Fabric, folder: Path, model: nn.Module, state: LoopState) 
     fabric.save(folder / "best.ckpt", {"model": model, "epoch": state.epoch})
 
 
-def save_last(fabric: Fabric, folder: Path, loop: Any, state: LoopState, config: ExperimentConfig) -> None:
-    """``last.ckpt`` after every epoch (``loop``: ``training.loop.Loop``), with the weights' moving
-    average under ``ema`` when the run keeps one."""
+def save_last(fabric: Fabric, folder: Path, loop: Loop, state: LoopState, config: ExperimentConfig) -> None:
+    """``last.ckpt`` after every epoch, with the weights' moving average under ``ema`` when the run
+    keeps one."""
     content = {
         "model": loop.model, "optimizer": loop.optimizer, "scheduler": loop.scheduler, "epoch": state.epoch,
         "history": state.history, "best": state.best, "config": config.to_dict(),
