@@ -106,6 +106,45 @@ def test_pooled_metrics_are_those_of_the_concatenated_folds(image_tree, tmp_path
         aggregate_runs([folds[0], folds[0]], tmp_path / "twice")
 
 
+def test_crossval_pools_and_reports_subtypes(image_tree, tmp_path: Path) -> None:
+    """A manifest's subtype column reaches the pooled predictions, metrics and report."""
+    import csv
+    import shutil
+
+    from breastvision.evaluation.subtypes import subtype_metrics
+    from breastvision.training.run_record import Predictions
+
+    source = shutil.copytree(image_tree(per_class=6), tmp_path / "data")
+    manifest = source / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "subtype"])
+        for i, image in enumerate(sorted(source.rglob("*.png"))):
+            label = image.parent.name
+            writer.writerow([image.relative_to(source).as_posix(), label, f"{label}_{'ab'[i % 2]}"])
+    cv = run_crossval(write_config(tmp_path / "cv.yaml", manifest), folds=3, out=tmp_path / "cv")
+    pooled = Predictions.read(cv.out_dir / "predictions.csv")
+    assert sorted(set(pooled.subtypes)) == ["benign_a", "benign_b", "malignant_a", "malignant_b"]
+    expected = subtype_metrics(pooled.y_true, pooled.probs, pooled.class_names, pooled.subtypes)
+    summary = json.loads((cv.out_dir / "crossval.json").read_text())
+    assert {k: v["recall"] for k, v in summary["pooled"]["per_subtype"].items()} == pytest.approx(
+        {k: v["recall"] for k, v in expected.items()})
+    assert "per_subtype.benign_a.recall" in summary["pooled"]["intervals"]
+    report = (cv.out_dir / "report.md").read_text()
+    assert "### Per subtype" in report and "| benign_b | benign |" in report
+    # ``evaluate`` of a fold's model file on its test part reports the same breakdown.
+    from breastvision.evaluation.evaluate import evaluate_model
+
+    fold = cv.runs[0].run_dir
+    evaluation = evaluate_model(fold / "model.safetensors", str(manifest), split=fold / "split.json",
+                                fold=0, out=tmp_path / "evaluate", n_resamples=0)
+    tested = RunRecord.load(fold).predictions
+    assert Predictions.read(tmp_path / "evaluate" / "predictions.csv").subtypes == tested.subtypes
+    expected = subtype_metrics(tested.y_true, tested.probs, tested.class_names, tested.subtypes)
+    assert {k: v["correct"] for k, v in evaluation.metrics["per_subtype"].items()} == {
+        k: v["correct"] for k, v in expected.items()}
+
+
 def test_refuses_a_hold_out_config(image_tree, tmp_path: Path) -> None:
     config = write_config(tmp_path / "holdout.yaml", image_tree(), split={"protocol": "group_holdout"})
     with pytest.raises(BreastvisionError, match="group_kfold"):

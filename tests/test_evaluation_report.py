@@ -112,13 +112,15 @@ def test_missing_split_file_is_a_user_error(tmp_path: Path, predictions):
 
 
 def test_predictions_csv(tmp_path: Path):
-    """A run's table is ``predict``'s, plus the truth and group (serving.predict.write_predictions_csv)."""
+    """A run's table is ``predict``'s, plus the truth, group and subtype
+    (serving.predict.write_predictions_csv)."""
     probs = np.array([[0.8, 0.2], [0.3, 0.7]])
     operating = {"positive_class": "malignant", "target_sensitivity": 0.95, "thresholds": {"youden": 0.75}}
     path = Predictions(["a.png", "b.png"], ["x", "y"], np.array([0, 0]), probs, CLASSES, operating,
                        np.array([1.5, 30.0]), 20.0).save(tmp_path / "p.csv")
     rows = list(csv.DictReader(path.open()))
-    assert rows[1] == {"path": "b.png", "true_label": "benign", "group": "y", "predicted": "malignant",
+    assert rows[1] == {"path": "b.png", "true_label": "benign", "group": "y", "subtype": "",
+                       "predicted": "malignant",
                        "decision": "malignant", "p_benign": "0.300000", "p_malignant": "0.700000",
                        "malignant_at_youden": "False", "out_of_scope": "True", "scope_score": "30.0000",
                        "skipped": ""}

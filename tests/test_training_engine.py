@@ -347,8 +347,8 @@ def test_run_predictions_are_what_predict_and_evaluate_give(image_tree, tmp_path
                  str(tmp_path / "evaluate"), "--n-resamples", "0"]) == 0
     predicted = list(csv.DictReader((tmp_path / "predict.csv").open()))
     evaluated = list(csv.DictReader((tmp_path / "evaluate" / "predictions.csv").open()))
-    assert list(evaluated[0]) == list(engine[0])  # one format: predict's, plus the truth and group
-    assert list(predicted[0]) == [k for k in engine[0] if k not in ("true_label", "group")]
+    assert list(evaluated[0]) == list(engine[0])  # one format: predict's, plus the truth, group, subtype
+    assert list(predicted[0]) == [k for k in engine[0] if k not in ("true_label", "group", "subtype")]
     assert [r["path"] for r in evaluated] == [r["path"] for r in engine]
     numbers = [k for k in engine[0] if k.startswith("p_") or k == "scope_score"]
     for other in (predicted, evaluated):

@@ -22,6 +22,13 @@ class Record:
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     masks: tuple[Path, ...] = ()
 
+    @property
+    def subtype(self) -> str | None:
+        """The finer diagnosis the reader knows (BreakHis: ``fibroadenoma``, ``ductal_carcinoma``…;
+        a manifest's ``subtype`` column), ``None`` when it knows none: reports break recall down by it."""
+        value = self.meta.get("subtype_name", self.meta.get("subtype"))
+        return None if value in (None, "") else str(value)
+
 
 @dataclass(frozen=True)
 class Skipped:

@@ -214,7 +214,7 @@ def _write_listings(out_dir: Path, inputs: _Inputs, y_true: np.ndarray, scored: 
         shown = catalog.relpath(record) if record.path.is_relative_to(catalog.root) else str(record.path)
         score = None if scored.scores is None else scored.scores[i]
         rows.append(judge(shown if view is None else f"{shown}::{view}", record.path, scored.probs[i], score,
-                          true_label=names[y_true[i]], group=record.group))
+                          true_label=names[y_true[i]], group=record.group, subtype=record.subtype))
     write_predictions_csv(out_dir / "predictions.csv", rows, names, inputs.bundle.operating_points)
     _list_skipped(skipped, write_skipped_csv(out_dir / "skipped.csv", skipped))
 
@@ -227,6 +227,23 @@ def _thresholds(bundle: ModelBundle, positive: str | None) -> dict[str, float]:
                     f"as positive, not {positive}")
         return {}
     return bundle.thresholds
+
+
+def _metrics(inputs: _Inputs, y_true: np.ndarray, scored: Scored, *, patients: bool, positive: str | None,
+             n_resamples: int, seed: int) -> dict[str, Any]:
+    """``report.evaluate_predictions`` of the scored records (their subtypes too, where the data names
+    them), and the calibration before and after a model file's temperature."""
+    from breastvision.evaluation.report import calibration_entry, evaluate_predictions
+
+    bundle, records = inputs.bundle, inputs.records
+    subtypes = [r.subtype for r in records]
+    metrics = evaluate_predictions(y_true, scored.probs, bundle.class_names, [r.group for r in records],
+                                   grouping=inputs.catalog.grouping, patient_level=patients,
+                                   positive_class=positive, thresholds=_thresholds(bundle, positive),
+                                   subtypes=subtypes, n_resamples=n_resamples, seed=seed)
+    if bundle.calibration:
+        metrics["calibration"] = calibration_entry(metrics, y_true, scored.uncalibrated, bundle.calibration)
+    return metrics
 
 
 def evaluate_model(
@@ -253,7 +270,7 @@ def evaluate_model(
     ``split`` file) and write a report folder (module docstring); the arguments are the
     ``breastvision evaluate`` command's (``tta``: ``serving.predict.TtaChoice``; the report's
     ``tta`` names the view set averaged)."""
-    from breastvision.evaluation.report import calibration_entry, evaluate_predictions, write_report
+    from breastvision.evaluation.report import write_report
 
     if batch_size < 1:
         raise BreastvisionError(f"--batch-size must be at least 1, got {batch_size}")
@@ -270,14 +287,8 @@ def evaluate_model(
     inputs.records, inputs.views = records, views = _without(records, failures), _without(views, failures)
     y_true = mapping[[r.label for r in records]]
     patients = _use_patients(patient_level, catalog.grouping)
-    groups = [r.group for r in records]
-    metrics = evaluate_predictions(y_true, scored.probs, bundle.class_names, groups,
-                                   grouping=catalog.grouping, patient_level=patients, positive_class=positive,
-                                   thresholds=_thresholds(bundle, positive), n_resamples=n_resamples,
-                                   seed=seed)
-    if bundle.calibration:
-        metrics["calibration"] = calibration_entry(metrics, y_true, scored.uncalibrated, bundle.calibration)
-
+    metrics = _metrics(inputs, y_true, scored, patients=patients, positive=positive,
+                       n_resamples=n_resamples, seed=seed)
     part = f"_{subset}" + (f"{fold}" if fold is not None else "") if split else ""
     out_dir = Path(out) if out else Path("runs") / "evaluate" / f"{model.stem}_{catalog.name}{part}"
     skipped = [*catalog.skipped, *unreadable]

@@ -33,6 +33,7 @@ from breastvision.evaluation import plots
 from breastvision.evaluation.bootstrap import bootstrap, classification_statistic, resampling_unit
 from breastvision.evaluation.metrics import compute_metrics
 from breastvision.evaluation.operating_points import evaluate_operating_points
+from breastvision.evaluation.subtypes import subtype_metrics, subtype_statistic
 from breastvision.paths import file_sha256, printable
 
 #: The headline rows of a report's metrics table, as dotted paths into the metrics dict.
@@ -64,6 +65,7 @@ def evaluate_predictions(
     patient_level: bool | None = None,
     positive_class: str | None = None,
     thresholds: Mapping[str, float] | None = None,
+    subtypes: Sequence[str | None] | None = None,
     n_resamples: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
@@ -78,7 +80,8 @@ def evaluate_predictions(
     ``{"value", "ci_low", "ci_high", ...}``; ``n_resamples=0`` leaves them out. ``thresholds``
     (name -> threshold, chosen on validation by :func:`operating_points.choose_operating_points`)
     add ``operating_points``: sensitivity and specificity of the malignant-vs-rest reading at each,
-    with intervals from the same resampling.
+    with intervals from the same resampling. ``subtypes`` (``Record.subtype`` per image) add
+    ``per_subtype`` (``evaluation.subtypes``) and its intervals.
     """
     if patient_level is None:
         patient_level = groups is not None and grouping in PATIENT_GROUPINGS
@@ -87,6 +90,9 @@ def evaluate_predictions(
     patients = groups if patient_level else None
     unit = resampling_unit(grouping, patient_level)
     out = compute_metrics(y_true, probs, class_names, patients, positive_class=positive_class)
+    subtypes = subtypes if subtypes is not None and any(subtypes) else None
+    if subtypes is not None:
+        out["per_subtype"] = subtype_metrics(y_true, probs, class_names, subtypes, groups)
     if thresholds:
         out["operating_points"] = evaluate_operating_points(
             y_true, probs, class_names, thresholds, positive_class=positive_class, groups=groups,
@@ -96,10 +102,13 @@ def evaluate_predictions(
         statistic = classification_statistic(
             y_true, probs, class_names, patients, positive_class=positive_class
         )
-        out["intervals"] = bootstrap(
-            statistic, out["n_images"], groups=groups, unit=unit,
-            n_resamples=n_resamples, seed=seed, confidence=confidence,
-        )
+        resampling = {"groups": groups, "unit": unit, "n_resamples": n_resamples, "seed": seed,
+                      "confidence": confidence}
+        out["intervals"] = bootstrap(statistic, out["n_images"], **resampling)
+        if subtypes is not None:
+            # The same seed draws the same resamples, so these intervals match the others'.
+            by_subtype = subtype_statistic(y_true, probs, class_names, subtypes)
+            out["intervals"].update(bootstrap(by_subtype, out["n_images"], **resampling))
         out["bootstrap"] = {
             "method": "percentile",
             "n_resamples": n_resamples,
@@ -421,6 +430,8 @@ def _metrics_section(metrics: Mapping[str, Any], names: Sequence[str]) -> str:
             for c in names if c in per_class
         ]
         parts += ["", "### Per class", "", markdown_table(header, table)]
+    if metrics.get("per_subtype"):
+        parts += ["", _subtype_section(metrics)]
     if metrics.get("operating_points"):
         parts += ["", _operating_points_section(metrics["operating_points"], column)]
     if "confusion_matrix" in metrics:
@@ -428,6 +439,17 @@ def _metrics_section(metrics: Mapping[str, Any], names: Sequence[str]) -> str:
         parts += ["", "### Confusion matrix (rows true, columns predicted)", "",
                   markdown_table(["", *(f"pred {c}" for c in names)], matrix)]
     return "\n".join(parts)
+
+
+def _subtype_section(metrics: Mapping[str, Any]) -> str:
+    """The per-subtype recall table (``evaluation.subtypes``), grouped by class."""
+    entries = sorted(metrics["per_subtype"].items(), key=lambda item: (item[1]["class"], item[0]))
+    rows = [[name, e["class"], e["n_images"], e["n_groups"], f"{e['correct']}/{e['n_images']}",
+             with_interval(metrics, f"per_subtype.{name}.recall")] for name, e in entries]
+    header = ["subtype", "class", "images", "groups", "given their class", "recall"]
+    return ("### Per subtype\n\nThe share of each subtype's images given their true class: for a "
+            "benign subtype its specificity, for a malignant one its sensitivity.\n\n"
+            + markdown_table(header, rows))
 
 
 def calibration_entry(metrics: Mapping[str, Any], y_true: Sequence[int] | np.ndarray,

@@ -167,7 +167,8 @@ def _mean_predictions(parts: list[Any]) -> Any:
     if any(set(r) != set(first.keys) for r in rows) or any(p.class_names != first.class_names for p in parts):
         raise BreastvisionError("ensemble members of one fold must predict the same images and classes")
     probs = np.mean([[r[k] for k in first.keys] for r in rows], axis=0)
-    return Predictions(first.keys, first.groups, first.y_true, probs, first.class_names)
+    return Predictions(first.keys, first.groups, first.y_true, probs, first.class_names,
+                       subtypes=first.subtypes)
 
 
 def _pooled_validation(name: str, runs: list[Any]) -> Any:

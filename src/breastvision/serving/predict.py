@@ -45,9 +45,10 @@ Choices recorded here:
   else the most probable of the others. :class:`Judge` is the one place that turns probabilities
   into a :class:`Prediction` (label, decision, decisions, scope flag).
 - **One table.** :func:`write_predictions_csv` is the only writer of per-image predictions
-  (``predict``, ``evaluate``, training runs, cross-validation): ``path``, then ``true_label`` and
-  ``group`` where labels are known, ``predicted``, ``decision``, ``p_<class>``, one column per
-  operating point, ``out_of_scope``, ``scope_score``, ``skipped``.
+  (``predict``, ``evaluate``, training runs, cross-validation): ``path``, then ``true_label``,
+  ``group`` and ``subtype`` (blank when the data names none) where labels are known,
+  ``predicted``, ``decision``, ``p_<class>``, one column per operating point, ``out_of_scope``,
+  ``scope_score``, ``skipped``.
 - **Scope.** A model file with a fitted scope (``models.scope``) adds, per image, ``scope_score``
   (the sum over the scope's layers of its standardised Mahalanobis distances to the training
   images' statistics; older files: the distance of the penultimate features alone) and
@@ -223,12 +224,13 @@ class Judge:
         return max((c for c in self.class_names if c != positive), key=probabilities.__getitem__)
 
     def __call__(self, name: str, path: Path, row: Sequence[float], score: float | None = None, *,
-                 true_label: str | None = None, group: str | None = None) -> Prediction:
+                 true_label: str | None = None, group: str | None = None,
+                 subtype: str | None = None) -> Prediction:
         probabilities = dict(zip(self.class_names, map(float, row), strict=True))
         best = max(self.class_names, key=probabilities.__getitem__)
         prediction = Prediction(name, path, probabilities, best, decision=self.decision(probabilities),
                                 decisions=decide(probabilities, self.operating_points),
-                                true_label=true_label, group=group)
+                                true_label=true_label, group=group, subtype=subtype)
         if score is not None and self.scope_threshold is not None:
             prediction.scope_score = float(score)
             prediction.out_of_scope = bool(score > self.scope_threshold)  # models.scope.Scope.outside
@@ -486,9 +488,11 @@ class Prediction:
     #: The model file's scope score and whether it exceeds the threshold (``None``: no scope).
     scope_score: float | None = None
     out_of_scope: bool | None = None
-    #: Where labels are known (``evaluate``, training): the true class name and the image's group.
+    #: Where labels are known (``evaluate``, training): the true class name, the image's group and
+    #: its subtype (``Record.subtype``; ``None``: the data names none).
     true_label: str | None = None
     group: str | None = None
+    subtype: str | None = None
 
 
 @dataclass
@@ -721,18 +725,19 @@ def write_predictions_csv(
     columns = decision_columns(operating_points)
     with out.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", *(["true_label", "group"] if labelled else []), "predicted", "decision",
-                         *(f"p_{c}" for c in class_names), *columns.values(), "out_of_scope", "scope_score",
-                         "skipped"])
+        truth_columns = ["true_label", "group", "subtype"] if labelled else []
+        writer.writerow(["path", *truth_columns, "predicted", "decision", *(f"p_{c}" for c in class_names),
+                         *columns.values(), "out_of_scope", "scope_score", "skipped"])
         for p in predictions:
-            truth = [p.true_label or "", printable(p.group or "")] if labelled else []
+            known = [p.true_label or "", printable(p.group or ""), printable(p.subtype or "")]
+            truth = known if labelled else []
             probabilities = (f"{p.probabilities[c]:.6f}" for c in class_names)
             decisions = (p.decisions[k] for k in columns)
             scope = ["", ""] if p.scope_score is None else [p.out_of_scope, f"{p.scope_score:.4f}"]
             writer.writerow([printable(p.name), *truth, p.predicted, p.decision, *probabilities, *decisions,
                              *scope, ""])
         # Blank cells for the truth, predicted, decision, probability, decision and scope columns.
-        blank = [""] * (2 * labelled + 2 + len(class_names) + len(columns) + 2)
+        blank = [""] * (len(truth_columns) + 2 + len(class_names) + len(columns) + 2)
         for s in skipped:
             writer.writerow([printable(s.path), *blank, printable(s.reason)])
     return out

@@ -169,8 +169,10 @@ def _pool(runs: Sequence[RunRecord]) -> Predictions:
         raise BreastvisionError(
             f"{repeated} test images appear in more than one run: pooling needs disjoint test sets (folds)"
         )
+    # Subtypes only when every fold has them: a half-filled column would skew the per-subtype recall.
+    subtypes = None if any(p.subtypes is None for p in parts) else [s for p in parts for s in p.subtypes]
     return Predictions(keys, [g for p in parts for g in p.groups], np.concatenate([p.y_true for p in parts]),
-                       np.concatenate([p.probs for p in parts]), names)
+                       np.concatenate([p.probs for p in parts]), names, subtypes=subtypes)
 
 
 def _fold_row(run: RunRecord) -> dict[str, Any]:
@@ -267,7 +269,8 @@ def aggregate_runs(
     else:
         grouping = "patient" if groupings <= PATIENT_GROUPINGS else None
     metrics = evaluate_predictions(pooled.y_true, pooled.probs, pooled.class_names, pooled.groups,
-                                   grouping=grouping, n_resamples=n_resamples, seed=seed)
+                                   grouping=grouping, subtypes=pooled.subtypes, n_resamples=n_resamples,
+                                   seed=seed)
     dice = [r.metrics.get("segmentation") for r in records]
     if all(dice):  # mask-guided folds: the Dice of all their test views (disjoint, like the predictions)
         from breastvision.evaluation.segmentation import pool_dice

@@ -29,14 +29,15 @@ from breastvision.training.views import Item, training_views, tta_view
 
 @dataclass(frozen=True)
 class TestTarget:
-    """One test prediction: its true label, its key in predictions.csv, its group, and the file and
-    view (``None``: the image as stored) the predictor scores."""
+    """One test prediction: its true label, its key in predictions.csv, its group, the file and
+    view (``None``: the image as stored) the predictor scores, and its subtype (``Record.subtype``)."""
 
     label: int
     key: str
     group: str
     path: Path
     view: str | None
+    subtype: str | None = None
 
 
 @dataclass
@@ -141,10 +142,11 @@ def _items(entries: list[SplitItem], catalog: Catalog, views: list[str] | None) 
 
 def _test_targets(test: list[Item], view_level: bool) -> list[TestTarget]:
     def target(item: Item) -> TestTarget:
+        record = item.record
         if view_level:
             key = f"{item.relpath}{VIEW_SEPARATOR}{item.view}"
-            return TestTarget(item.record.label, key, item.record.group, item.record.path, item.view)
-        return TestTarget(item.record.label, item.relpath, item.record.group, item.record.path, None)
+            return TestTarget(record.label, key, record.group, record.path, item.view, record.subtype)
+        return TestTarget(record.label, item.relpath, record.group, record.path, None, record.subtype)
 
     return [target(item) for item in test]
 

@@ -150,8 +150,9 @@ def write_outputs(run_dir: Path, config: ExperimentConfig, data: RunData, traine
     targets = data.test_targets
     y = np.array([t.label for t in targets])
     groups = [t.group for t in targets]
+    subtypes = [t.subtype for t in targets] if any(t.subtype for t in targets) else None
     operating = trained.calibrated.operating_points
-    metrics = evaluate_predictions(y, scored.probs, data.class_names, groups,
+    metrics = evaluate_predictions(y, scored.probs, data.class_names, groups, subtypes=subtypes,
                                    grouping=data.catalog.grouping, seed=config.train.seed,
                                    thresholds=operating["thresholds"] if operating else None)
     calibration = trained.calibrated.calibration
@@ -165,7 +166,8 @@ def write_outputs(run_dir: Path, config: ExperimentConfig, data: RunData, traine
     if started is not None:
         trained.facts.wall_clock_seconds_this_session = time.perf_counter() - started
     predictions = Predictions([t.key for t in targets], groups, y, scored.probs, data.class_names, operating,
-                              scored.scores, None if trained.scope is None else trained.scope.threshold)
+                              scored.scores, None if trained.scope is None else trained.scope.threshold,
+                              subtypes)
     record = RunRecord(
         run_dir=run_dir, config=config.to_dict(), split=split, metrics=metrics, facts=trained.facts,
         lineage=lineage, weights_origin=trained.model.weights_origin, predictions=predictions,

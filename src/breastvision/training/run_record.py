@@ -114,7 +114,8 @@ class SplitRef:
 class Predictions:
     """Per-test-image predictions: what ``predictions.csv`` holds. ``operating_points`` and the
     scope (``scope_scores`` with the model file's ``scope_threshold``) add the decision and flag
-    columns when saved; reading a table back keeps what metrics need."""
+    columns when saved; reading a table back keeps what metrics need. ``subtypes`` holds each
+    image's ``Record.subtype`` (``None`` when the data names none for any image)."""
 
     keys: list[str]
     groups: list[str]
@@ -124,15 +125,18 @@ class Predictions:
     operating_points: dict[str, Any] | None = None
     scope_scores: np.ndarray | None = None
     scope_threshold: float | None = None
+    subtypes: list[str | None] | None = None
 
     def save(self, path: Path) -> Path:
         from breastvision.serving.predict import Judge, write_predictions_csv
 
         judge = Judge(self.class_names, self.operating_points, scope_threshold=self.scope_threshold)
         scores = [None] * len(self.keys) if self.scope_scores is None else self.scope_scores
-        columns = zip(self.keys, self.groups, self.y_true, self.probs, scores, strict=True)
-        rows = [judge(key, Path(key), row, score, true_label=self.class_names[label], group=group)
-                for key, group, label, row, score in columns]
+        subtypes = [None] * len(self.keys) if self.subtypes is None else self.subtypes
+        columns = zip(self.keys, self.groups, self.y_true, self.probs, scores, subtypes, strict=True)
+        rows = [judge(key, Path(key), row, score, true_label=self.class_names[label], group=group,
+                      subtype=subtype)
+                for key, group, label, row, score, subtype in columns]
         return write_predictions_csv(path, rows, self.class_names, self.operating_points)
 
     @classmethod
@@ -151,7 +155,10 @@ class Predictions:
             raise BreastvisionError(f"{path}: labels {sorted(unknown)} have no probability column")
         probs = np.array([[float(r[f"{prefix}{c}"]) for c in names] for r in rows])
         labels = np.array([names.index(r["true_label"]) for r in rows])
-        return cls([r["path"] for r in rows], [r["group"] for r in rows], labels, probs, names)
+        # Tables written before the ``subtype`` column have none.
+        subtypes = [r.get("subtype") or None for r in rows]
+        return cls([r["path"] for r in rows], [r["group"] for r in rows], labels, probs, names,
+                   subtypes=subtypes if any(subtypes) else None)
 
 
 @dataclass
