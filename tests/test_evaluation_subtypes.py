@@ -64,6 +64,9 @@ def test_evaluate_predictions_reports_subtypes_with_patient_intervals() -> None:
     interval = metrics["intervals"]["per_subtype.fibroadenoma.recall"]
     assert interval["value"] == pytest.approx(1 / 3) and interval["resampled"] == "patients"
     assert 0 <= interval["ci_low"] <= 1 / 3 <= interval["ci_high"] <= 1
+    # Adenosis is one patient's (p3), so it has no interval; ductal carcinoma spans p4 and p5.
+    assert "per_subtype.ductal_carcinoma.recall" in metrics["intervals"]
+    assert "per_subtype.adenosis.recall" not in metrics["intervals"]
     # The other intervals are those of a run without subtypes: the same resamples.
     plain = evaluate_predictions(y, probs, NAMES, groups, grouping="patient", n_resamples=200)
     assert metrics["intervals"]["accuracy"] == plain["intervals"]["accuracy"]

@@ -106,8 +106,11 @@ def evaluate_predictions(
                       "confidence": confidence}
         out["intervals"] = bootstrap(statistic, out["n_images"], **resampling)
         if subtypes is not None:
-            # The same seed draws the same resamples, so these intervals match the others'.
-            by_subtype = subtype_statistic(y_true, probs, class_names, subtypes)
+            # The same seed draws the same resamples, so these intervals match the others'. A subtype
+            # of one group gets none: every resample holds that group whole or not at all.
+            spread = {k for k, v in out["per_subtype"].items() if groups is None or v["n_groups"] > 1}
+            by_subtype = subtype_statistic(y_true, probs, class_names, [s if s in spread else None
+                                                                        for s in subtypes])
             out["intervals"].update(bootstrap(by_subtype, out["n_images"], **resampling))
         out["bootstrap"] = {
             "method": "percentile",
@@ -448,7 +451,8 @@ def _subtype_section(metrics: Mapping[str, Any]) -> str:
              with_interval(metrics, f"per_subtype.{name}.recall")] for name, e in entries]
     header = ["subtype", "class", "images", "groups", "given their class", "recall"]
     return ("### Per subtype\n\nThe share of each subtype's images given their true class: for a "
-            "benign subtype its specificity, for a malignant one its sensitivity.\n\n"
+            "benign subtype its specificity, for a malignant one its sensitivity. A subtype seen in one "
+            "group has no interval: a resample holds that group whole or not at all.\n\n"
             + markdown_table(header, rows))
 
 

@@ -5,8 +5,8 @@ manifest's ``subtype`` column). For a benign subtype the value is the specificit
 for a malignant one the sensitivity: a subtype the model misses hides inside its class's pooled
 recall when the class has commoner, easier subtypes. The intervals are drawn from the same
 bootstrap resamples as every other metric (patients or groups, ``bootstrap.bootstrap`` with the
-same seed), so a subtype seen in few patients gets the wide interval it deserves. Images without a
-subtype are left out of this breakdown only.
+same seed), so a subtype seen in few patients gets the wide interval it deserves, and one seen in a
+single patient gets none. Images without a subtype are left out of this breakdown only.
 """
 
 from __future__ import annotations
