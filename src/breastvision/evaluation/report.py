@@ -33,7 +33,7 @@ from breastvision.evaluation import plots
 from breastvision.evaluation.bootstrap import bootstrap, classification_statistic, resampling_unit
 from breastvision.evaluation.metrics import compute_metrics
 from breastvision.evaluation.operating_points import evaluate_operating_points
-from breastvision.evaluation.subtypes import subtype_metrics, subtype_statistic
+from breastvision.evaluation.subtypes import known_subtypes, subtype_metrics, subtype_statistic
 from breastvision.paths import file_sha256, printable
 
 #: The headline rows of a report's metrics table, as dotted paths into the metrics dict.
@@ -90,7 +90,7 @@ def evaluate_predictions(
     patients = groups if patient_level else None
     unit = resampling_unit(grouping, patient_level)
     out = compute_metrics(y_true, probs, class_names, patients, positive_class=positive_class)
-    subtypes = subtypes if subtypes is not None and any(subtypes) else None
+    subtypes = None if subtypes is None else known_subtypes(subtypes)
     if subtypes is not None:
         out["per_subtype"] = subtype_metrics(y_true, probs, class_names, subtypes, groups)
     if thresholds:
@@ -106,11 +106,8 @@ def evaluate_predictions(
                       "confidence": confidence}
         out["intervals"] = bootstrap(statistic, out["n_images"], **resampling)
         if subtypes is not None:
-            # The same seed draws the same resamples, so these intervals match the others'. A subtype
-            # of one group gets none: every resample holds that group whole or not at all.
-            spread = {k for k, v in out["per_subtype"].items() if groups is None or v["n_groups"] > 1}
-            by_subtype = subtype_statistic(y_true, probs, class_names, [s if s in spread else None
-                                                                        for s in subtypes])
+            # The same seed draws the same resamples, so these intervals match the others'.
+            by_subtype = subtype_statistic(y_true, probs, class_names, subtypes, groups)
             out["intervals"].update(bootstrap(by_subtype, out["n_images"], **resampling))
         out["bootstrap"] = {
             "method": "percentile",

@@ -21,6 +21,12 @@ from breastvision.evaluation.bootstrap import Statistic, safe_ratio
 from breastvision.evaluation.metrics import check_inputs
 
 
+def known_subtypes(subtypes: Sequence[str | None]) -> list[str | None] | None:
+    """The subtypes as a list, or ``None`` when no image has one: the one "data names no subtypes"
+    value that reports, ``Predictions`` and their tables share."""
+    return list(subtypes) if any(subtypes) else None
+
+
 def _members(subtypes: Sequence[str | None]) -> dict[str, np.ndarray]:
     """Subtype -> 0/1 membership of each image, in sorted subtype order."""
     labels = np.array(["" if s is None else str(s) for s in subtypes])
@@ -62,14 +68,16 @@ def subtype_metrics(
 
 def subtype_statistic(
     y_true: Sequence[int] | np.ndarray, probs: np.ndarray, class_names: Sequence[str],
-    subtypes: Sequence[str | None],
+    subtypes: Sequence[str | None], groups: Sequence[Any] | np.ndarray | None = None,
 ) -> Statistic:
     """``per_subtype.<name>.recall`` of :func:`subtype_metrics` as one batched statistic; ``NaN`` in
-    a resample that drew none of the subtype's images."""
-    y, p, _ = check_inputs(y_true, probs, class_names)
+    a resample that drew none of the subtype's images. With ``groups``, a subtype of one group is
+    left out: every resample holds that group whole or not at all, so its interval would be a point."""
+    y, p, g = check_inputs(y_true, probs, class_names, groups)
     _check(y, subtypes)
     correct = (p.argmax(axis=1) == y).astype(np.float64)
-    members = _members(subtypes)
+    members = {name: member for name, member in _members(subtypes).items()
+               if g is None or len(set(g[member.astype(bool)].tolist())) > 1}
 
     def statistic(weights: np.ndarray) -> dict[str, np.ndarray]:
         hits = {name: weights @ (member * correct) for name, member in members.items()}

@@ -139,6 +139,7 @@ def write_outputs(run_dir: Path, config: ExperimentConfig, data: RunData, traine
     ``started`` (a ``time.perf_counter`` value), the session's wall-clock then includes the
     out-of-scope fit and the test pass, not only the epochs."""
     from breastvision.evaluation.report import HEADLINE, calibration_entry, evaluate_predictions, lookup
+    from breastvision.evaluation.subtypes import known_subtypes
 
     split = SplitRef.read(data.split.save(run_dir / "split.json"))
     assert split is not None
@@ -150,7 +151,7 @@ def write_outputs(run_dir: Path, config: ExperimentConfig, data: RunData, traine
     targets = data.test_targets
     y = np.array([t.label for t in targets])
     groups = [t.group for t in targets]
-    subtypes = [t.subtype for t in targets] if any(t.subtype for t in targets) else None
+    subtypes = known_subtypes([t.subtype for t in targets])
     operating = trained.calibrated.operating_points
     metrics = evaluate_predictions(y, scored.probs, data.class_names, groups, subtypes=subtypes,
                                    grouping=data.catalog.grouping, seed=config.train.seed,

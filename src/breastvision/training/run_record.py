@@ -155,10 +155,12 @@ class Predictions:
             raise BreastvisionError(f"{path}: labels {sorted(unknown)} have no probability column")
         probs = np.array([[float(r[f"{prefix}{c}"]) for c in names] for r in rows])
         labels = np.array([names.index(r["true_label"]) for r in rows])
+        from breastvision.evaluation.subtypes import known_subtypes
+
         # Tables written before the ``subtype`` column have none.
-        subtypes = [r.get("subtype") or None for r in rows]
+        subtypes = known_subtypes([r.get("subtype") or None for r in rows])
         return cls([r["path"] for r in rows], [r["group"] for r in rows], labels, probs, names,
-                   subtypes=subtypes if any(subtypes) else None)
+                   subtypes=subtypes)
 
 
 @dataclass
