@@ -199,72 +199,92 @@ def classification_statistic(
     ``patient.P_arp``); with all weights 1 every value equals the scikit-learn one reported by
     ``compute_metrics``. ``patient.P_arp`` assumes whole-patient weights (the cluster bootstrap):
     it is the mean of ``P_rp`` over drawn patients, each counted as often as it was drawn.
-
-    It is longer than most functions here on purpose: the returned closure uses the arrays
-    prepared once above it, and is called once per batch of bootstrap resamples.
     """
     y, p, g = check_inputs(y_true, probs, class_names, groups)
     names = [str(c) for c in class_names]
+    pos = positive_index(names, positive_class) if len(names) == 2 else None
+    parts = [_image_statistic(y, p, names, pos)]
+    if g is not None:
+        parts.append(_patient_statistic(y, p, g, pos))
+
+    def statistic(weights: np.ndarray) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for part in parts:
+            out.update(part(weights))
+        return out
+
+    return statistic
+
+
+def _image_statistic(y: np.ndarray, p: np.ndarray, names: list[str], pos: int | None) -> Statistic:
+    """The image-level keys of :func:`classification_statistic`; the arrays are prepared once,
+    and the returned closure is called once per batch of resamples."""
     n_classes = len(names)
     pred = p.argmax(axis=1)
     correct = (pred == y).astype(np.float64)
     truth = np.eye(n_classes)[y]  # (N, C) one-hot of the true class
     guess = np.eye(n_classes)[pred]
-    hit = truth * guess
     brier = brier_per_image(y, p)
     # Signed gap (correct - confidence) of each image, placed in its confidence bin's column.
     bins = confidence_bins(p)
     gap = np.zeros((y.size, int(bins.max()) + 1))
     gap[np.arange(y.size), bins] = correct - p.max(axis=1)
     aucs = {k: weighted_auc(y == k, p[:, k]) for k in range(n_classes) if 0 < (y == k).sum() < y.size}
-    pos = positive_index(names, positive_class) if n_classes == 2 else None
-    absent = set(range(n_classes)) - set(np.unique(y).tolist())
-    if g is not None:
-        _, codes = np.unique(g, return_inverse=True)
-        patient_sizes = np.bincount(codes).astype(np.float64)
-        # Weighting an image by 1/size of its patient turns image sums into patient counts.
-        per_image = 1.0 / patient_sizes[codes]
-        patient = _patient_diagnosis_statistic(y, p, codes, per_image, pos)
+    held = sorted(set(np.unique(y).tolist()))  # no interval for a class the data does not hold
 
     def statistic(weights: np.ndarray) -> dict[str, np.ndarray]:
         total = weights.sum(axis=1)
-        tp = weights @ hit
-        support = weights @ truth
-        predicted = weights @ guess
+        tp, support, predicted = weights @ (truth * guess), weights @ truth, weights @ guess
         # As in compute_metrics: macro over the classes present (in this resample), and no
         # recall or F1 for a class absent from it.
         present = support > 0
-        precision = safe_ratio(tp, predicted, 0.0)
-        recall = safe_ratio(tp, support, np.nan)
-        f1 = np.where(present, safe_ratio(2 * tp, support + predicted, 0.0), np.nan)
-        out = {
-            "accuracy": weights @ correct / total,
-            "precision_macro": _present_mean(precision, present),
-            "recall_macro": _present_mean(recall, present),
-            "f1_macro": _present_mean(f1, present),
-            "brier": weights @ brier / total,
-            "ece": np.abs(weights @ gap).sum(axis=1) / total,
+        per_class = {
+            "precision": safe_ratio(tp, predicted, 0.0),
+            "recall": safe_ratio(tp, support, np.nan),
+            "f1": np.where(present, safe_ratio(2 * tp, support + predicted, 0.0), np.nan),
+            "auc": {k: fn(weights) for k, fn in aucs.items()},
         }
-        class_auc = {k: fn(weights) for k, fn in aucs.items()}
+        out = {"accuracy": weights @ correct / total}
+        for key in ("precision", "recall", "f1"):
+            out[f"{key}_macro"] = _present_mean(per_class[key], present)
+        out["brier"] = weights @ brier / total
+        out["ece"] = np.abs(weights @ gap).sum(axis=1) / total
         if pos is not None:
-            out["auc"] = class_auc.get(pos, np.full(len(weights), np.nan))
-            out["sensitivity"] = recall[:, pos]
-            out["specificity"] = recall[:, 1 - pos]
-        elif class_auc:
+            out["auc"] = per_class["auc"].get(pos, np.full(len(weights), np.nan))
+            out["sensitivity"] = per_class["recall"][:, pos]
+            out["specificity"] = per_class["recall"][:, 1 - pos]
+        elif aucs:
             # Classes whose AUC is undefined on the full data are left out, as in compute_metrics.
-            out["auc"] = np.mean(list(class_auc.values()), axis=0)
-        for k, name in enumerate(names):
-            if k in absent:
-                continue  # no interval for a class the data does not hold
-            out[f"per_class.{name}.precision"] = precision[:, k]
-            out[f"per_class.{name}.recall"] = recall[:, k]
-            out[f"per_class.{name}.f1"] = f1[:, k]
-            if k in class_auc:
-                out[f"per_class.{name}.auc"] = class_auc[k]
-        if g is not None:
-            out["patient.P_arp"] = (weights @ (correct * per_image)) / (weights @ per_image)
-            out["patient.P_img"] = out["accuracy"]
-            out.update(patient(weights))
+            out["auc"] = np.mean(list(per_class["auc"].values()), axis=0)
+        for k in held:
+            out.update(_class_entries(names[k], k, per_class))
+        return out
+
+    return statistic
+
+
+def _class_entries(name: str, k: int, per_class: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``per_class.<name>.*`` of class ``k`` from the batched per-class arrays (AUC where defined)."""
+    out = {f"per_class.{name}.{key}": per_class[key][:, k] for key in ("precision", "recall", "f1")}
+    if k in per_class["auc"]:
+        out[f"per_class.{name}.auc"] = per_class["auc"][k]
+    return out
+
+
+def _patient_statistic(y: np.ndarray, p: np.ndarray, g: np.ndarray, pos: int | None) -> Statistic:
+    """``patient.*`` of :func:`classification_statistic` under whole-patient weights."""
+    _, codes = np.unique(g, return_inverse=True)
+    # Weighting an image by 1/size of its patient turns image sums into patient counts.
+    per_image = 1.0 / np.bincount(codes).astype(np.float64)[codes]
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    diagnosis = _patient_diagnosis_statistic(y, p, codes, per_image, pos)
+
+    def statistic(weights: np.ndarray) -> dict[str, np.ndarray]:
+        out = {
+            "patient.P_arp": (weights @ (correct * per_image)) / (weights @ per_image),
+            "patient.P_img": weights @ correct / weights.sum(axis=1),
+        }
+        out.update(diagnosis(weights))
         return out
 
     return statistic
