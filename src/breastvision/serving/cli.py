@@ -40,6 +40,12 @@ def tta_choice(args: argparse.Namespace) -> bool | str:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    _add_predict(subparsers)
+    _add_export(subparsers)
+    _add_serve(subparsers)
+
+
+def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     predict = subparsers.add_parser(
         "predict", help="class probabilities for image files and folders (model file or ONNX)",
         description="Predict every image under the given files and folders with exactly the "
@@ -61,6 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_device_option(predict)
     predict.set_defaults(func=_predict)
 
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
     export = subparsers.add_parser(
         "export", help="export a model file to ONNX with its metadata",
         description="Export to ONNX (dynamic batch, softmax output, and for a model with a scope its "
@@ -74,6 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_device_option(export)
     export.set_defaults(func=_export)
 
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser(
         "serve", help="a local web page and REST API for one model",
         description="Serve an upload page (probabilities, heat-map, model card) and a JSON API "

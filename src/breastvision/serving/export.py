@@ -201,7 +201,7 @@ def _verify(module: _WithSoftmax, scope: Scope | None, out: Path, example: torch
         expected = module(example)
     expected = expected[0] if scope is not None else expected
     # The graph's own output: the predictor's calibration (the model file's temperature) comes after it.
-    logits, scores = OnnxPredictor(out, device).outputs(example)
+    logits, scores = OnnxPredictor(out, device).scored(example)
     diff = float(np.abs(logits.exp().numpy() - expected.numpy()).max())
     if scope is None:
         return diff, None

@@ -273,10 +273,10 @@ class Predictor(ABC):
         """B×K float32 logits (or log-probabilities: the softmax treats them alike) for one
         B×C×H×W batch, before calibration."""
 
-    def _scored(self, batch: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        """B×K logits (as :meth:`logits`) and the scope scores of one batch, in one forward pass;
-        called only for a model with a scope."""
-        raise NotImplementedError(f"{type(self).__name__} has no scope scores")
+    @abstractmethod
+    def scored(self, batch: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
+        """B×K logits (as :meth:`logits`) and the scope scores of one batch (``None`` without a
+        scope), in one forward pass."""
 
     def _view_logits(self, batch: torch.Tensor,
                      views: Sequence[str]) -> tuple[torch.Tensor, np.ndarray | None]:
@@ -284,7 +284,7 @@ class Predictor(ABC):
         if self.info.scope is None:
             return view_logits(self.logits, batch, views), None
         # One pass gives the image's logits and its scores; the other views need only logits.
-        logits, scores = self._scored(batch)
+        logits, scores = self.scored(batch)
         rest = [self.logits(apply_view(batch, v)) for v in views if v != "identity"]
         return torch.stack([logits, *rest]), scores
 
@@ -361,9 +361,11 @@ class TorchPredictor(Predictor):
         with torch.inference_mode():
             return self.model(batch.to(self.device)).float().cpu()
 
-    def _scored(self, batch: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    def scored(self, batch: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
+        if self._tap is None:
+            return self.logits(batch), None
         logits, features = self._tap.features(batch.to(self.device))
-        return logits.cpu(), self.info.scope.score(features)
+        return logits.float().cpu(), self.info.scope.score(features)
 
 
 class OnnxPredictor(Predictor):
@@ -423,7 +425,7 @@ class OnnxPredictor(Predictor):
         # TTA views can be strided (transposes); onnxruntime is given a packed float32 copy.
         return self.session.run(outputs, {self.input_name: np.ascontiguousarray(batch.numpy(), np.float32)})
 
-    def outputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
+    def scored(self, batch: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
         """The graph's log-probabilities (as :meth:`logits`) and its scope scores (``None`` without
         a scope), from one run."""
         probs, *scores = self._run(batch, self._outputs)
@@ -432,9 +434,6 @@ class OnnxPredictor(Predictor):
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Log-probabilities: the graph ends in a softmax, and the temperature is applied here."""
         return torch.from_numpy(self._run(batch, self._outputs[:1])[0]).log()
-
-    def _scored(self, batch: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        return self.outputs(batch)
 
 
 def _shape_fits(shape: Sequence[Any], expected: Sequence[int | None]) -> bool:

@@ -10,6 +10,13 @@ from breastvision.devices import add_device_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    _add_train(subparsers)
+    _add_transfer(subparsers)
+    _add_crossval(subparsers)
+    _add_ensemble(subparsers)
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train",
         help="train one model from a YAML config (CPU, GPU or several processes)",
@@ -25,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     train.set_defaults(func=run_train)
 
+
+def _add_transfer(subparsers: argparse._SubParsersAction) -> None:
     transfer = subparsers.add_parser(
         "transfer",
         help="multi-level transfer learning: train a chain of stages, each from the previous model",
@@ -39,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     transfer.add_argument("--out", type=Path, metavar="DIR", help="folder of the stages' run folders")
     transfer.set_defaults(func=run_transfer)
 
+
+def _add_crossval(subparsers: argparse._SubParsersAction) -> None:
     crossval = subparsers.add_parser(
         "crossval",
         help="k-fold cross-validation of a config: train every fold, pool the out-of-fold predictions",
@@ -62,6 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     crossval.set_defaults(func=run_crossval)
 
+
+def _add_ensemble(subparsers: argparse._SubParsersAction) -> None:
     ensemble = subparsers.add_parser(
         "ensemble",
         help="combine model files or run folders into one ensemble model file",

@@ -238,6 +238,16 @@ def _validation_summary(records: Sequence[RunRecord]) -> dict[str, Any] | None:
             "recall": {c: v["recall"] for c, v in metrics["per_class"].items()}}
 
 
+def _pooled_grouping(records: Sequence[RunRecord]) -> str | None:
+    """The grouping the pooled bootstrap resamples by. Folds of one cross-validation share one; runs
+    mixing patient groupings still resample patients, any other mix (or a run without split.json)
+    single images."""
+    groupings = {r.split.grouping if r.split else None for r in records}
+    if len(groupings) == 1:
+        return next(iter(groupings))
+    return "patient" if groupings <= PATIENT_GROUPINGS else None
+
+
 def aggregate_runs(
     runs: Sequence[RunRecord | str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -261,16 +271,9 @@ def aggregate_runs(
     if not records:
         raise BreastvisionError("aggregate_runs needs at least one run folder")
     pooled = _pool(records)
-    groupings = {r.split.grouping if r.split else None for r in records}
-    # Folds of one cross-validation share a grouping; runs mixing patient groupings still resample
-    # patients, any other mix (or a run without split.json) single images.
-    if len(groupings) == 1:
-        grouping = next(iter(groupings))
-    else:
-        grouping = "patient" if groupings <= PATIENT_GROUPINGS else None
     metrics = evaluate_predictions(pooled.y_true, pooled.probs, pooled.class_names, pooled.groups,
-                                   grouping=grouping, subtypes=pooled.subtypes, n_resamples=n_resamples,
-                                   seed=seed)
+                                   grouping=_pooled_grouping(records), subtypes=pooled.subtypes,
+                                   n_resamples=n_resamples, seed=seed)
     dice = [r.metrics.get("segmentation") for r in records]
     if all(dice):  # mask-guided folds: the Dice of all their test views (disjoint, like the predictions)
         from breastvision.evaluation.segmentation import pool_dice
