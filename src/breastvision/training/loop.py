@@ -386,7 +386,6 @@ def fit(
         if improved:
             state.best = {"epoch": epoch + 1, "score": value, "val_loss": row["val_loss"],
                           "val_acc": row["val_acc"]}
-        if improved:
             with averaged_weights(loop):
                 save_best(fabric, run_dir / "checkpoints", loop.model, state)
         save_last(fabric, run_dir / "checkpoints", loop, state, config)
