@@ -468,3 +468,17 @@ def test_auto_back_end_serves_a_scoped_model_on_onnxruntime(scoped, scoped_onnx,
     assert [a["out_of_scope"] for a in answers] == [True, False]
     assert service.card["source"]["backend"] == "onnxruntime"
     assert service.card["scope"]["threshold"] == ModelBundle.load(model_file).scope.threshold
+
+
+def test_scored_without_a_scope_is_the_logits_and_no_scores(make_model_file, tmp_path: Path) -> None:
+    """``Predictor.scored`` of a file without a scope, on both back-ends: its logits, no scores."""
+    from breastvision.serving.export import export_onnx
+    from breastvision.serving.predict import load_predictor
+
+    model_file = make_model_file("resnet18")
+    onnx_file = export_onnx(model_file, tmp_path / "plain.onnx", opset=17).path
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    for predictor in (load_predictor(model_file), load_predictor(onnx_file)):
+        logits, scores = predictor.scored(x)
+        assert scores is None and logits.shape == (2, 3)
+        torch.testing.assert_close(logits, predictor.logits(x))
