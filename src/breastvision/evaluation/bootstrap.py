@@ -203,14 +203,13 @@ def classification_statistic(
     y, p, g = check_inputs(y_true, probs, class_names, groups)
     names = [str(c) for c in class_names]
     pos = positive_index(names, positive_class) if len(names) == 2 else None
-    parts = [_image_statistic(y, p, names, pos)]
-    if g is not None:
-        parts.append(_patient_statistic(y, p, g, pos))
+    image = _image_statistic(y, p, names, pos)
+    patient = None if g is None else _patient_statistic(y, p, g, pos)
 
     def statistic(weights: np.ndarray) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        for part in parts:
-            out.update(part(weights))
+        out = image(weights)
+        if patient is not None:
+            out.update(patient(weights, out["accuracy"]))
         return out
 
     return statistic
@@ -271,19 +270,20 @@ def _class_entries(name: str, k: int, per_class: dict[str, Any]) -> dict[str, np
     return out
 
 
-def _patient_statistic(y: np.ndarray, p: np.ndarray, g: np.ndarray, pos: int | None) -> Statistic:
-    """``patient.*`` of :func:`classification_statistic` under whole-patient weights."""
+def _patient_statistic(
+    y: np.ndarray, p: np.ndarray, g: np.ndarray, pos: int | None
+) -> Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]:
+    """``patient.*`` of :func:`classification_statistic` under whole-patient weights; the closure
+    also takes the resamples' image accuracy, which ``P_img`` is."""
     _, codes = np.unique(g, return_inverse=True)
     # Weighting an image by 1/size of its patient turns image sums into patient counts.
     per_image = 1.0 / np.bincount(codes).astype(np.float64)[codes]
     correct = (p.argmax(axis=1) == y).astype(np.float64)
     diagnosis = _patient_diagnosis_statistic(y, p, codes, per_image, pos)
 
-    def statistic(weights: np.ndarray) -> dict[str, np.ndarray]:
-        out = {
-            "patient.P_arp": (weights @ (correct * per_image)) / (weights @ per_image),
-            "patient.P_img": weights @ correct / weights.sum(axis=1),
-        }
+    def statistic(weights: np.ndarray, accuracy: np.ndarray) -> dict[str, np.ndarray]:
+        out = {"patient.P_arp": (weights @ (correct * per_image)) / (weights @ per_image),
+               "patient.P_img": accuracy}
         out.update(diagnosis(weights))
         return out
 

@@ -155,6 +155,7 @@ class Predictions:
             raise BreastvisionError(f"{path}: labels {sorted(unknown)} have no probability column")
         probs = np.array([[float(r[f"{prefix}{c}"]) for c in names] for r in rows])
         labels = np.array([names.index(r["true_label"]) for r in rows])
+        # Imported here: evaluation pulls in scikit-learn and SciPy, which reading a run need not.
         from breastvision.evaluation.subtypes import known_subtypes
 
         # Tables written before the ``subtype`` column have none.
