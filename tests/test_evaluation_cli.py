@@ -94,6 +94,23 @@ def test_evaluate_external_manifest(tmp_path: Path, model_file: Path, manifest: 
     assert "P_arp" in capsys.readouterr().out
 
 
+def test_patient_context_gives_each_image_its_patients_mean(tmp_path: Path, model_file: Path, manifest: Path):
+    assert _evaluate(model_file, manifest, "--out", tmp_path / "alone", "--n-resamples", 0) == 0
+    assert _evaluate(model_file, manifest, "--out", tmp_path / "ctx", "--n-resamples", 0,
+                     "--patient-context", 1) == 0
+    tables = [csv.DictReader((tmp_path / f / "predictions.csv").open()) for f in ("alone", "ctx")]
+    alone, ctx = ({r["path"]: float(r["p_malignant"]) for r in rows} for rows in tables)
+    for patient in range(4):
+        names = [f"img{i:02d}.png" for i in range(patient, 12, 4)]
+        assert [ctx[n] for n in names] == pytest.approx([np.mean([alone[n] for n in names])] * 3, abs=1e-6)
+    assert yaml.safe_load((tmp_path / "ctx" / "config.yaml").read_text())["patient_context"] == 1
+    with pytest.raises(BreastvisionError, match="not patients"):
+        _evaluate(model_file, manifest, "--patient-level", "off", "--patient-context", 0.5,
+                  "--out", tmp_path / "x")
+    with pytest.raises(BreastvisionError, match=r"\[0, 1\]"):
+        _evaluate(model_file, manifest, "--patient-context", 2, "--out", tmp_path / "y")
+
+
 def test_evaluate_split_subset(tmp_path: Path, model_file: Path, manifest: Path):
     catalog = read_dataset(manifest)
     split = make_split(catalog, "group_kfold", seed=0, k=2)

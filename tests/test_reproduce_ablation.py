@@ -86,6 +86,14 @@ def test_plans_are_validated_in_one_line(tmp_path: Path) -> None:
         {"label": "a", "config": "c.yaml"}, {"label": "b", "select": {"candidates": ["a", "c"]}}]}))
     with pytest.raises(BreastvisionError, match="earlier steps"):
         Plan.read(bad)
+    bad.write_text(yaml.safe_dump({"title": "x", "steps": [
+        {"label": "a", "config": "c.yaml"}, {"label": "b", "context": {"of": "c"}}]}))
+    with pytest.raises(BreastvisionError, match="earlier steps"):
+        Plan.read(bad)
+    bad.write_text(yaml.safe_dump({"title": "x", "steps": [
+        {"label": "a", "config": "c.yaml", "context": {"of": "a"}}]}))
+    with pytest.raises(BreastvisionError, match="patient context"):
+        Plan.read(bad)
     with pytest.raises(BreastvisionError, match="not found"):
         Plan.read(tmp_path / "missing.yaml")
 
@@ -105,4 +113,5 @@ def test_shipped_plans_name_shipped_configs(path: Path) -> None:
             load_config(config_path(step.config), step.set)
         assert set(step.ensemble) <= set(names)
         assert step.select is None or set(step.select.candidates) <= set(names)
+        assert step.context is None or step.context.of in names
         names.append(step.folder)

@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--positive", help="positive class of a binary task (default: malignant)")
     parser.add_argument("--patient-level", choices=("auto", "on", "off"), default="auto",
                         help="treat the dataset's groups as patients (auto: BreakHis slides/patients)")
+    parser.add_argument("--patient-context", type=float, default=0.0, metavar="W",
+                        help="blend each image's probabilities with its patient's mean, weight W in [0, 1] "
+                        "(choose it on validation: reproduce ablation's context step; default 0: none)")
     parser.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.set_defaults(func=_run)

@@ -18,6 +18,9 @@ slide per patient; a manifest's ``patient`` / ``patient_id`` column); other grou
 BUSI's near-duplicate groups, are not patients, so those runs report image-level metrics only
 unless ``--patient-level on`` says the groups are patients. The bootstrap resamples whole groups
 whatever they are (patients, near-duplicate groups); only image grouping resamples images.
+``--patient-context W`` blends each image's probabilities with its patient's mean
+(``evaluation.context``; W chosen on validation folds, e.g. by an ablation plan's ``context`` step)
+and needs patient groups.
 
 Files the readers skip, and images that pass their header check but cannot be decoded (truncated
 pixel data) or prepared, are listed in the report folder's ``skipped.csv`` and named in the log;
@@ -106,6 +109,22 @@ def _list_skipped(skipped: Sequence[Skipped], listing: Path) -> None:
 
 def _use_patients(choice: str, grouping: str) -> bool:
     return choice == "on" or (choice == "auto" and grouping in PATIENT_GROUPINGS)
+
+
+def _in_context(scored: Scored, records: Sequence[Record], weight: float, patients: bool) -> Scored:
+    """``scored`` with every image blended with its patient's mean (``evaluation.context``)."""
+    import dataclasses
+
+    from breastvision.evaluation.context import with_patient_context
+
+    if not weight:
+        return scored
+    if not patients:
+        raise BreastvisionError("--patient-context needs images grouped by patient: these groups are not "
+                                "patients (--patient-level on says they are)")
+    groups = [r.group for r in records]
+    return dataclasses.replace(scored, probs=with_patient_context(scored.probs, groups, weight),
+                               uncalibrated=with_patient_context(scored.uncalibrated, groups, weight))
 
 
 @dataclass
@@ -246,6 +265,11 @@ def _metrics(inputs: _Inputs, y_true: np.ndarray, scored: Scored, *, patients: b
     return metrics
 
 
+def _default_out(model: Path, source: str, subset: str | None, fold: int | None) -> Path:
+    part = f"_{subset}" + (f"{fold}" if fold is not None else "") if subset else ""
+    return Path("runs") / "evaluate" / f"{model.stem}_{source}{part}"
+
+
 def evaluate_model(
     model: str | Path,
     source: str,
@@ -262,6 +286,7 @@ def evaluate_model(
     operating_point: str | None = None,
     positive: str | None = None,
     patient_level: str = "auto",
+    patient_context: float = 0.0,
     n_resamples: int = 1000,
     seed: int = 0,
     progress: bool = False,
@@ -269,11 +294,13 @@ def evaluate_model(
     """Evaluate a model file on a dataset name, image folder or manifest (or one ``subset`` of a
     ``split`` file) and write a report folder (module docstring); the arguments are the
     ``breastvision evaluate`` command's (``tta``: ``serving.predict.TtaChoice``; the report's
-    ``tta`` names the view set averaged)."""
+    ``tta`` names the view set averaged; ``patient_context``: ``evaluation.context``'s weight)."""
+    from breastvision.evaluation.context import check_weight
     from breastvision.evaluation.report import write_report
 
     if batch_size < 1:
         raise BreastvisionError(f"--batch-size must be at least 1, got {batch_size}")
+    check_weight(patient_context)
     model, split = Path(model), Path(split) if split else None
     inputs = _inputs(model, source, data, split, subset, fold, device, operating_point)
     bundle, catalog, records, views = inputs.bundle, inputs.catalog, inputs.records, inputs.views
@@ -287,16 +314,17 @@ def evaluate_model(
     inputs.records, inputs.views = records, views = _without(records, failures), _without(views, failures)
     y_true = mapping[[r.label for r in records]]
     patients = _use_patients(patient_level, catalog.grouping)
+    scored = _in_context(scored, records, patient_context, patients)
     metrics = _metrics(inputs, y_true, scored, patients=patients, positive=positive,
                        n_resamples=n_resamples, seed=seed)
-    part = f"_{subset}" + (f"{fold}" if fold is not None else "") if split else ""
-    out_dir = Path(out) if out else Path("runs") / "evaluate" / f"{model.stem}_{catalog.name}{part}"
+    out_dir = Path(out) if out else _default_out(model, catalog.name, split and subset, fold)
     skipped = [*catalog.skipped, *unreadable]
     _write_listings(out_dir, inputs, y_true, scored, skipped)
     settings = {"source": source, "split": str(split) if split else None, "subset": subset if split else None,
                 "fold": fold, "tta": tta, "device": str(resolve_device(device)), "batch_size": batch_size,
                 "decision_rule": inputs.predictor.judge.rule,
-                "patient_level": patients, "bootstrap": {"n_resamples": n_resamples, "seed": seed}}
+                "patient_level": patients, "patient_context": patient_context,
+                "bootstrap": {"n_resamples": n_resamples, "seed": seed}}
     config, facts, origin = _record(inputs, model, settings, seconds, len(unreadable))
     report = write_report(
         out_dir, metrics=metrics, config=config, split_info=split, weights_origin=origin,
@@ -317,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.source, data=args.data, split=args.split, subset=args.subset, fold=args.fold,
         out=args.out, tta=tta_choice(args), batch_size=args.batch_size, workers=args.workers,
         device=args.device, operating_point=args.operating_point, positive=args.positive,
-        patient_level=args.patient_level,
+        patient_level=args.patient_level, patient_context=args.patient_context,
         n_resamples=args.n_resamples, seed=args.seed, progress=wanted("auto"),
     )
     print_headline(result.metrics, result.report)

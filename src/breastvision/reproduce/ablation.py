@@ -25,6 +25,13 @@ Plan format::
       - {label: "ensemble chosen on validation", select: {candidates: [frozen_fusion_head, balanced],
          metric: recall_macro}}
 
+A ``context`` step puts an earlier step's predictions in patient context
+(``evaluation.context``): each image's probabilities blended with its patient's mean, the weight
+chosen among ``weights`` on the pooled validation predictions alone, then applied to every fold's
+test predictions. It needs a patient-grouped split (BreakHis)::
+
+      - {label: "+ patient context", context: {of: balanced, weights: [0, 0.5, 1]}}
+
 A ``select`` step is an ensemble whose members are chosen on the pooled validation predictions
 alone: greedy forward selection with replacement (Caruana et al., ICML 2004). Each round adds the
 candidate that most raises the validation ``metric`` of the mean; it stops when no candidate raises
@@ -66,6 +73,16 @@ class Selection:
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
+class Context:
+    """An earlier step put in patient context, its weight chosen on validation."""
+
+    of: str
+    weights: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    #: A dotted path into the metrics of the pooled validation predictions.
+    metric: str = "recall_macro"
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
 class Step:
     """One row: a config cross-validated with ``set`` overrides, or with ``ensemble`` the mean of
     earlier steps' calibrated probabilities, fold by fold (each fold's members never saw its test
@@ -76,6 +93,7 @@ class Step:
     set: list[str] = Field(default_factory=list)
     ensemble: list[str] = Field(default_factory=list)
     select: Selection | None = None
+    context: Context | None = None
     #: The step's folder under the output folder; default: the label made a file name (:func:`slug`).
     name: str | None = None
 
@@ -94,11 +112,13 @@ class Plan:
     def __post_init__(self) -> None:
         seen: list[str] = []
         for step in self.steps:
-            kinds = [step.config is not None, bool(step.ensemble), step.select is not None]
+            kinds = [step.config is not None, bool(step.ensemble), step.select is not None,
+                     step.context is not None]
             if sum(kinds) != 1:
-                raise ValueError(f"step '{step.label}' needs one of a config, an ensemble of earlier steps "
-                                 "or a selection among them")
-            members = step.ensemble or (step.select.candidates if step.select else [])
+                raise ValueError(f"step '{step.label}' needs one of a config, an ensemble of earlier steps, "
+                                 "a selection among them or the patient context of one")
+            members = (step.ensemble or (step.select.candidates if step.select else [])
+                       or ([step.context.of] if step.context else []))
             if any(name not in seen for name in members):
                 raise ValueError(f"step '{step.label}': ensemble members must be earlier steps' names {seen}")
             seen.append(step.folder)
@@ -128,7 +148,7 @@ def slug(label: str) -> str:
 
 def run_steps(plan: Plan, out: Path, overrides: list[str]) -> list[dict[str, Any]]:
     """Cross-validate every step into ``out/<slug>``; the ``crossval.json`` summaries in order.
-    Ensemble and selection steps read their members' fold records as the earlier steps returned
+    Ensemble, selection and context steps read their members' fold records as the earlier steps returned
     them (a transfer chain's folds included), never from folder names."""
     from breastvision.paths import config_path
     from breastvision.training.crossval import run_crossval
@@ -142,6 +162,11 @@ def run_steps(plan: Plan, out: Path, overrides: list[str]) -> list[dict[str, Any
                               out / step.folder, title=title)
             folds_of[step.folder] = cv.runs
             summaries.append(cv.summary)
+            continue
+        if step.context is not None:
+            summary, folds_of[step.folder] = context_folds(folds_of[step.context.of], step.context,
+                                                           out / step.folder, title)
+            summaries.append(summary)
             continue
         members = step.ensemble or select_members(folds_of, step.select)
         member_folds = [folds_of[m] for m in members]
@@ -214,24 +239,58 @@ def ensemble_folds(members: list[list[Any]], target: Path, title: str) -> tuple[
     """Fold by fold, the mean of the members' (each a step's fold records) calibrated test and
     validation probabilities, pooled like a cross-validation (``crossval.aggregate_runs``) into
     ``target``; the summary and the mean's fold records."""
-    import dataclasses
-
-    from breastvision.evaluation.report import evaluate_predictions
     from breastvision.training.crossval import aggregate_runs
-    from breastvision.training.run_record import RunFacts
 
     records = []
     for fold, runs in enumerate(zip(*members, strict=True)):
         test = _mean_predictions([r.predictions for r in runs])
         vals = [r.val_predictions for r in runs]
         val = _mean_predictions(vals) if None not in vals else None
-        metrics = evaluate_predictions(test.y_true, test.probs, test.class_names, n_resamples=0)
         # A member chosen twice was trained once.
         walls = [r.facts.wall_clock_seconds_this_session for r in {id(r): r for r in runs}.values()]
-        facts = RunFacts(wall_clock_seconds_this_session=None if None in walls else float(sum(walls)))
-        records.append(dataclasses.replace(runs[0], run_dir=target / f"fold{fold}", metrics=metrics,
-                                           facts=facts, predictions=test, val_predictions=val))
+        records.append(_derived_record(runs[0], target / f"fold{fold}", test, val,
+                                       None if None in walls else float(sum(walls))))
     return aggregate_runs(records, target, title=title), records
+
+
+def _derived_record(run: Any, run_dir: Path, test: Any, val: Any, wall: float | None) -> Any:
+    """A fold record of predictions derived from trained folds (an ensemble, a context): ``run``'s
+    config and split, the new predictions and their metrics, the trained folds' wall-clock."""
+    import dataclasses
+
+    from breastvision.evaluation.report import evaluate_predictions
+    from breastvision.training.run_record import RunFacts
+
+    metrics = evaluate_predictions(test.y_true, test.probs, test.class_names, n_resamples=0)
+    return dataclasses.replace(run, run_dir=run_dir, metrics=metrics, predictions=test, val_predictions=val,
+                               facts=RunFacts(wall_clock_seconds_this_session=wall))
+
+
+def context_folds(
+    runs: list[Any], context: Context, target: Path, title: str
+) -> tuple[dict[str, Any], list[Any]]:
+    """``runs`` (a step's fold records) in patient context, the weight chosen on their pooled
+    validation predictions; pooled into ``target`` like :func:`ensemble_folds`, with the choice
+    and every weight's validation score in ``target/context.json``."""
+    from breastvision.data.records import PATIENT_GROUPINGS
+    from breastvision.evaluation.context import choose_weight, in_context
+    from breastvision.training.crossval import aggregate_runs
+
+    if any(r.split is None or r.split.grouping not in PATIENT_GROUPINGS for r in runs):
+        raise BreastvisionError(f"step {context.of}: patient context needs folds split by patient "
+                                f"({', '.join(sorted(PATIENT_GROUPINGS))}); these groups are not patients")
+    if any(r.val_predictions is None for r in runs):
+        raise BreastvisionError(f"step {context.of}: a fold has no validation predictions to choose on")
+    weight, scores = choose_weight([r.val_predictions for r in runs], context.weights, context.metric)
+    log.info(f"patient context of {context.of}: weight {weight} chosen on validation {context.metric}")
+    records = [_derived_record(r, target / f"fold{fold}", in_context(r.predictions, weight),
+                               in_context(r.val_predictions, weight), r.facts.wall_clock_seconds_this_session)
+               for fold, r in enumerate(runs)]
+    summary = aggregate_runs(records, target, title=title)
+    choice = {"of": context.of, "metric": context.metric, "weight": weight,
+              "validation": {str(w): v for w, v in scores.items()}}
+    (target / "context.json").write_text(json.dumps(choice, indent=1))
+    return {**summary, "context_weight": weight}, records
 
 
 def table(plan: Plan, summaries: list[dict[str, Any]]) -> str:
@@ -247,6 +306,8 @@ def table(plan: Plan, summaries: list[dict[str, Any]]) -> str:
         label = step.label
         if summary.get("selected"):
             label += f" ({' + '.join(summary['selected'])})"
+        if summary.get("context_weight") is not None:
+            label += f" (weight {summary['context_weight']:g})"
         rows.append([label, *(validation.get(m) for m in VALIDATION_COLUMNS),
                      *(with_interval(summary["pooled"], m) for m in plan.metrics),
                      None if wall is None else f"{wall / 60:.1f}"])
@@ -268,6 +329,7 @@ def reproduce_ablation(plan: Plan, out: Path, overrides: list[str] = ()) -> str:
     (out / "ablation.md").write_text(text + "\n")
     rows = [{"label": s.label, "config": s.config, "set": s.set,
              "ensemble": summary.get("selected", s.ensemble),
+             "context_weight": summary.get("context_weight"),
              "validation": summary.get("validation"),
              "test": {m: with_interval(summary["pooled"], m) for m in plan.metrics},
              "wall_clock_seconds": summary.get("wall_clock_seconds")}
