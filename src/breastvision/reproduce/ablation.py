@@ -86,7 +86,8 @@ class Context:
 class Step:
     """One row: a config cross-validated with ``set`` overrides, or with ``ensemble`` the mean of
     earlier steps' calibrated probabilities, fold by fold (each fold's members never saw its test
-    images, so the pooled result is still out of fold)."""
+    images, so the pooled result is still out of fold), with ``select`` such a mean chosen on
+    validation, or with ``context`` an earlier step in patient context (module docstring)."""
 
     label: str
     config: str | None = None
@@ -120,7 +121,7 @@ class Plan:
             members = (step.ensemble or (step.select.candidates if step.select else [])
                        or ([step.context.of] if step.context else []))
             if any(name not in seen for name in members):
-                raise ValueError(f"step '{step.label}': ensemble members must be earlier steps' names {seen}")
+                raise ValueError(f"step '{step.label}': the steps it uses must be earlier steps' names {seen}")
             seen.append(step.folder)
 
     @classmethod
