@@ -121,7 +121,7 @@ class Plan:
             members = (step.ensemble or (step.select.candidates if step.select else [])
                        or ([step.context.of] if step.context else []))
             if any(name not in seen for name in members):
-                raise ValueError(f"step '{step.label}': the steps it uses must be earlier steps' names {seen}")
+                raise ValueError(f"step '{step.label}': it uses steps that are not earlier steps {seen}")
             seen.append(step.folder)
 
     @classmethod
