@@ -139,6 +139,28 @@ def test_predict_json_and_printed_table(make_model_file, scans: Path, tmp_path: 
     assert "ignored 1 lesion mask" in captured.err
 
 
+def test_patient_context_blends_each_image_with_its_folders_mean(make_model_file, tmp_path: Path) -> None:
+    """One folder per patient: with weight 1 each image gets its folder's mean probabilities."""
+    model_file = make_model_file("resnet18")
+    for patient, seeds in {"p1": (11, 12, 13), "p2": (14,)}.items():
+        (tmp_path / patient).mkdir()
+        for seed in seeds:
+            _noise((64, 64), seed).save(tmp_path / patient / f"f{seed}.png")
+    alone, together = tmp_path / "alone.json", tmp_path / "together.json"
+    argv = ["predict", str(model_file), str(tmp_path / "p1"), str(tmp_path / "p2"), "--out"]
+    assert main([*argv, str(alone)]) == 0
+    assert main([*argv, str(together), "--patient-context", "1"]) == 0
+    a, t = (json.loads(f.read_text()) for f in (alone, together))
+    assert t["patient_context"] == 1 and a["patient_context"] == 0
+    probs = {p["path"]: [p["probabilities"][c] for c in CLASSES] for p in a["predictions"]}
+    mean = np.mean([v for k, v in probs.items() if not k.startswith("p2/")], axis=0).tolist()
+    for p in t["predictions"]:
+        expected = probs[p["path"]] if p["path"] == "p2/f14.png" else mean
+        assert [p["probabilities"][c] for c in CLASSES] == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(Exception, match=r"\[0, 1\]"):
+        breastvision.load_model(model_file).predict_folder(tmp_path / "p1", patient_context=-0.5)
+
+
 def test_tta_makes_predictions_invariant_to_rotation(make_model_file, tmp_path: Path) -> None:
     model_file = make_model_file("resnet18")
     image = _noise((64, 64), 11)  # the input size: no resampling to break the symmetry

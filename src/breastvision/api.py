@@ -116,14 +116,17 @@ class Model:
         return Result(p.predicted, p.probabilities, p.decisions, p.out_of_scope, p.scope_score, p.decision)
 
     def predict_folder(
-        self, *paths: str | os.PathLike, tta: bool | str = False, batch_size: int = 8
+        self, *paths: str | os.PathLike, tta: bool | str = False, batch_size: int = 8,
+        patient_context: float = 0.0,
     ) -> PredictionRun:
         """Every image under the files and folders given (``serving.predict.predict_paths``):
         ``.predictions`` (name, path, probabilities, predicted), ``.skipped`` (path, reason) and
-        ``.tta`` (the view set averaged; ``tta`` as for :meth:`predict`)."""
+        ``.tta`` (the view set averaged; ``tta`` as for :meth:`predict`). ``patient_context``: each
+        image blended with the mean of its folder's images, one folder per patient."""
         from breastvision.serving.predict import predict_paths
 
-        return predict_paths(self._predictor, paths, tta=tta, batch_size=batch_size)
+        return predict_paths(self._predictor, paths, tta=tta, batch_size=batch_size,
+                             patient_context=patient_context)
 
     def explain(
         self, image: ImageInput, *, target: str | None = None, method: str = "gradcam"

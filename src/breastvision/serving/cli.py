@@ -64,6 +64,9 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
                          help="multi-frame DICOM: predict frame K (from 1) of each, or all (default); "
                          "rows name frames file.dcm#frame=K")
     add_operating_point_option(predict, "the decision column")
+    predict.add_argument("--patient-context", type=float, default=0.0, metavar="W",
+                         help="one folder per patient: blend each image's probabilities with its folder's "
+                         "mean, weight W in [0, 1] (chosen on validation; default 0: each image alone)")
     add_device_option(predict)
     predict.set_defaults(func=_predict)
 
@@ -137,7 +140,7 @@ def _predict(args: argparse.Namespace) -> int:
         run = predict_paths(
             predictor, args.paths, tta=tta_choice(args), batch_size=args.batch_size, frame=frame,
             explain_dir=args.explain, explain_method=args.method, target_layers=args.target_layer,
-            on_batch=lambda n: progress.advance(task, n),
+            on_batch=lambda n: progress.advance(task, n), patient_context=args.patient_context,
         )
     if args.out:
         write_results(run, args.out)

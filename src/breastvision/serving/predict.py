@@ -509,6 +509,8 @@ class PredictionRun:
     operating_points: dict[str, Any] | None = None
     #: What ``decision`` follows: ``argmax`` or a stored operating point's name.
     decision_rule: str = ARGMAX
+    #: The weight of each folder's mean in its images' probabilities (``evaluation.context``; 0: none).
+    patient_context: float = 0.0
 
 
 def decision_columns(operating_points: dict[str, Any] | None) -> dict[str, str]:
@@ -635,16 +637,21 @@ def predict_paths(
     explain_method: str = "gradcam",
     target_layers: Sequence[str] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    patient_context: float = 0.0,
 ) -> PredictionRun:
     """Predict every image under ``inputs``; with ``explain_dir``, save Grad-CAM overlays there.
 
     Heat-maps explain the predicted class (after TTA when it is on; ``tta``: :data:`TtaChoice`,
     the run records the set's name). ``frame`` picks one frame of
     multi-frame DICOM files (None: all). ``on_batch`` is told how many images each finished batch
-    held, for progress bars.
+    held, for progress bars. ``patient_context`` blends each image's probabilities with the mean of
+    the images in its folder, one folder per patient (``evaluation.context``).
     """
+    from breastvision.evaluation.context import check_weight, with_patient_context
+
     if explain_dir is not None and not predictor.can_explain:
         raise BreastvisionError("--explain needs the .safetensors model file (Grad-CAM needs PyTorch)")
+    check_weight(patient_context)
     found = discover_images(inputs, frame)
     tta = predictor.resolve_tta(tta)
     scored = score_items(predictor, [(path, None) for path, _ in found.images], tta=tta,
@@ -652,8 +659,9 @@ def predict_paths(
     skipped = [*found.skipped, *(Skipped(found.images[i][0], r) for i, r in sorted(scored.failures.items()))]
     judge, predictions, used_stems = predictor.judge, [], set()
     kept = [image for i, image in enumerate(found.images) if i not in scored.failures]
+    probs = with_patient_context(scored.probs, [str(path.parent) for path, _ in kept], patient_context)
     for i, (path, name) in enumerate(kept):
-        prediction = judge(name, path, scored.probs[i], None if scored.scores is None else scored.scores[i])
+        prediction = judge(name, path, probs[i], None if scored.scores is None else scored.scores[i])
         if explain_dir is not None:
             image = load_image(path)
             target = predictor.class_names.index(prediction.predicted)
@@ -665,7 +673,7 @@ def predict_paths(
     model = {"architecture": predictor.info.architecture, "file": str(predictor.source),
              "backend": predictor.backend}
     return PredictionRun(predictions, skipped, found.masks, predictor.class_names, model, tta,
-                         predictor.info.operating_points, judge.rule)
+                         predictor.info.operating_points, judge.rule, patient_context)
 
 
 def _explain_one(
@@ -695,6 +703,7 @@ def write_results(run: PredictionRun, out: Path) -> Path:
         "tta_views": list(tta_views(run.tta)),
         "class_names": run.class_names,
         "decision_rule": run.decision_rule,
+        "patient_context": run.patient_context,
         **({"operating_points": run.operating_points} if run.operating_points else {}),
         "predictions": [
             {"path": printable(p.name), "predicted": p.predicted, "decision": p.decision,
