@@ -303,8 +303,11 @@ def test_cache_normalises_once_and_misses_on_change(tmp_path: Path, sources: lis
     cached = cache.ensure(sources, on_image=lambda: ticks.append(1))
     assert (cache.hits, cache.misses) == (0, 3) and len(ticks) == 3  # one progress tick per image done
     for source, target in zip(sources, cached, strict=True):
-        expected = norm.transform(load_image(source))
-        assert np.array_equal(np.asarray(load_image(target)), np.asarray(expected))
+        expected = np.asarray(norm.transform(load_image(source)), dtype=int)
+        diff = np.abs(np.asarray(load_image(target), dtype=int) - expected)
+        # A batch and a single image take different float32 kernels on some CPUs (AVX-512): a few
+        # pixels then round to the neighbouring grey level, never further.
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     assert json.loads((cached[0].parents[1] / "state.json").read_text()) == norm.state_dict()
 
     assert cache.ensure(sources, on_image=lambda: ticks.append(1)) == cached
