@@ -27,10 +27,9 @@ if TYPE_CHECKING:
     from breastvision.training.run_record import Predictions
 
 
-def check_weight(weight: float) -> float:
+def check_weight(weight: float) -> None:
     if not 0.0 <= weight <= 1.0:
         raise BreastvisionError(f"the patient-context weight must lie in [0, 1], got {weight}")
-    return weight
 
 
 def with_patient_context(probs: np.ndarray, groups: Sequence[Any], weight: float) -> np.ndarray:
@@ -63,7 +62,7 @@ def choose_weight(
     folds' validation predictions pooled, each fold put in context on its own; ties go to the
     smaller weight, the one trusting the image more. Returns it and every weight's score."""
     from breastvision.evaluation.metrics import compute_metrics
-    from breastvision.evaluation.report import lookup
+    from breastvision.evaluation.report import lookup_number
 
     if not weights or not validation:
         raise BreastvisionError("choosing a patient-context weight needs weights and validation predictions")
@@ -73,9 +72,7 @@ def choose_weight(
     scores: dict[float, float] = {}
     for weight in sorted(float(w) for w in weights):
         probs = np.concatenate([with_patient_context(v.probs, v.groups, weight) for v in validation])
-        value = lookup(compute_metrics(y, probs, validation[0].class_names, groups), metric)
-        if not isinstance(value, int | float):
-            raise BreastvisionError(f"patient-context metric '{metric}' is not a number in the metrics")
-        scores[weight] = float(value)
+        metrics = compute_metrics(y, probs, validation[0].class_names, groups)
+        scores[weight] = lookup_number(metrics, metric, "patient-context")
     best = max(scores, key=lambda w: (scores[w], -w))
     return best, scores

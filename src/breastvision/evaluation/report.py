@@ -131,6 +131,15 @@ def lookup(metrics: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+def lookup_number(metrics: Mapping[str, Any], dotted: str, what: str) -> float:
+    """:func:`lookup` of a metric something is chosen on (``what`` names the choice in the error):
+    a number, or a one-line error."""
+    value = lookup(metrics, dotted)
+    if not isinstance(value, int | float):
+        raise BreastvisionError(f"{what} metric '{dotted}' is not a number in the metrics")
+    return float(value)
+
+
 def with_interval(metrics: Mapping[str, Any], dotted: str) -> Any:
     """What a table shows for a metric: its bootstrap interval (``evaluate_predictions``'
     ``intervals``) when there is one, else the bare value; ``None`` when absent."""

@@ -197,21 +197,26 @@ def _mean_predictions(parts: list[Any]) -> Any:
                        subtypes=first.subtypes)
 
 
+def _validations(name: str, runs: list[Any]) -> list[Any]:
+    """Each fold's validation predictions; a one-line error naming a fold without them."""
+    missing = next((r.run_dir for r in runs if r.val_predictions is None), None)
+    if missing is not None:
+        raise BreastvisionError(f"step {name}: {missing} has no validation predictions to select on")
+    return [r.val_predictions for r in runs]
+
+
 def _pooled_validation(name: str, runs: list[Any]) -> Any:
     from breastvision.training.crossval import pooled_validation
 
-    pooled = pooled_validation(runs)
-    if pooled is None:
-        missing = next(r.run_dir for r in runs if r.val_predictions is None)
-        raise BreastvisionError(f"step {name}: {missing} has no validation predictions to select on")
-    return pooled
+    _validations(name, runs)
+    return pooled_validation(runs)
 
 
 def select_members(folds_of: dict[str, list[Any]], selection: Selection) -> list[str]:
     """Greedy forward selection with replacement on the candidates' pooled validation predictions
     (module docstring); ties go to the earlier candidate."""
     from breastvision.evaluation.metrics import compute_metrics
-    from breastvision.evaluation.report import lookup
+    from breastvision.evaluation.report import lookup_number
 
     pooled = {name: _pooled_validation(name, folds_of[name]) for name in selection.candidates}
     first = pooled[selection.candidates[0]]
@@ -219,10 +224,8 @@ def select_members(folds_of: dict[str, list[Any]], selection: Selection) -> list
         raise BreastvisionError("selection candidates must be validated on the same images and classes")
 
     def score(probs: Any) -> float:
-        value = lookup(compute_metrics(first.y_true, probs, first.class_names), selection.metric)
-        if not isinstance(value, int | float):
-            raise BreastvisionError(f"selection metric '{selection.metric}' is not a number in the metrics")
-        return float(value)
+        return lookup_number(compute_metrics(first.y_true, probs, first.class_names), selection.metric,
+                             "selection")
 
     chosen: list[str] = []
     total, best = 0.0, float("-inf")
@@ -275,14 +278,13 @@ def context_folds(
     and every weight's validation score in ``target/context.json``."""
     from breastvision.data.records import PATIENT_GROUPINGS
     from breastvision.evaluation.context import choose_weight, in_context
-    from breastvision.training.crossval import aggregate_runs
+    from breastvision.training.crossval import aggregate_runs, pooled_grouping
 
-    if any(r.split is None or r.split.grouping not in PATIENT_GROUPINGS for r in runs):
+    # The rule the pooled report uses to decide whether its groups are patients.
+    if pooled_grouping(runs) not in PATIENT_GROUPINGS:
         raise BreastvisionError(f"step {context.of}: patient context needs folds split by patient "
                                 f"({', '.join(sorted(PATIENT_GROUPINGS))}); these groups are not patients")
-    if any(r.val_predictions is None for r in runs):
-        raise BreastvisionError(f"step {context.of}: a fold has no validation predictions to choose on")
-    weight, scores = choose_weight([r.val_predictions for r in runs], context.weights, context.metric)
+    weight, scores = choose_weight(_validations(context.of, runs), context.weights, context.metric)
     log.info(f"patient context of {context.of}: weight {weight} chosen on validation {context.metric}")
     records = [_derived_record(r, target / f"fold{fold}", in_context(r.predictions, weight),
                                in_context(r.val_predictions, weight), r.facts.wall_clock_seconds_this_session)

@@ -238,7 +238,7 @@ def _validation_summary(records: Sequence[RunRecord]) -> dict[str, Any] | None:
             "recall": {c: v["recall"] for c, v in metrics["per_class"].items()}}
 
 
-def _pooled_grouping(records: Sequence[RunRecord]) -> str | None:
+def pooled_grouping(records: Sequence[RunRecord]) -> str | None:
     """The grouping the pooled bootstrap resamples by. Folds of one cross-validation share one; runs
     mixing patient groupings still resample patients, any other mix (or a run without split.json)
     single images."""
@@ -272,7 +272,7 @@ def aggregate_runs(
         raise BreastvisionError("aggregate_runs needs at least one run folder")
     pooled = _pool(records)
     metrics = evaluate_predictions(pooled.y_true, pooled.probs, pooled.class_names, pooled.groups,
-                                   grouping=_pooled_grouping(records), subtypes=pooled.subtypes,
+                                   grouping=pooled_grouping(records), subtypes=pooled.subtypes,
                                    n_resamples=n_resamples, seed=seed)
     dice = [r.metrics.get("segmentation") for r in records]
     if all(dice):  # mask-guided folds: the Dice of all their test views (disjoint, like the predictions)
